@@ -1,0 +1,51 @@
+# LayerLink — every set-up step lives here, so a fresh clone needs only Python 3.10+.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+LLAMA_STAMP := $(VENV)/.llama-rpc
+# llama-cpp-python is built from source with the RPC backend; pip keeps the built wheel in
+# its cache, so only the first install on a machine compiles (about 8 minutes on 2 cores).
+LLAMA_VERSION := 0.3.36
+export CMAKE_ARGS := -DGGML_RPC=ON
+
+.PHONY: install proto test test-fast demo bench lint validate-planner experiment clean
+
+install: $(STAMP) $(LLAMA_STAMP)
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel
+
+$(STAMP): pyproject.toml $(VENV)/bin/activate
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+$(LLAMA_STAMP): $(VENV)/bin/activate
+	$(PIP) install -q "llama-cpp-python==$(LLAMA_VERSION)"
+	$(PY) -c "import llama_cpp, pathlib; d = pathlib.Path(llama_cpp.__file__).parent / 'lib'; assert any('ggml-rpc' in p.name for p in d.iterdir()), 'llama-cpp-python was built without GGML_RPC'"
+	touch $@
+
+proto: $(STAMP)
+	$(PY) -m node.protogen
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not slow and not netns"
+
+demo: install
+	$(VENV)/bin/coordinator demo --nodes 3
+
+bench: install
+	$(VENV)/bin/coordinator bench-suite --out bench/results/latest.json
+
+lint: install
+	$(VENV)/bin/ruff check node coordinator tests
+	$(VENV)/bin/ruff format --check node coordinator
+	$(VENV)/bin/mypy node coordinator
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

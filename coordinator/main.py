@@ -1,0 +1,63 @@
+"""`coordinator` command line: the composition root of the upper layer.
+
+Each subcommand lives in coordinator/commands/<name>.py and exposes
+`register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+Nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules under coordinator.commands, in the order their commands appear in --help.
+COMMAND_MODULES = (
+    "up",
+    "run",
+    "nodes",
+    "synth_model",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coordinator",
+        description="LayerLink coordinator: find nodes, plan, load stages and serve a model.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"coordinator.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except UserError as e:
+        from coordinator.console import error
+
+        error(str(e))
+        return 2
+
+
+class UserError(Exception):
+    """An error the user can act on: printed without a traceback, exit status 2."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
