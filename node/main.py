@@ -1,0 +1,126 @@
+"""`cluster-node` command line: the composition root of the node.
+
+`cluster-node up` probes the hardware, starts the gRPC server (with the standard health
+service), advertises the node over mDNS and serves until SIGINT/SIGTERM, when it
+unregisters from mDNS before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+log = logging.getLogger("node")
+
+READY_PREFIX = "LAYERLINK_NODE_READY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cluster-node", description="LayerLink node: serve model layers to a coordinator.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    up = sub.add_parser("up", help="probe the hardware, advertise over mDNS and serve layers over gRPC")
+    up.add_argument("--name", default=None, help="node name (default: the host name)")
+    up.add_argument("--host", default="0.0.0.0", help="address to bind and advertise (default: all interfaces)")
+    up.add_argument("--port", type=int, default=50151, help="gRPC port; 0 picks a free one (default: 50151)")
+    up.add_argument("--model-dir", action="append", default=[], type=Path, metavar="DIR",
+                    help="folder the node may load models from (repeatable); default: any path")
+    up.add_argument("--cluster", default=os.environ.get("LAYERLINK_CLUSTER", "default"),
+                    help="cluster name announced over mDNS (default: $LAYERLINK_CLUSTER or 'default')")
+    up.add_argument("--no-advertise", action="store_true", help="do not announce over mDNS")
+    up.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="free a request's KV cache after this long without traffic (default: 600)")
+    return parser
+
+
+def _advertised_host(host: str) -> str:
+    if host not in ("0.0.0.0", "", "::"):
+        return host
+    import ifaddr
+
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                return ip.ip
+    return "127.0.0.1"
+
+
+async def serve(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from node import PROTOCOL_VERSION, hardware
+    from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
+    from node.identity import node_id_for
+    from node.mdns import Advertiser, NodeRecord, mdns_interfaces
+    from node.service import CHANNEL_OPTIONS, NodeConfig, NodeService
+
+    name = args.name or socket.gethostname().split(".")[0]
+    for d in args.model_dir:
+        if not d.is_dir():
+            log.error("--model-dir %s is not a folder", d)
+            return 2
+    hw = hardware.probe()
+    node_id = node_id_for(name)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        log.error("cannot bind %s:%s (port in use?)", args.host, args.port)
+        return 1
+    config = NodeConfig(
+        node_id=node_id, name=name, host=args.host, port=port, cluster=args.cluster,
+        model_dirs=tuple(d.resolve() for d in args.model_dir), idle_timeout_s=args.idle_timeout,
+    )
+    service = NodeService(config, hw)
+    pb_grpc.add_NodeServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await server.start()
+    service.start_background()
+    await health_servicer.set("layerlink.v1.Node", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    advertiser = None
+    adv_host = _advertised_host(args.host)
+    if not args.no_advertise:
+        record = NodeRecord(
+            node_id=node_id, name=name, host=adv_host, port=port,
+            protocol_version=PROTOCOL_VERSION, backend=hw.backend, device_count=len(hw.devices),
+            mem_bytes=sum(d.mem_total_bytes for d in hw.devices), cluster=args.cluster,
+        )
+        advertiser = Advertiser(record, mdns_interfaces(args.host))
+        await advertiser.start()
+    log.info("node %s (%s) serving on %s:%d, backend %s", name, node_id[:8], adv_host, port, hw.backend)
+    print(f"{READY_PREFIX} {adv_host}:{port} {node_id}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    if advertiser is not None:
+        await advertiser.close()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=1.0)
+    await service.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "up":
+        return asyncio.run(serve(args))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

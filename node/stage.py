@@ -1,0 +1,319 @@
+"""The MLX stage engine: layers [start, end) of a model, with a KV cache per request.
+
+A stage keeps only its own layers' weights in memory (plus the embedding on the first stage
+and norm + head on the last). The model tree is built lazily by mlx-lm and pruned before any
+weight is evaluated, so other layers' tensors are never read from disk.
+
+Not thread-safe: every method runs on the node's one compute thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK_TOKENS = 8192
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    INTERNAL = "INTERNAL"
+
+
+class StageError(Exception):
+    """A request the stage refuses; `kind` maps to a gRPC status code."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    plan_id: str
+    model_path: Path
+    start: int  # first layer held
+    end: int  # one past the last layer held
+    stage_index: int
+    stage_count: int
+    next_address: str = ""
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return not self.next_address
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class RequestState:
+    """Per-request state on one stage (mutable, owned by the compute thread)."""
+
+    cache: list[Any]
+    sampling: Sampling
+    key: mx.array | None
+    offset: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step produced: hidden states for the next stage, or a sampled token."""
+
+    hidden: mx.array | None = None  # (1, T, hidden)
+    token: int = -1
+    logits: mx.array | None = None  # (vocab,)
+    compute_seconds: float = 0.0
+
+
+def read_model_config(model_path: Path) -> dict[str, Any]:
+    from mlx_lm.utils import load_config
+
+    if not model_path.is_dir():
+        raise StageError(ErrorKind.NOT_FOUND, f"model folder {model_path} does not exist on this node")
+    if not (model_path / "config.json").is_file():
+        raise StageError(ErrorKind.NOT_FOUND, f"{model_path} has no config.json: not a model folder")
+    config: dict[str, Any] = load_config(model_path)
+    return config
+
+
+def num_layers_of(config: dict[str, Any]) -> int:
+    n = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers"))
+    if not isinstance(n, int) or n <= 0:
+        raise StageError(ErrorKind.FAILED_PRECONDITION, "config.json has no num_hidden_layers")
+    return n
+
+
+class ModelStage:
+    """Layers [start, end) of one model, ready to run requests."""
+
+    def __init__(self, spec: StageSpec) -> None:
+        self.spec = spec
+        config = read_model_config(spec.model_path)
+        n = num_layers_of(config)
+        if not (0 <= spec.start < spec.end <= n):
+            raise StageError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"layer range [{spec.start}, {spec.end}) is outside the model's {n} layers "
+                f"(valid: 0 <= start < end <= {n})",
+            )
+        self.num_layers = n
+        self.config = config
+        t0 = time.perf_counter()
+        self._build(spec, config)
+        self.load_seconds = time.perf_counter() - t0
+        self.requests: dict[str, RequestState] = {}
+        log.info(
+            "loaded %s layers [%d, %d) (%.1f MB) in %.2fs",
+            spec.model_path.name, spec.start, spec.end, self.weight_bytes / 1e6, self.load_seconds,
+        )
+
+    def _build(self, spec: StageSpec, config: dict[str, Any]) -> None:
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(spec.model_path, lazy=True, strict=True)
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+            raise StageError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"model type {config.get('model_type')!r} has no plain layer stack LayerLink can split",
+            )
+        tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
+        self.layers: list[nn.Module] = list(inner.layers[spec.start : spec.end])
+        self.embed: nn.Module | None = inner.embed_tokens if spec.first or (spec.last and tied) else None
+        self.norm: nn.Module | None = inner.norm if spec.last else None
+        self.head: nn.Module | None = None
+        if spec.last:
+            self.head = inner.embed_tokens if tied else model.lm_head
+        self._tied = tied
+        self._make_cache = getattr(model, "make_cache", None)
+        # Only the kept modules' parameters are evaluated (read from disk); the rest of the
+        # lazily built tree is dropped with `model` without ever being materialized.
+        kept: list[nn.Module] = [*self.layers]
+        for m in (self.embed, self.norm, self.head):
+            if m is not None:
+                kept.append(m)
+        params = [m.parameters() for m in kept]
+        mx.eval(params)
+        self.weight_bytes = sum(
+            int(v.nbytes) for m in kept for _, v in _flatten(m.parameters())
+        )
+        self.hidden_size = int(config["hidden_size"])
+        self.vocab_size = int(config["vocab_size"])
+        self.dtype = self._activation_dtype(kept)
+        self._all_cache_len = len(model.layers)
+        del model, inner
+
+    @staticmethod
+    def _activation_dtype(mods: list[nn.Module]) -> mx.Dtype:
+        for m in mods:
+            for name, v in _flatten(m.parameters()):
+                if v.dtype in (mx.float32, mx.float16, mx.bfloat16) and not name.endswith("biases"):
+                    return v.dtype
+        return mx.float32
+
+    # ----- requests -------------------------------------------------------------------------
+
+    def _new_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import KVCache
+
+        if self._make_cache is None:
+            return [KVCache() for _ in self.layers]
+        full = self._make_cache()
+        return list(full[self.spec.start : self.spec.end])
+
+    def begin(self, request_id: str, sampling: Sampling) -> RequestState:
+        key = mx.random.key(sampling.seed) if sampling.seed is not None else None
+        state = RequestState(cache=self._new_cache(), sampling=sampling, key=key)
+        self.requests[request_id] = state
+        return state
+
+    def state_for(self, request_id: str, position: int, prefill: bool, sampling: Sampling) -> RequestState:
+        state = self.requests.get(request_id)
+        if state is None:
+            if prefill and position == 0:
+                return self.begin(request_id, sampling)
+            raise StageError(
+                ErrorKind.NOT_FOUND,
+                f"unknown request id {request_id!r} on stage {self.spec.stage_index} "
+                "(never started here, already finished, or expired)",
+            )
+        if position != state.offset:
+            raise StageError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"request {request_id!r} is at position {state.offset} on this stage, "
+                f"the message says {position}",
+            )
+        return state
+
+    def release(self, request_id: str) -> bool:
+        return self.requests.pop(request_id, None) is not None
+
+    def expire(self, idle_seconds: float) -> list[str]:
+        now = time.monotonic()
+        gone = [r for r, s in self.requests.items() if now - s.last_used > idle_seconds]
+        for r in gone:
+            del self.requests[r]
+        return gone
+
+    def step(
+        self,
+        request_id: str,
+        position: int,
+        prefill: bool,
+        sampling: Sampling,
+        tokens: list[int] | None,
+        hidden: mx.array | None,
+        sample: bool,
+        want_logits: bool,
+    ) -> StepResult:
+        """Run this stage's layers on one chunk (prefill) or one token (decode)."""
+        t0 = time.perf_counter()
+        if self.spec.first:
+            if not tokens:
+                raise StageError(ErrorKind.INVALID_ARGUMENT, "the first stage needs token ids")
+            if len(tokens) > MAX_CHUNK_TOKENS:
+                raise StageError(ErrorKind.INVALID_ARGUMENT, f"chunk of {len(tokens)} tokens exceeds {MAX_CHUNK_TOKENS}")
+            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+            if bad:
+                raise StageError(ErrorKind.INVALID_ARGUMENT, f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            n_new = len(tokens)
+        else:
+            if hidden is None:
+                raise StageError(ErrorKind.INVALID_ARGUMENT, f"stage {self.spec.stage_index} needs hidden states, got none")
+            if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
+                raise StageError(ErrorKind.INVALID_ARGUMENT, f"hidden states of shape {list(hidden.shape)}; expected [1, T, {self.hidden_size}]")
+            if hidden.dtype != self.dtype:
+                raise StageError(ErrorKind.INVALID_ARGUMENT, f"hidden states are {hidden.dtype}, the model runs in {self.dtype}")
+            n_new = int(hidden.shape[1])
+        if not prefill and n_new != 1:
+            raise StageError(ErrorKind.INVALID_ARGUMENT, f"a decode step carries one token, got {n_new}")
+        state = self.state_for(request_id, position, prefill, sampling)
+        state.last_used = time.monotonic()
+
+        if self.spec.first:
+            assert self.embed is not None and tokens is not None
+            h = self.embed(mx.array(tokens, dtype=mx.int32)[None])  # (1, T, H)
+        else:
+            assert hidden is not None
+            h = hidden
+        h = self.run_layers(h, state.cache)
+        state.offset += n_new
+        if not self.spec.last:
+            mx.eval(h)
+            return StepResult(hidden=h, compute_seconds=time.perf_counter() - t0)
+        if not sample:
+            mx.eval([c.state for c in state.cache if c.state])
+            return StepResult(compute_seconds=time.perf_counter() - t0)
+        logits = self.logits(h[:, -1:, :])[0, -1]  # (vocab,)
+        token = self.sample(logits, state)
+        if want_logits:
+            mx.eval(token, logits)
+            out_logits: mx.array | None = logits.astype(mx.float32)
+        else:
+            mx.eval(token)
+            out_logits = None
+        return StepResult(token=int(token.item()), logits=out_logits, compute_seconds=time.perf_counter() - t0)
+
+    def run_layers(self, h: mx.array, cache: list[Any]) -> mx.array:
+        from mlx_lm.models.base import create_attention_mask
+
+        mask = create_attention_mask(h, cache[0] if cache else None)
+        for layer, c in zip(self.layers, cache, strict=True):
+            h = layer(h, mask, c)
+        return h
+
+    def logits(self, h: mx.array) -> mx.array:
+        assert self.norm is not None and self.head is not None
+        h = self.norm(h)
+        if self._tied:
+            out: mx.array = self.head.as_linear(h)  # type: ignore[operator]
+            return out
+        result: mx.array = self.head(h)
+        return result
+
+    def sample(self, logits: mx.array, state: RequestState) -> mx.array:
+        s = state.sampling
+        if s.temperature <= 0:
+            return mx.argmax(logits, axis=-1)
+        scaled = logits.astype(mx.float32) / s.temperature
+        if 0 < s.top_p < 1:
+            probs = mx.softmax(scaled, axis=-1)
+            sorted_probs = mx.sort(probs)[::-1]
+            before = mx.cumsum(sorted_probs) - sorted_probs  # mass strictly ahead of each token
+            n_keep = mx.maximum(mx.sum(before < s.top_p), 1)
+            threshold = sorted_probs[n_keep - 1]
+            scaled = mx.where(probs >= threshold, scaled, -math.inf)
+        if state.key is not None:
+            state.key, sub = mx.random.split(state.key)
+            return mx.random.categorical(scaled, key=sub)
+        return mx.random.categorical(scaled)
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    out: list[tuple[str, mx.array]] = tree_flatten(tree, prefix=prefix)
+    return out
