@@ -1,0 +1,129 @@
+"""A coordinator session: from discovered nodes to a loaded, streaming pipeline.
+
+Shared by `coordinator up`, `run`, `demo` and the benchmarks: find nodes, read the model,
+choose a plan, load the stages with a progress display, and open the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from coordinator.nodeclient import NodeClient
+from coordinator.pipeline import Pipeline
+from coordinator.plan import Plan, Stage, split_by_weights
+from node.mdns import NodeRecord
+
+log = logging.getLogger(__name__)
+
+
+class SessionError(RuntimeError):
+    """Something the user must fix (no nodes, bad model folder, too few layers, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    name: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    config: dict[str, Any]
+
+
+def read_model(path: str | Path) -> ModelInfo:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise SessionError(f"model folder {p} does not exist")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise SessionError(f"{p} has no config.json: not a model folder")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SessionError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = config.get("text_config", config)
+    try:
+        return ModelInfo(
+            path=p.resolve(), name=p.name, num_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=int(cfg["hidden_size"]), vocab_size=int(cfg["vocab_size"]), config=config,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise SessionError(f"{cfg_path} lacks a usable {e}") from None
+
+
+async def node_infos(records: list[NodeRecord]) -> dict[str, Any]:
+    """GetInfo from every node, concurrently; a node that does not answer is an error."""
+
+    async def one(rec: NodeRecord) -> Any:
+        async with NodeClient(rec.address) as c:
+            try:
+                return await c.get_info(timeout=10.0)
+            except grpc.aio.AioRpcError as e:
+                raise SessionError(f"node {rec.name} at {rec.address} did not answer: {e.code().name}") from None
+
+    infos = await asyncio.gather(*(one(r) for r in records))
+    return {r.node_id: i for r, i in zip(records, infos, strict=True)}
+
+
+async def memory_plan(model: ModelInfo, records: list[NodeRecord], max_stages: int | None = None) -> Plan:
+    """Contiguous layer ranges proportional to each node's free memory (the placement used
+    until measurements are available; the planner replaces it)."""
+    if not records:
+        raise SessionError("no nodes to place the model on")
+    records = sorted(records, key=lambda r: (r.name, r.node_id))[: max_stages or len(records)]
+    if len(records) > model.num_layers:
+        records = records[: model.num_layers]
+    infos = await node_infos(records)
+    free = [max(1, sum(d.mem_free_bytes for d in infos[r.node_id].devices)) for r in records]
+    ranges = split_by_weights(model.num_layers, [float(f) for f in free])
+    stages = tuple(
+        Stage(node_id=r.node_id, node_name=r.name, address=r.address, start=s, end=e)
+        for r, (s, e) in zip(records, ranges, strict=True)
+    )
+    return Plan(model=model.name, num_layers=model.num_layers, stages=stages,
+                explanation="layers split in proportion to each node's free memory")
+
+
+def fixed_plan(model: ModelInfo, records: list[NodeRecord], layer_counts: list[int]) -> Plan:
+    """A plan with explicit layer counts per node, in the given node order."""
+    if len(layer_counts) != len(records) or sum(layer_counts) != model.num_layers or min(layer_counts) < 1:
+        raise SessionError(f"layer counts {layer_counts} must be positive, one per node, summing to {model.num_layers}")
+    stages, start = [], 0
+    for r, n in zip(records, layer_counts, strict=True):
+        stages.append(Stage(node_id=r.node_id, node_name=r.name, address=r.address, start=start, end=start + n))
+        start += n
+    return Plan(model=model.name, num_layers=model.num_layers, stages=tuple(stages),
+                explanation=f"fixed split {layer_counts}")
+
+
+def even_counts(num_layers: int, n: int) -> list[int]:
+    base, extra = divmod(num_layers, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+async def open_pipeline(plan: Plan, model: ModelInfo, show_progress: bool = True) -> Pipeline:
+    """Load every stage of the plan (progress on the terminal) and open its streams."""
+    pipeline = Pipeline(plan, str(model.path))
+    if show_progress:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"loading {len(plan.stages)} stage(s)", total=len(plan.stages))
+            await pipeline.load(lambda i, r: progress.advance(task))
+    else:
+        await pipeline.load()
+    await pipeline.open()
+    return pipeline
+
+
+def load_tokenizer(model: ModelInfo) -> Any:
+    from mlx_lm.utils import load_tokenizer as _load
+
+    return _load(model.path)
