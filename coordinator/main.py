@@ -14,9 +14,11 @@ import sys
 
 # Modules under coordinator.commands, in the order their commands appear in --help.
 COMMAND_MODULES = (
+    "up",
     "run",
     "nodes",
     "synth_model",
+    "demo",
 )
 
 

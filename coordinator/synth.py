@@ -16,6 +16,8 @@ and/or exported to `model.gguf` (f32) for the llama.cpp baseline.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -289,6 +291,9 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
+        # Explicitly none: transformers maps model_type qwen2 to Qwen2Tokenizer, whose
+        # default unk token "<|endoftext|>" would otherwise be added as a 513th token.
+        "unk_token": None,
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -305,7 +310,10 @@ def _quantize_in_place(out_dir: Path, bits: int) -> None:
     from mlx_lm.utils import load_model, quantize_model, save_model
 
     model, config = load_model(out_dir)
-    model, qconfig = quantize_model(model, config, QUANT_GROUP_SIZE, bits)
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):  # mlx_lm prints its bits-per-weight summary
+        model, qconfig = quantize_model(model, config, QUANT_GROUP_SIZE, bits)
+    log.debug("mlx_lm: %s", report.getvalue().strip())
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         save_model(Path(tmp), model)
         for name in ("model.safetensors", "model.safetensors.index.json"):
