@@ -16,15 +16,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--arch", choices=list(ARCHS), default="llama", help="model architecture")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight dtype")
-    p.add_argument("--quant-bits", type=int, choices=list(QUANT_BITS), default=None,
-                   help="also quantize the MLX weights (affine, group size 64)")
+    p.add_argument(
+        "--quant-bits",
+        type=int,
+        choices=list(QUANT_BITS),
+        default=None,
+        help="also quantize the MLX weights (affine, group size 64)",
+    )
     p.add_argument("--gguf", action="store_true", help="also write model.gguf (f32) for llama.cpp")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = synthesize(args.dir, preset=args.preset, arch=args.arch, seed=args.seed,
-                     dtype=args.dtype, quant_bits=args.quant_bits, gguf=args.gguf)
+    out = synthesize(
+        args.dir,
+        preset=args.preset,
+        arch=args.arch,
+        seed=args.seed,
+        dtype=args.dtype,
+        quant_bits=args.quant_bits,
+        gguf=args.gguf,
+    )
     shape = PRESETS[args.preset]
     console.info(
         f"wrote {args.preset} {args.arch} model ({shape.num_hidden_layers} layers, hidden "
