@@ -1,0 +1,64 @@
+"""Shared fixtures: isolated config dirs, mDNS on loopback only, synthetic models and a
+session-wide cluster of real `cluster-node` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Every node and browser started by the tests speaks mDNS on loopback only, in a cluster
+# name of its own, with config/cache dirs of its own.
+_SESSION_DIR = Path(os.environ.get("LAYERLINK_TEST_DIR", "/tmp")) / f"layerlink-tests-{uuid.uuid4().hex[:8]}"
+os.environ["LAYERLINK_MDNS_INTERFACES"] = "127.0.0.1"
+os.environ["LAYERLINK_CLUSTER"] = f"t{uuid.uuid4().hex[:10]}"
+os.environ["XDG_CONFIG_HOME"] = str(_SESSION_DIR / "config")
+os.environ["XDG_CACHE_HOME"] = str(_SESSION_DIR / "cache")
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    _SESSION_DIR.mkdir(parents=True, exist_ok=True)
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def model_factory(session_dir: Path):  # type: ignore[no-untyped-def]
+    """model_factory(preset, arch, **kw) -> Path, synthesized once per session."""
+    from coordinator.synth import synthesize
+
+    made: dict[tuple[object, ...], Path] = {}
+
+    def make(preset: str = "tiny", arch: str = "llama", **kw: object) -> Path:
+        key = (preset, arch, tuple(sorted(kw.items())))
+        if key not in made:
+            suffix = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
+            path = session_dir / "models" / f"{preset}-{arch}{('-' + suffix) if suffix else ''}"
+            made[key] = synthesize(path, preset=preset, arch=arch, seed=0, **kw)  # type: ignore[arg-type]
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_factory) -> Path:  # type: ignore[no-untyped-def]
+    path: Path = model_factory("tiny", "llama")
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_cluster(session_dir: Path) -> Iterator[object]:
+    """Three real node processes on loopback, advertised over mDNS, for the whole session."""
+    from coordinator.localcluster import LocalCluster
+
+    log_dir = session_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(3, os.environ["LAYERLINK_CLUSTER"], log_dir=log_dir, name_prefix="shared")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

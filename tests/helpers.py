@@ -1,0 +1,48 @@
+"""Test helpers: drive a pipeline over real nodes, and the single-process reference."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from coordinator.pipeline import GenerationParams, GenerationResult, Pipeline
+from coordinator.session import even_counts, fixed_plan, read_model
+
+
+def reference_generate(model_path: Path, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """mlx_lm's own single-process greedy generation: tokens and log-probabilities."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(model_path))
+    tokens: list[int] = []
+    logprobs: list[np.ndarray] = []
+    steps = generate_step(mx.array(prompt), model, max_tokens=n, sampler=lambda x: mx.argmax(x, axis=-1))
+    for tok, lp in steps:
+        tokens.append(int(tok))
+        logprobs.append(np.array(lp.astype(mx.float32)))
+    return tokens, logprobs
+
+
+def to_logprobs(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max()
+    return (x - (m + np.log(np.exp(x - m).sum()))).astype(np.float32)
+
+
+async def run_on_nodes(nodes: list[Any], model_path: Path, prompts: list[list[int]], params: GenerationParams,
+                       counts: list[int] | None = None) -> list[GenerationResult]:
+    """Load the model over `nodes` (even split unless counts), run the prompts concurrently."""
+    model = read_model(model_path)
+    plan = fixed_plan(model, nodes, counts or even_counts(model.num_layers, len(nodes)))
+    pipeline = Pipeline(plan, str(model.path))
+    await pipeline.load()
+    await pipeline.open()
+    try:
+        return list(await asyncio.gather(*(pipeline.generate(p, params) for p in prompts)))
+    finally:
+        await pipeline.close()
