@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "run",
     "nodes",
     "synth_model",
+    "export_gguf",
     "demo",
 )
 
