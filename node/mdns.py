@@ -157,13 +157,15 @@ class Advertiser:
             properties=encode_txt(self.record),
             server=f"{instance}.local.",
         )
-        await self._zc.async_register_service(self._info, allow_name_change=True)
+        # The async API returns a task that announces the record; wait for it to finish.
+        await (await self._zc.async_register_service(self._info, allow_name_change=True))
         log.info("advertising %s on mDNS as %s", self.record.address, instance)
 
     async def close(self) -> None:
         if self._zc is None:
             return
         if self._info is not None:
-            await self._zc.async_unregister_service(self._info)
+            # Wait for the goodbye packets to go out before closing the socket.
+            await (await self._zc.async_unregister_service(self._info))
         await self._zc.async_close()
         self._zc = None

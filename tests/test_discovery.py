@@ -1,0 +1,101 @@
+"""Real mDNS on loopback: nodes appear when they start and vanish when they stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from zeroconf import ServiceInfo
+
+from coordinator.discovery import Browser
+from coordinator.localcluster import LocalCluster
+from node.mdns import SERVICE_TYPE, make_zeroconf
+
+
+def test_node_appears_and_disappears_within_3s(session_dir: Path) -> None:
+    cluster_name = "disc-" + os.urandom(3).hex()
+
+    async def go() -> tuple[float, float]:
+        browser = Browser(cluster_name, ["127.0.0.1"])
+        await browser.start()
+        cluster = LocalCluster(0, cluster_name, log_dir=session_dir, name_prefix="disc")
+        try:
+            await asyncio.sleep(0.5)  # the coordinator is up first
+            node = await asyncio.to_thread(cluster.start_node, "late")
+            t0 = time.monotonic()
+            while not any(r.node_id == node.node_id for r in browser.snapshot()):
+                assert time.monotonic() - t0 < 3.0, "new node not found within 3 s"
+                await asyncio.sleep(0.05)
+            found = time.monotonic() - t0
+            t1 = time.monotonic()
+            await asyncio.to_thread(cluster.stop_node, "late")
+            while any(r.node_id == node.node_id for r in browser.snapshot()):
+                assert time.monotonic() - t1 < 3.0, "stopped node still listed after 3 s"
+                await asyncio.sleep(0.05)
+            return found, time.monotonic() - t1
+        finally:
+            cluster.stop()
+            await browser.close()
+
+    found, gone = asyncio.run(go())
+    assert found < 3.0 and gone < 3.0
+
+
+def nodes_json(cluster_name: str) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator.main", "nodes", "--json", "--wait", "1.5", "--cluster", cluster_name],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    nodes: list[dict[str, object]] = json.loads(out.stdout)["nodes"]
+    return nodes
+
+
+def test_coordinator_nodes_command(session_dir: Path) -> None:
+    cluster_name = "cli-" + os.urandom(3).hex()
+    with LocalCluster(2, cluster_name, log_dir=session_dir, name_prefix="cli") as cluster:
+        listed = nodes_json(cluster_name)
+        assert sorted(n["name"] for n in listed) == ["cli0", "cli1"]
+        assert all(n["backend"] == "cpu" and n["address"] for n in listed)
+        cluster.stop_node("cli1")
+        t0 = time.monotonic()
+        listed = nodes_json(cluster_name)
+        assert [n["name"] for n in listed] == ["cli0"]
+        assert time.monotonic() - t0 < 3.0 + 2.5  # the command itself waits 1.5 s
+
+
+def test_malformed_and_foreign_records_are_ignored(local_cluster) -> None:
+    cluster_name = os.environ["LAYERLINK_CLUSTER"]
+
+    async def go() -> list[str]:
+        zc = make_zeroconf(["127.0.0.1"])
+        bad = [
+            {"id": "not-hex", "name": "evil", "proto": "1", "backend": "cpu", "devices": "1", "mem": "1",
+             "port": "1234", "cluster": cluster_name},
+            {"id": "a" * 32, "name": "big", "proto": "1", "backend": "cpu", "devices": "999999", "mem": "1",
+             "port": "1234", "cluster": cluster_name},
+            {"id": "b" * 32, "name": "other", "proto": "1", "backend": "cpu", "devices": "1", "mem": "1",
+             "port": "1234", "cluster": "someone-else"},
+        ]
+        infos = [ServiceInfo(SERVICE_TYPE, f"bad{i}.{SERVICE_TYPE}", addresses=[bytes([127, 0, 0, 1])],
+                             port=1234, properties=p, server=f"bad{i}.local.") for i, p in enumerate(bad)]
+        for info in infos:
+            await (await zc.async_register_service(info))
+        browser = Browser(cluster_name, ["127.0.0.1"])
+        await browser.start()
+        try:
+            await browser.wait_for(3, 3.0)
+            await asyncio.sleep(1.0)
+            return sorted(r.name for r in browser.snapshot())
+        finally:
+            await browser.close()
+            for info in infos:
+                await (await zc.async_unregister_service(info))
+            await zc.async_close()
+
+    names = asyncio.run(go())
+    assert names == ["shared0", "shared1", "shared2"]

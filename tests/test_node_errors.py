@@ -1,0 +1,128 @@
+"""Bad input gets the right gRPC status and a useful message; the node keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from coordinator.nodeclient import NodeClient
+from coordinator.pipeline import GenerationParams
+from node._proto.layerlink.v1 import node_pb2 as pb
+from tests.helpers import run_on_nodes
+
+
+async def load_error(address: str, **kw: object) -> grpc.aio.AioRpcError:
+    async with NodeClient(address) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await c.load_stage(pb.LoadStageRequest(plan_id="bad", stage_count=1, **kw))  # type: ignore[arg-type]
+        return ei.value
+
+
+def test_load_errors(local_cluster, tiny_llama: Path) -> None:
+    addr = local_cluster.nodes[0].address
+    e = asyncio.run(load_error(addr, model_path=str(tiny_llama), start=4, end=12))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside the model's 8 layers" in e.details()
+    e = asyncio.run(load_error(addr, model_path=str(tiny_llama), start=5, end=5))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    e = asyncio.run(load_error(addr, model_path="/nonexistent/model", start=0, end=1))
+    assert e.code() == grpc.StatusCode.NOT_FOUND and "does not exist" in e.details()
+    e = asyncio.run(load_error(addr, model_path=str(tiny_llama.parent), start=0, end=1))
+    assert e.code() == grpc.StatusCode.NOT_FOUND and "config.json" in e.details()
+
+
+async def forward_replies(address: str, model: Path, messages: list[pb.ForwardRequest], last: bool) -> list[pb.ForwardReply]:
+    async with NodeClient(address) as c:
+        await c.load_stage(pb.LoadStageRequest(
+            plan_id="err", model_path=str(model), start=4 if not last else 4, end=8,
+            next_address="", stage_index=1, stage_count=2,
+        ))
+        queue: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
+        for m in messages:
+            queue.put_nowait(m)
+        queue.put_nowait(None)
+
+        async def gen():  # type: ignore[no-untyped-def]
+            while (m := await queue.get()) is not None:
+                yield m
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+
+        replies = [r async for r in c.stub.Forward(gen())]
+        await c.unload_stage("err")
+        return replies
+
+
+def hidden(shape: tuple[int, ...], dtype: str = "float32") -> pb.Tensor:
+    arr = np.zeros(shape, dtype=np.float32 if dtype == "float32" else np.float16)
+    return pb.Tensor(dtype=dtype, shape=list(shape), data=arr.tobytes())
+
+
+def test_forward_errors_keep_the_stream_alive(local_cluster, tiny_llama: Path) -> None:
+    addr = local_cluster.nodes[1].address
+    ok = pb.ForwardRequest(request_id="good", plan_id="err", phase=pb.PHASE_PREFILL,
+                           hidden=hidden((1, 3, 256)), sample=True, position=0)
+    msgs = [
+        pb.ForwardRequest(request_id="a", plan_id="err", phase=pb.PHASE_PREFILL, hidden=hidden((1, 3, 128)), position=0),
+        pb.ForwardRequest(request_id="b", plan_id="err", phase=pb.PHASE_PREFILL, hidden=hidden((1, 3, 256), "float16"), position=0),
+        pb.ForwardRequest(request_id="c", plan_id="err", phase=pb.PHASE_PREFILL,
+                          hidden=pb.Tensor(dtype="float32", shape=[1, 3, 256], data=b"\0" * 10), position=0),
+        pb.ForwardRequest(request_id="ghost", plan_id="err", phase=pb.PHASE_DECODE, hidden=hidden((1, 1, 256)), position=5),
+        pb.ForwardRequest(request_id="d", plan_id="no-such-plan", phase=pb.PHASE_PREFILL, hidden=hidden((1, 1, 256))),
+        ok,
+    ]
+    replies = asyncio.run(forward_replies(addr, tiny_llama, msgs, last=True))
+    by_id = {r.request_id: r for r in replies}
+    assert by_id["a"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "hidden size is 256" in by_id["a"].message
+    assert by_id["b"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "float16" in by_id["b"].message
+    assert by_id["c"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "10 bytes" in by_id["c"].message
+    assert by_id["ghost"].code == grpc.StatusCode.NOT_FOUND.value[0] and "unknown request id" in by_id["ghost"].message
+    assert by_id["d"].code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "not loaded" in by_id["d"].message
+    assert "good" not in by_id, "the valid message on the same stream must be served"
+
+
+def test_release_unknown_request(local_cluster, tiny_llama: Path) -> None:
+    async def go() -> grpc.aio.AioRpcError:
+        async with NodeClient(local_cluster.nodes[2].address) as c:
+            await c.load_stage(pb.LoadStageRequest(plan_id="rel", model_path=str(tiny_llama), start=0, end=8, stage_count=1))
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await c.release("rel", "nobody")
+            await c.unload_stage("rel")
+            return ei.value
+
+    e = asyncio.run(go())
+    assert e.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_node_still_serves_after_bad_input(local_cluster, tiny_llama: Path) -> None:
+    (result,) = asyncio.run(run_on_nodes(local_cluster.nodes, tiny_llama, [[1, 2, 3]], GenerationParams(max_tokens=4)))
+    assert len(result.tokens) == 4
+
+
+def test_kv_caches_are_freed(local_cluster, tiny_llama: Path) -> None:
+    async def go() -> list[int]:
+        from coordinator.pipeline import Pipeline
+        from coordinator.session import even_counts, fixed_plan, read_model
+
+        model = read_model(tiny_llama)
+        plan = fixed_plan(model, local_cluster.nodes, even_counts(8, 3))
+        p = Pipeline(plan, str(model.path))
+        await p.load()
+        await p.open()
+        try:
+            async for ev in p.stream([1, 2, 3], GenerationParams(max_tokens=50)):
+                if ev.step == 3:
+                    break  # the client walks away mid-generation
+            await asyncio.sleep(0.5)
+            counts = []
+            for s in plan.stages:
+                info = await p.clients[s.address].get_info()
+                counts += [st.active_requests for st in info.stages if st.plan_id == plan.plan_id]
+            return counts
+        finally:
+            await p.close()
+
+    assert asyncio.run(go()) == [0, 0, 0]
