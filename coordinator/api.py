@@ -24,13 +24,27 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -86,45 +100,76 @@ def create_app(state: ApiState) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(
+            error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = f"{loc}: {first.get('msg', 'invalid request body')}" if loc else str(first.get("msg", "invalid body"))
+        msg = (
+            f"{loc}: {first.get('msg', 'invalid request body')}"
+            if loc
+            else str(first.get("msg", "invalid body"))
+        )
         return JSONResponse(error_body(msg, "invalid_request_error", loc or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "layerlink"}
-        ]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "layerlink",
+                }
+            ],
+        }
 
     def check(body: _Common) -> tuple[Pipeline, GenerationParams]:
         if body.model != state.model_name:
-            raise ApiError(404, f"model {body.model!r} is not served here; try {state.model_name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here; try {state.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         if body.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
         if state.pipeline is None:
-            raise ApiError(503, "no plan is loaded yet; the cluster is starting", type_="service_unavailable")
+            raise ApiError(
+                503, "no plan is loaded yet; the cluster is starting", type_="service_unavailable"
+            )
         max_tokens = body.max_completion_tokens or body.max_tokens or state.default_max_tokens
         params = GenerationParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
             stop_token_ids=frozenset(state.tokenizer.eos_token_ids),
         )
         return state.pipeline, params
 
-    async def run(pipeline: Pipeline, prompt: list[int], params: GenerationParams) -> tuple[list[int], str]:
+    async def run(
+        pipeline: Pipeline, prompt: list[int], params: GenerationParams
+    ) -> tuple[list[int], str]:
         if len(prompt) + params.max_tokens > state.context_length:
-            raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                                f"the context length {state.context_length}", param="max_tokens")
+            raise ApiError(
+                400,
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context length {state.context_length}",
+                param="max_tokens",
+            )
         try:
             result = await pipeline.generate(prompt, params)
         except PipelineError as e:
@@ -137,16 +182,32 @@ def create_app(state: ApiState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> dict[str, Any]:
         pipeline, params = check(body)
-        prompt = list(body.prompt) if isinstance(body.prompt, list) else list(state.tokenizer.encode(body.prompt))
+        prompt = (
+            list(body.prompt)
+            if isinstance(body.prompt, list)
+            else list(state.tokenizer.encode(body.prompt))
+        )
         if not prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
         tokens, finish = await run(pipeline, prompt, params)
         return {
-            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
             "model": state.model_name,
-            "choices": [{"index": 0, "text": state.tokenizer.decode(tokens), "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
-                      "total_tokens": len(prompt) + len(tokens)},
+            "choices": [
+                {
+                    "index": 0,
+                    "text": state.tokenizer.decode(tokens),
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(tokens),
+                "total_tokens": len(prompt) + len(tokens),
+            },
         }
 
     @app.post("/v1/chat/completions")
@@ -156,12 +217,22 @@ def create_app(state: ApiState) -> FastAPI:
         prompt = list(state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         tokens, finish = await run(pipeline, prompt, params)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": state.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": state.tokenizer.decode(tokens)},
-                         "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
-                      "total_tokens": len(prompt) + len(tokens)},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": state.tokenizer.decode(tokens)},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(tokens),
+                "total_tokens": len(prompt) + len(tokens),
+            },
         }
 
     return app

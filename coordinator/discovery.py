@@ -17,7 +17,14 @@ from zeroconf import ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from node import PROTOCOL_VERSION
-from node.mdns import SERVICE_TYPE, NodeRecord, RecordError, make_zeroconf, mdns_interfaces, parse_record
+from node.mdns import (
+    SERVICE_TYPE,
+    NodeRecord,
+    RecordError,
+    make_zeroconf,
+    mdns_interfaces,
+    parse_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +32,12 @@ log = logging.getLogger(__name__)
 class Browser:
     """Keeps the live set of nodes announced over mDNS for one cluster."""
 
-    def __init__(self, cluster: str, interfaces: list[str] | None = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        interfaces: list[str] | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.interfaces = interfaces if interfaces is not None else mdns_interfaces()
         self.on_change = on_change
@@ -42,8 +53,9 @@ class Browser:
             self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_state_change]
         )
 
-    def _on_state_change(self, zeroconf: Any, service_type: str, name: str,
-                         state_change: ServiceStateChange) -> None:
+    def _on_state_change(
+        self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         if state_change is ServiceStateChange.Removed:
             if self.nodes.pop(name, None) is not None:
                 log.info("node %s left", name)
@@ -68,7 +80,12 @@ class Browser:
             log.debug("ignoring %s of cluster %r", name, rec.cluster)
             return
         if rec.protocol_version != PROTOCOL_VERSION:
-            log.warning("ignoring %s: protocol %d, we speak %d", name, rec.protocol_version, PROTOCOL_VERSION)
+            log.warning(
+                "ignoring %s: protocol %d, we speak %d",
+                name,
+                rec.protocol_version,
+                PROTOCOL_VERSION,
+            )
             return
         if self.nodes.get(name) != rec:
             self.nodes[name] = rec
@@ -124,19 +141,30 @@ async def resolve_static(specs: list[str], timeout: float = 5.0) -> list[NodeRec
             try:
                 info = await client.get_info(timeout=timeout)
             except grpc.aio.AioRpcError as e:
-                raise ConnectionError(f"node {spec} did not answer: {e.code().name} {e.details()}") from None
-        out.append(NodeRecord(
-            node_id=info.node_id, name=info.name, host=host, port=port,
-            protocol_version=info.protocol_version, backend=info.backend,
-            device_count=len(info.devices), mem_bytes=sum(d.mem_total_bytes for d in info.devices),
-            cluster=info.cluster, llama_rpc_port=info.llama_rpc_port,
-            llama_rpc_version=info.llama_rpc_version,
-        ))
+                raise ConnectionError(
+                    f"node {spec} did not answer: {e.code().name} {e.details()}"
+                ) from None
+        out.append(
+            NodeRecord(
+                node_id=info.node_id,
+                name=info.name,
+                host=host,
+                port=port,
+                protocol_version=info.protocol_version,
+                backend=info.backend,
+                device_count=len(info.devices),
+                mem_bytes=sum(d.mem_total_bytes for d in info.devices),
+                cluster=info.cluster,
+                llama_rpc_port=info.llama_rpc_port,
+                llama_rpc_version=info.llama_rpc_version,
+            )
+        )
     return out
 
 
-async def find_nodes(count: int, wait_s: float, static: list[str], cluster: str,
-                     interfaces: list[str] | None = None) -> list[NodeRecord]:
+async def find_nodes(
+    count: int, wait_s: float, static: list[str], cluster: str, interfaces: list[str] | None = None
+) -> list[NodeRecord]:
     """Nodes named statically, or found over mDNS: wait up to wait_s for `count` of them
     (count 0: whatever shows up within wait_s)."""
     if static:

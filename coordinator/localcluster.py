@@ -27,9 +27,16 @@ class LocalNode:
 
 
 class LocalCluster:
-    def __init__(self, count: int, cluster: str, host: str = "127.0.0.1",
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 log_dir: Path | None = None, name_prefix: str = "node") -> None:
+    def __init__(
+        self,
+        count: int,
+        cluster: str,
+        host: str = "127.0.0.1",
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        name_prefix: str = "node",
+    ) -> None:
         self.count = count
         self.cluster = cluster
         self.host = host
@@ -40,9 +47,25 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.nodes: list[LocalNode] = []
 
-    def start_node(self, name: str, timeout: float = 60.0, extra_args: list[str] | None = None) -> LocalNode:
-        cmd = [sys.executable, "-m", "node.main", "up", "--host", self.host, "--port", "0",
-               "--name", name, "--cluster", self.cluster, *self.extra_args, *(extra_args or [])]
+    def start_node(
+        self, name: str, timeout: float = 60.0, extra_args: list[str] | None = None
+    ) -> LocalNode:
+        cmd = [
+            sys.executable,
+            "-m",
+            "node.main",
+            "up",
+            "--host",
+            self.host,
+            "--port",
+            "0",
+            "--name",
+            name,
+            "--cluster",
+            self.cluster,
+            *self.extra_args,
+            *(extra_args or []),
+        ]
         stderr = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env)
         self.procs[name] = proc
@@ -61,7 +84,9 @@ class LocalCluster:
         t.join(timeout)
         if not line_box:
             proc.kill()
-            raise RuntimeError(f"node {name} did not become ready within {timeout:.0f}s (exit {proc.poll()})")
+            raise RuntimeError(
+                f"node {name} did not become ready within {timeout:.0f}s (exit {proc.poll()})"
+            )
         _, address, node_id = line_box[0].split()
         node = LocalNode(name=name, address=address, node_id=node_id, pid=proc.pid)
         self.nodes.append(node)
@@ -92,8 +117,9 @@ class LocalCluster:
         self.start()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 

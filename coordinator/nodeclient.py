@@ -23,8 +23,9 @@ class NodeClient:
     async def __aenter__(self) -> NodeClient:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -34,30 +35,42 @@ class NodeClient:
         info: pb.NodeInfo = await self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
         return info
 
-    async def load_stage(self, request: pb.LoadStageRequest,
-                         timeout: float = LOAD_TIMEOUT_S) -> pb.LoadStageReply:
+    async def load_stage(
+        self, request: pb.LoadStageRequest, timeout: float = LOAD_TIMEOUT_S
+    ) -> pb.LoadStageReply:
         reply: pb.LoadStageReply = await self.stub.LoadStage(request, timeout=timeout)
         return reply
 
     async def unload_stage(self, plan_id: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         await self.stub.UnloadStage(pb.UnloadStageRequest(plan_id=plan_id), timeout=timeout)
 
-    async def release(self, plan_id: str, request_id: str,
-                      timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        await self.stub.Release(pb.ReleaseRequest(plan_id=plan_id, request_id=request_id),
-                                timeout=timeout)
+    async def release(
+        self, plan_id: str, request_id: str, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        await self.stub.Release(
+            pb.ReleaseRequest(plan_id=plan_id, request_id=request_id), timeout=timeout
+        )
 
-    async def measure_link(self, target_address: str, payload_bytes: list[int] | None = None,
-                           repeats: int = 0, warmup: int = 0,
-                           timeout: float = 60.0) -> pb.MeasureLinkReply:
-        req = pb.MeasureLinkRequest(target_address=target_address,
-                                    payload_bytes=payload_bytes or [], repeats=repeats,
-                                    warmup=warmup)
+    async def measure_link(
+        self,
+        target_address: str,
+        payload_bytes: list[int] | None = None,
+        repeats: int = 0,
+        warmup: int = 0,
+        timeout: float = 60.0,
+    ) -> pb.MeasureLinkReply:
+        req = pb.MeasureLinkRequest(
+            target_address=target_address,
+            payload_bytes=payload_bytes or [],
+            repeats=repeats,
+            warmup=warmup,
+        )
         reply: pb.MeasureLinkReply = await self.stub.MeasureLink(req, timeout=timeout)
         return reply
 
-    async def measure_devices(self, dtypes: list[str] | None = None, buffer_bytes: int = 0,
-                              timeout: float = 120.0) -> pb.MeasureDevicesReply:
+    async def measure_devices(
+        self, dtypes: list[str] | None = None, buffer_bytes: int = 0, timeout: float = 120.0
+    ) -> pb.MeasureDevicesReply:
         req = pb.MeasureDevicesRequest(dtypes=dtypes or [], buffer_bytes=buffer_bytes)
         reply: pb.MeasureDevicesReply = await self.stub.MeasureDevices(req, timeout=timeout)
         return reply

@@ -85,16 +85,22 @@ class Pipeline:
 
     # ----- set-up --------------------------------------------------------------------------
 
-    async def load(self, on_stage_loaded: Callable[[int, pb.LoadStageReply], None] | None = None) -> None:
+    async def load(
+        self, on_stage_loaded: Callable[[int, pb.LoadStageReply], None] | None = None
+    ) -> None:
         """Load every stage (in parallel) with its layer range and its next hop."""
         stages = self.plan.stages
 
         async def load_one(i: int) -> None:
             s = stages[i]
             req = pb.LoadStageRequest(
-                plan_id=self.plan.plan_id, model_path=self.model_path, start=s.start, end=s.end,
+                plan_id=self.plan.plan_id,
+                model_path=self.model_path,
+                start=s.start,
+                end=s.end,
                 next_address=stages[i + 1].address if i + 1 < len(stages) else "",
-                stage_index=i, stage_count=len(stages),
+                stage_index=i,
+                stage_count=len(stages),
             )
             try:
                 reply = await self.clients[s.address].load_stage(req)
@@ -112,7 +118,9 @@ class Pipeline:
     async def open(self) -> None:
         """Subscribe to every stage's events and open the forward stream into stage 0."""
         for i, s in enumerate(self.plan.stages):
-            call = self.clients[s.address].stub.Subscribe(pb.SubscribeRequest(plan_id=self.plan.plan_id))
+            call = self.clients[s.address].stub.Subscribe(
+                pb.SubscribeRequest(plan_id=self.plan.plan_id)
+            )
             self._tasks.append(asyncio.create_task(self._pump_events(i, call)))
         first = self.clients[self.plan.stages[0].address]
         fwd = first.stub.Forward(self._outgoing())
@@ -141,7 +149,9 @@ class Pipeline:
                 return
             yield msg
 
-    async def _pump_events(self, index: int, call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.StageEvent]) -> None:
+    async def _pump_events(
+        self, index: int, call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.StageEvent]
+    ) -> None:
         stage = self.plan.stages[index]
         try:
             async for event in call:
@@ -155,7 +165,9 @@ class Pipeline:
             return
         self._fail(f"stage {index} on {stage.node_name} ({stage.address}) {reason}")
 
-    async def _pump_replies(self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]) -> None:
+    async def _pump_replies(
+        self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]
+    ) -> None:
         try:
             async for reply in call:
                 waiter = self._waiters.get(reply.request_id)
@@ -188,8 +200,9 @@ class Pipeline:
 
     # ----- requests ------------------------------------------------------------------------
 
-    async def stream(self, prompt: list[int], params: GenerationParams,
-                     request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+    async def stream(
+        self, prompt: list[int], params: GenerationParams, request_id: str | None = None
+    ) -> AsyncIterator[TokenEvent]:
         """Yield sampled tokens until a stop token or max_tokens. Leaving early (break,
         cancel, client disconnect) frees the request's KV cache on every stage."""
         if self._failed is not None:
@@ -204,43 +217,69 @@ class Pipeline:
         self.in_flight += 1
         plan_id = self.plan.plan_id
         sampling = pb.SamplingParams(
-            temperature=params.temperature, top_p=params.top_p,
-            seed=params.seed or 0, has_seed=params.seed is not None,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed or 0,
+            has_seed=params.seed is not None,
         )
         try:
             for i in range(0, len(prompt), PREFILL_CHUNK):
                 chunk = prompt[i : i + PREFILL_CHUNK]
-                self._inbox.put_nowait(pb.ForwardRequest(
-                    request_id=rid, plan_id=plan_id, phase=pb.PHASE_PREFILL, tokens=chunk,
-                    sample=i + PREFILL_CHUNK >= len(prompt), sampling=sampling,
-                    want_logits=params.want_logits, position=i, step=0,
-                ))
+                self._inbox.put_nowait(
+                    pb.ForwardRequest(
+                        request_id=rid,
+                        plan_id=plan_id,
+                        phase=pb.PHASE_PREFILL,
+                        tokens=chunk,
+                        sample=i + PREFILL_CHUNK >= len(prompt),
+                        sampling=sampling,
+                        want_logits=params.want_logits,
+                        position=i,
+                        step=0,
+                    )
+                )
             position = len(prompt)
             for step in range(params.max_tokens):
                 event = await self._next_event(waiter, rid, step, params.step_timeout_s)
                 logits = None
                 if event.HasField("logits") and event.logits.data:
-                    logits = np.frombuffer(event.logits.data, dtype=np.float32).reshape(tuple(event.logits.shape))
+                    logits = np.frombuffer(event.logits.data, dtype=np.float32).reshape(
+                        tuple(event.logits.shape)
+                    )
                 yield TokenEvent(token=event.token, step=step, logits=logits)
                 if event.token in params.stop_token_ids or step + 1 == params.max_tokens:
                     return
-                self._inbox.put_nowait(pb.ForwardRequest(
-                    request_id=rid, plan_id=plan_id, phase=pb.PHASE_DECODE, tokens=[event.token],
-                    sample=True, sampling=sampling, want_logits=params.want_logits,
-                    position=position, step=step + 1,
-                ))
+                self._inbox.put_nowait(
+                    pb.ForwardRequest(
+                        request_id=rid,
+                        plan_id=plan_id,
+                        phase=pb.PHASE_DECODE,
+                        tokens=[event.token],
+                        sample=True,
+                        sampling=sampling,
+                        want_logits=params.want_logits,
+                        position=position,
+                        step=step + 1,
+                    )
+                )
                 position += 1
         finally:
             self.in_flight -= 1
             self._waiters.pop(rid, None)
-            self._inbox.put_nowait(pb.ForwardRequest(request_id=rid, plan_id=plan_id, phase=pb.PHASE_RELEASE))
+            self._inbox.put_nowait(
+                pb.ForwardRequest(request_id=rid, plan_id=plan_id, phase=pb.PHASE_RELEASE)
+            )
 
-    async def _next_event(self, waiter: _Waiter, rid: str, step: int, timeout: float) -> pb.StageEvent:
+    async def _next_event(
+        self, waiter: _Waiter, rid: str, step: int, timeout: float
+    ) -> pb.StageEvent:
         while True:
             try:
                 msg = await asyncio.wait_for(waiter.queue.get(), timeout)
             except asyncio.TimeoutError:
-                raise PipelineError(f"no token for request {rid} step {step} within {timeout:.0f}s") from None
+                raise PipelineError(
+                    f"no token for request {rid} step {step} within {timeout:.0f}s"
+                ) from None
             if isinstance(msg, pb.ForwardReply) or msg.code != 0:
                 raise PipelineError(f"request {rid} failed: {msg.message}")
             if msg.step == step:
@@ -260,6 +299,10 @@ class Pipeline:
         t_end = time.perf_counter()
         finish = "stop" if tokens and tokens[-1] in params.stop_token_ids else "length"
         return GenerationResult(
-            prompt_tokens=len(prompt), tokens=tuple(tokens), finish_reason=finish,
-            ttft_s=t_first - t0, decode_s=t_end - t_first, logits=tuple(logits),
+            prompt_tokens=len(prompt),
+            tokens=tuple(tokens),
+            finish_reason=finish,
+            ttft_s=t_first - t0,
+            decode_s=t_end - t_first,
+            logits=tuple(logits),
         )

@@ -67,7 +67,13 @@ class Plan:
         if expected != self.num_layers:
             raise ValueError(f"stages end at layer {expected}, model has {self.num_layers}")
         if not self.plan_id:
-            key = repr((self.model, self.version, [(s.node_id, s.device, s.start, s.end) for s in self.stages]))
+            key = repr(
+                (
+                    self.model,
+                    self.version,
+                    [(s.node_id, s.device, s.start, s.end) for s in self.stages],
+                )
+            )
             object.__setattr__(self, "plan_id", "p" + hashlib.sha1(key.encode()).hexdigest()[:12])
 
     @property
@@ -92,7 +98,10 @@ def split_by_weights(num_layers: int, weights: list[float]) -> list[tuple[int, i
         i = max(range(n), key=lambda k: num_layers * weights[k] / total - counts[k])
         counts[i] += 1
     while sum(counts) > num_layers:
-        i = max((k for k in range(n) if counts[k] > 1), key=lambda k: counts[k] - num_layers * weights[k] / total)
+        i = max(
+            (k for k in range(n) if counts[k] > 1),
+            key=lambda k: counts[k] - num_layers * weights[k] / total,
+        )
         counts[i] -= 1
     ranges, start = [], 0
     for c in counts:

@@ -51,8 +51,12 @@ def read_model(path: str | Path) -> ModelInfo:
     cfg = config.get("text_config", config)
     try:
         return ModelInfo(
-            path=p.resolve(), name=p.name, num_layers=int(cfg["num_hidden_layers"]),
-            hidden_size=int(cfg["hidden_size"]), vocab_size=int(cfg["vocab_size"]), config=config,
+            path=p.resolve(),
+            name=p.name,
+            num_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=int(cfg["hidden_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            config=config,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SessionError(f"{cfg_path} lacks a usable {e}") from None
@@ -66,13 +70,17 @@ async def node_infos(records: list[NodeRecord]) -> dict[str, Any]:
             try:
                 return await c.get_info(timeout=10.0)
             except grpc.aio.AioRpcError as e:
-                raise SessionError(f"node {rec.name} at {rec.address} did not answer: {e.code().name}") from None
+                raise SessionError(
+                    f"node {rec.name} at {rec.address} did not answer: {e.code().name}"
+                ) from None
 
     infos = await asyncio.gather(*(one(r) for r in records))
     return {r.node_id: i for r, i in zip(records, infos, strict=True)}
 
 
-async def memory_plan(model: ModelInfo, records: list[NodeRecord], max_stages: int | None = None) -> Plan:
+async def memory_plan(
+    model: ModelInfo, records: list[NodeRecord], max_stages: int | None = None
+) -> Plan:
     """Contiguous layer ranges proportional to each node's free memory (the placement used
     until measurements are available; the planner replaces it)."""
     if not records:
@@ -87,20 +95,38 @@ async def memory_plan(model: ModelInfo, records: list[NodeRecord], max_stages: i
         Stage(node_id=r.node_id, node_name=r.name, address=r.address, start=s, end=e)
         for r, (s, e) in zip(records, ranges, strict=True)
     )
-    return Plan(model=model.name, num_layers=model.num_layers, stages=stages,
-                explanation="layers split in proportion to each node's free memory")
+    return Plan(
+        model=model.name,
+        num_layers=model.num_layers,
+        stages=stages,
+        explanation="layers split in proportion to each node's free memory",
+    )
 
 
 def fixed_plan(model: ModelInfo, records: list[NodeRecord], layer_counts: list[int]) -> Plan:
     """A plan with explicit layer counts per node, in the given node order."""
-    if len(layer_counts) != len(records) or sum(layer_counts) != model.num_layers or min(layer_counts) < 1:
-        raise SessionError(f"layer counts {layer_counts} must be positive, one per node, summing to {model.num_layers}")
+    if (
+        len(layer_counts) != len(records)
+        or sum(layer_counts) != model.num_layers
+        or min(layer_counts) < 1
+    ):
+        raise SessionError(
+            f"layer counts {layer_counts} must be positive, one per node, summing to {model.num_layers}"
+        )
     stages, start = [], 0
     for r, n in zip(records, layer_counts, strict=True):
-        stages.append(Stage(node_id=r.node_id, node_name=r.name, address=r.address, start=start, end=start + n))
+        stages.append(
+            Stage(
+                node_id=r.node_id, node_name=r.name, address=r.address, start=start, end=start + n
+            )
+        )
         start += n
-    return Plan(model=model.name, num_layers=model.num_layers, stages=tuple(stages),
-                explanation=f"fixed split {layer_counts}")
+    return Plan(
+        model=model.name,
+        num_layers=model.num_layers,
+        stages=tuple(stages),
+        explanation=f"fixed split {layer_counts}",
+    )
 
 
 def even_counts(num_layers: int, n: int) -> list[int]:

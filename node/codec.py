@@ -61,7 +61,9 @@ def from_proto(
     if any(d <= 0 for d in shape):
         raise CodecError(f"tensor shape {list(shape)} has an empty or negative dimension")
     if last_dim is not None and shape[-1] != last_dim:
-        raise CodecError(f"tensor's last dimension is {shape[-1]}, the model's hidden size is {last_dim}")
+        raise CodecError(
+            f"tensor's last dimension is {shape[-1]}, the model's hidden size is {last_dim}"
+        )
     count = math.prod(shape)
     if count > max_elements:
         raise CodecError(f"tensor of {count} elements exceeds the limit of {max_elements}")

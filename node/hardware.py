@@ -97,8 +97,17 @@ def probe() -> Hardware:
             chosen = [g for g in gpus if str(g.index) in wanted or g.uuid in wanted] or gpus
         for i, g in enumerate(chosen):
             devices.append(
-                Device(i, g.name, "cuda", g.mem_total_bytes, g.mem_free_bytes,
-                       g.pcie_gen, g.pcie_width, g.pcie_max_gen, g.pcie_max_width)
+                Device(
+                    i,
+                    g.name,
+                    "cuda",
+                    g.mem_total_bytes,
+                    g.mem_free_bytes,
+                    g.pcie_gen,
+                    g.pcie_width,
+                    g.pcie_max_gen,
+                    g.pcie_max_width,
+                )
             )
     elif backend == "metal":
         devices.append(Device(0, f"Apple {_cpu_name()}", "metal", total, avail))

@@ -22,20 +22,42 @@ READY_PREFIX = "LAYERLINK_NODE_READY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cluster-node", description="LayerLink node: serve model layers to a coordinator.")
+    parser = argparse.ArgumentParser(
+        prog="cluster-node", description="LayerLink node: serve model layers to a coordinator."
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    up = sub.add_parser("up", help="probe the hardware, advertise over mDNS and serve layers over gRPC")
+    up = sub.add_parser(
+        "up", help="probe the hardware, advertise over mDNS and serve layers over gRPC"
+    )
     up.add_argument("--name", default=None, help="node name (default: the host name)")
-    up.add_argument("--host", default="0.0.0.0", help="address to bind and advertise (default: all interfaces)")
-    up.add_argument("--port", type=int, default=50151, help="gRPC port; 0 picks a free one (default: 50151)")
-    up.add_argument("--model-dir", action="append", default=[], type=Path, metavar="DIR",
-                    help="folder the node may load models from (repeatable); default: any path")
-    up.add_argument("--cluster", default=os.environ.get("LAYERLINK_CLUSTER", "default"),
-                    help="cluster name announced over mDNS (default: $LAYERLINK_CLUSTER or 'default')")
+    up.add_argument(
+        "--host", default="0.0.0.0", help="address to bind and advertise (default: all interfaces)"
+    )
+    up.add_argument(
+        "--port", type=int, default=50151, help="gRPC port; 0 picks a free one (default: 50151)"
+    )
+    up.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="folder the node may load models from (repeatable); default: any path",
+    )
+    up.add_argument(
+        "--cluster",
+        default=os.environ.get("LAYERLINK_CLUSTER", "default"),
+        help="cluster name announced over mDNS (default: $LAYERLINK_CLUSTER or 'default')",
+    )
     up.add_argument("--no-advertise", action="store_true", help="do not announce over mDNS")
-    up.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
-                    help="free a request's KV cache after this long without traffic (default: 600)")
+    up.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="free a request's KV cache after this long without traffic (default: 600)",
+    )
     return parser
 
 
@@ -74,8 +96,13 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("cannot bind %s:%s (port in use?)", args.host, args.port)
         return 1
     config = NodeConfig(
-        node_id=node_id, name=name, host=args.host, port=port, cluster=args.cluster,
-        model_dirs=tuple(d.resolve() for d in args.model_dir), idle_timeout_s=args.idle_timeout,
+        node_id=node_id,
+        name=name,
+        host=args.host,
+        port=port,
+        cluster=args.cluster,
+        model_dirs=tuple(d.resolve() for d in args.model_dir),
+        idle_timeout_s=args.idle_timeout,
     )
     service = NodeService(config, hw)
     pb_grpc.add_NodeServicer_to_server(service, server)
@@ -90,13 +117,21 @@ async def serve(args: argparse.Namespace) -> int:
     adv_host = _advertised_host(args.host)
     if not args.no_advertise:
         record = NodeRecord(
-            node_id=node_id, name=name, host=adv_host, port=port,
-            protocol_version=PROTOCOL_VERSION, backend=hw.backend, device_count=len(hw.devices),
-            mem_bytes=sum(d.mem_total_bytes for d in hw.devices), cluster=args.cluster,
+            node_id=node_id,
+            name=name,
+            host=adv_host,
+            port=port,
+            protocol_version=PROTOCOL_VERSION,
+            backend=hw.backend,
+            device_count=len(hw.devices),
+            mem_bytes=sum(d.mem_total_bytes for d in hw.devices),
+            cluster=args.cluster,
         )
         advertiser = Advertiser(record, mdns_interfaces(args.host))
         await advertiser.start()
-    log.info("node %s (%s) serving on %s:%d, backend %s", name, node_id[:8], adv_host, port, hw.backend)
+    log.info(
+        "node %s (%s) serving on %s:%d, backend %s", name, node_id[:8], adv_host, port, hw.backend
+    )
     print(f"{READY_PREFIX} {adv_host}:{port} {node_id}", flush=True)
 
     stop = asyncio.Event()
@@ -115,7 +150,13 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    level = (
+        logging.WARNING
+        if args.verbose == 0
+        else logging.INFO
+        if args.verbose == 1
+        else logging.DEBUG
+    )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "up":
         return asyncio.run(serve(args))

@@ -95,11 +95,16 @@ class Downstream:
             call = stub.Forward(self._requests())
             async for reply in call:
                 log.warning(
-                    "next stage %s rejected %s step %d: %s", self.address, reply.request_id,
-                    reply.step, reply.message,
+                    "next stage %s rejected %s step %d: %s",
+                    self.address,
+                    reply.request_id,
+                    reply.step,
+                    reply.message,
                 )
         except grpc.aio.AioRpcError as e:
-            log.error("stream to next stage %s ended: %s %s", self.address, e.code().name, e.details())
+            log.error(
+                "stream to next stage %s ended: %s %s", self.address, e.code().name, e.details()
+            )
         except asyncio.CancelledError:
             pass
 
@@ -127,9 +132,15 @@ class LoadedStage:
     def status(self) -> pb.StageStatus:
         s = self.stage.spec
         return pb.StageStatus(
-            plan_id=s.plan_id, model=str(s.model_path), start=s.start, end=s.end,
-            first=s.first, last=s.last, active_requests=len(self.stage.requests),
-            weight_bytes=self.stage.weight_bytes, next_address=s.next_address,
+            plan_id=s.plan_id,
+            model=str(s.model_path),
+            start=s.start,
+            end=s.end,
+            first=s.first,
+            last=s.last,
+            active_requests=len(self.stage.requests),
+            weight_bytes=self.stage.weight_bytes,
+            next_address=s.next_address,
         )
 
 
@@ -189,37 +200,67 @@ class NodeService(pb_grpc.NodeServicer):
 
     # ----- RPCs ----------------------------------------------------------------------------
 
-    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.NodeInfo:
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.NodeInfo:
         total, avail = hardware.memory()
         devices = [
             pb.DeviceInfo(
-                index=d.index, name=d.name, kind=d.kind, mem_total_bytes=d.mem_total_bytes,
+                index=d.index,
+                name=d.name,
+                kind=d.kind,
+                mem_total_bytes=d.mem_total_bytes,
                 mem_free_bytes=avail if d.kind in ("cpu", "metal") else d.mem_free_bytes,
-                pcie=pb.PcieInfo(gen=d.pcie_gen, width=d.pcie_width, max_gen=d.pcie_max_gen,
-                                 max_width=d.pcie_max_width) if d.kind == "cuda" else None,
+                pcie=pb.PcieInfo(
+                    gen=d.pcie_gen,
+                    width=d.pcie_width,
+                    max_gen=d.pcie_max_gen,
+                    max_width=d.pcie_max_width,
+                )
+                if d.kind == "cuda"
+                else None,
             )
             for d in self.hw.devices
         ]
         return pb.NodeInfo(
-            node_id=self.config.node_id, name=self.config.name, protocol_version=PROTOCOL_VERSION,
-            backend=self.hw.backend, os=self.hw.os, cpu=self.hw.cpu, hostname=self.hw.hostname,
-            mem_total_bytes=total, mem_available_bytes=avail, devices=devices,
-            stages=[s.status() for s in self.stages.values()], grpc_port=self.config.port,
-            cluster=self.config.cluster, mlx_active_bytes=mx.get_active_memory(),
+            node_id=self.config.node_id,
+            name=self.config.name,
+            protocol_version=PROTOCOL_VERSION,
+            backend=self.hw.backend,
+            os=self.hw.os,
+            cpu=self.hw.cpu,
+            hostname=self.hw.hostname,
+            mem_total_bytes=total,
+            mem_available_bytes=avail,
+            devices=devices,
+            stages=[s.status() for s in self.stages.values()],
+            grpc_port=self.config.port,
+            cluster=self.config.cluster,
+            mlx_active_bytes=mx.get_active_memory(),
             llama_rpc_port=self.config.llama_rpc_port,
-            llama_rpc_version=self.config.llama_rpc_version, version=__version__,
+            llama_rpc_version=self.config.llama_rpc_version,
+            version=__version__,
         )
 
-    async def LoadStage(self, request: pb.LoadStageRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.LoadStageReply:
+    async def LoadStage(
+        self, request: pb.LoadStageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LoadStageReply:
         try:
             if not request.plan_id or len(request.plan_id) > 128:
                 raise StageError(ErrorKind.INVALID_ARGUMENT, "plan_id must be 1-128 characters")
             if request.stage_count and request.stage_index >= request.stage_count:
-                raise StageError(ErrorKind.INVALID_ARGUMENT, f"stage_index {request.stage_index} >= stage_count {request.stage_count}")
+                raise StageError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"stage_index {request.stage_index} >= stage_count {request.stage_count}",
+                )
             spec = StageSpec(
-                plan_id=request.plan_id, model_path=self.resolve_model_path(request.model_path),
-                start=request.start, end=request.end, stage_index=request.stage_index,
-                stage_count=max(1, request.stage_count), next_address=request.next_address,
+                plan_id=request.plan_id,
+                model_path=self.resolve_model_path(request.model_path),
+                start=request.start,
+                end=request.end,
+                stage_index=request.stage_index,
+                stage_count=max(1, request.stage_count),
+                next_address=request.next_address,
             )
             old = self.stages.pop(request.plan_id, None)
             if old is not None:
@@ -240,28 +281,47 @@ class NodeService(pb_grpc.NodeServicer):
         # Drop the weights on the compute thread, then let MLX return the memory.
         await self.run_compute(mx.clear_cache)
 
-    async def UnloadStage(self, request: pb.UnloadStageRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.UnloadStageReply:
+    async def UnloadStage(
+        self, request: pb.UnloadStageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UnloadStageReply:
         loaded = self.stages.pop(request.plan_id, None)
         if loaded is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no stage of plan {request.plan_id!r} is loaded here")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no stage of plan {request.plan_id!r} is loaded here"
+            )
+        assert loaded is not None  # abort raised otherwise
         await self._drop(loaded)
         del loaded
         await self.run_compute(mx.clear_cache)
         return pb.UnloadStageReply(unloaded=True)
 
-    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReleaseReply:
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReleaseReply:
         loaded = self.stages.get(request.plan_id)
         if loaded is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"plan {request.plan_id!r} is not loaded on this node")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"plan {request.plan_id!r} is not loaded on this node",
+            )
+        assert loaded is not None  # abort raised otherwise
         released = await self.run_compute(loaded.stage.release, request.request_id)
         if not released:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request id {request.request_id!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown request id {request.request_id!r}"
+            )
         return pb.ReleaseReply(released=True)
 
-    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.StageEvent]:
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.StageEvent]:
         loaded = self.stages.get(request.plan_id)
         if loaded is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"plan {request.plan_id!r} is not loaded on this node")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"plan {request.plan_id!r} is not loaded on this node",
+            )
+        assert loaded is not None  # abort raised otherwise
         queue: asyncio.Queue[pb.StageEvent] = asyncio.Queue()
         loaded.subscribers.add(queue)
         try:
@@ -270,7 +330,11 @@ class NodeService(pb_grpc.NodeServicer):
         finally:
             loaded.subscribers.discard(queue)
 
-    async def Forward(self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.ForwardReply]:
+    async def Forward(
+        self,
+        request_iterator: AsyncIterator[pb.ForwardRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.ForwardReply]:
         replies: asyncio.Queue[pb.ForwardReply | None] = asyncio.Queue()
 
         async def read() -> None:
@@ -287,40 +351,86 @@ class NodeService(pb_grpc.NodeServicer):
         finally:
             reader.cancel()
 
-    def _reject(self, msg: pb.ForwardRequest, loaded: LoadedStage | None, code: grpc.StatusCode, message: str, replies: asyncio.Queue[pb.ForwardReply | None]) -> None:
+    def _reject(
+        self,
+        msg: pb.ForwardRequest,
+        loaded: LoadedStage | None,
+        code: grpc.StatusCode,
+        message: str,
+        replies: asyncio.Queue[pb.ForwardReply | None],
+    ) -> None:
         log.info("rejected %s step %d: %s %s", msg.request_id, msg.step, code.name, message)
-        replies.put_nowait(pb.ForwardReply(request_id=msg.request_id, code=code_number(code), message=message, step=msg.step))
+        replies.put_nowait(
+            pb.ForwardReply(
+                request_id=msg.request_id, code=code_number(code), message=message, step=msg.step
+            )
+        )
         if loaded is not None:
-            loaded.publish(pb.StageEvent(
-                request_id=msg.request_id, step=msg.step, token=-1, code=code_number(code),
-                message=message, stage_index=loaded.stage.spec.stage_index,
-            ))
+            loaded.publish(
+                pb.StageEvent(
+                    request_id=msg.request_id,
+                    step=msg.step,
+                    token=-1,
+                    code=code_number(code),
+                    message=message,
+                    stage_index=loaded.stage.spec.stage_index,
+                )
+            )
 
-    def _dispatch(self, msg: pb.ForwardRequest, replies: asyncio.Queue[pb.ForwardReply | None]) -> None:
+    def _dispatch(
+        self, msg: pb.ForwardRequest, replies: asyncio.Queue[pb.ForwardReply | None]
+    ) -> None:
         loaded = self.stages.get(msg.plan_id)
         if loaded is None:
-            self._reject(msg, None, grpc.StatusCode.FAILED_PRECONDITION, f"plan {msg.plan_id!r} is not loaded on this node", replies)
+            self._reject(
+                msg,
+                None,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"plan {msg.plan_id!r} is not loaded on this node",
+                replies,
+            )
             return
         if not msg.request_id or len(msg.request_id) > 128:
-            self._reject(msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, "request_id must be 1-128 characters", replies)
+            self._reject(
+                msg,
+                loaded,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request_id must be 1-128 characters",
+                replies,
+            )
             return
         if msg.phase == pb.PHASE_RELEASE:
-            fut = asyncio.get_running_loop().run_in_executor(self._compute, loaded.stage.release, msg.request_id)
+            released = asyncio.get_running_loop().run_in_executor(
+                self._compute, loaded.stage.release, msg.request_id
+            )
             if loaded.downstream is not None:
                 loaded.downstream.send(msg)
-            fut.add_done_callback(lambda f: f.exception())
+            released.add_done_callback(lambda f: f.exception())
             return
         if msg.phase not in (pb.PHASE_PREFILL, pb.PHASE_DECODE):
-            self._reject(msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, f"unknown phase {msg.phase}", replies)
+            self._reject(
+                msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, f"unknown phase {msg.phase}", replies
+            )
             return
         stage = loaded.stage
         hidden = None
         if not stage.spec.first:
             if not msg.HasField("hidden"):
-                self._reject(msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, f"stage {stage.spec.stage_index} expects hidden states, the message has none", replies)
+                self._reject(
+                    msg,
+                    loaded,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"stage {stage.spec.stage_index} expects hidden states, the message has none",
+                    replies,
+                )
                 return
             try:
-                hidden = codec.from_proto(msg.hidden, dtype=codec.dtype_name(stage.dtype), ndim=3, last_dim=stage.hidden_size)
+                hidden = codec.from_proto(
+                    msg.hidden,
+                    dtype=codec.dtype_name(stage.dtype),
+                    ndim=3,
+                    last_dim=stage.hidden_size,
+                )
             except codec.CodecError as e:
                 self._reject(msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, str(e), replies)
                 return
@@ -331,60 +441,101 @@ class NodeService(pb_grpc.NodeServicer):
             seed=int(sp.seed) if sp.has_seed else None,
         )
         fut = asyncio.get_running_loop().run_in_executor(
-            self._compute, stage.step, msg.request_id, msg.position, msg.phase == pb.PHASE_PREFILL,
-            sampling, list(msg.tokens) if stage.spec.first else None, hidden, msg.sample, msg.want_logits,
+            self._compute,
+            stage.step,
+            msg.request_id,
+            msg.position,
+            msg.phase == pb.PHASE_PREFILL,
+            sampling,
+            list(msg.tokens) if stage.spec.first else None,
+            hidden,
+            msg.sample,
+            msg.want_logits,
         )
         fut.add_done_callback(lambda f: self._finish(msg, loaded, f, replies))
 
-    def _finish(self, msg: pb.ForwardRequest, loaded: LoadedStage, fut: asyncio.Future[StepResult], replies: asyncio.Queue[pb.ForwardReply | None]) -> None:
+    def _finish(
+        self,
+        msg: pb.ForwardRequest,
+        loaded: LoadedStage,
+        fut: asyncio.Future[StepResult],
+        replies: asyncio.Queue[pb.ForwardReply | None],
+    ) -> None:
         exc = fut.exception()
         if isinstance(exc, StageError):
             self._reject(msg, loaded, status_code(exc.kind), str(exc), replies)
             return
         if exc is not None:
             log.exception("stage step failed", exc_info=exc)
-            self._reject(msg, loaded, grpc.StatusCode.INTERNAL, f"stage failed: {type(exc).__name__}: {exc}", replies)
+            self._reject(
+                msg,
+                loaded,
+                grpc.StatusCode.INTERNAL,
+                f"stage failed: {type(exc).__name__}: {exc}",
+                replies,
+            )
             return
         result = fut.result()
         spec = loaded.stage.spec
         if result.hidden is not None:
             assert loaded.downstream is not None
             out = pb.ForwardRequest(
-                request_id=msg.request_id, plan_id=msg.plan_id, phase=msg.phase,
-                hidden=codec.to_proto(result.hidden), sample=msg.sample, sampling=msg.sampling,
-                want_logits=msg.want_logits, position=msg.position, step=msg.step,
+                request_id=msg.request_id,
+                plan_id=msg.plan_id,
+                phase=msg.phase,
+                hidden=codec.to_proto(result.hidden),
+                sample=msg.sample,
+                sampling=msg.sampling,
+                want_logits=msg.want_logits,
+                position=msg.position,
+                step=msg.step,
             )
             loaded.downstream.send(out)
         elif spec.last and msg.sample:
             event = pb.StageEvent(
-                request_id=msg.request_id, step=msg.step, token=result.token,
-                stage_index=spec.stage_index, compute_seconds=result.compute_seconds,
+                request_id=msg.request_id,
+                step=msg.step,
+                token=result.token,
+                stage_index=spec.stage_index,
+                compute_seconds=result.compute_seconds,
             )
             if result.logits is not None:
                 event.logits.CopyFrom(codec.to_proto(result.logits))
             loaded.publish(event)
 
-    async def Echo(self, request_iterator: AsyncIterator[pb.EchoRequest], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.EchoReply]:
+    async def Echo(
+        self,
+        request_iterator: AsyncIterator[pb.EchoRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.EchoReply]:
         async for req in request_iterator:
             if req.reply_bytes:
                 yield pb.EchoReply(payload=bytes(min(req.reply_bytes, MAX_MESSAGE_BYTES // 2)))
             else:
                 yield pb.EchoReply(payload=req.payload)
 
-    async def MeasureLink(self, request: pb.MeasureLinkRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.MeasureLinkReply:
+    async def MeasureLink(
+        self, request: pb.MeasureLinkRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MeasureLinkReply:
         try:
             from node import linkprobe
         except ImportError:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "link measurement is not available in this build")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "link measurement is not available in this build"
+            )
         reply: pb.MeasureLinkReply = await linkprobe.measure_link(request, self.config.node_id)
         return reply
 
-    async def MeasureDevices(self, request: pb.MeasureDevicesRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.MeasureDevicesReply:
+    async def MeasureDevices(
+        self, request: pb.MeasureDevicesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MeasureDevicesReply:
         try:
             from node import devicebench
         except ImportError:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "device measurement is not available in this build")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "device measurement is not available in this build"
+            )
         t0 = time.perf_counter()
-        reply: pb.MeasureDevicesReply = await self.run_compute(devicebench.measure_devices, request)
+        reply: pb.MeasureDevicesReply = await self.run_compute(devicebench.measure_devices, request)  # type: ignore[attr-defined,unused-ignore]
         log.info("measured devices in %.2fs", time.perf_counter() - t0)
         return reply

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +91,13 @@ def read_model_config(model_path: Path) -> dict[str, Any]:
     from mlx_lm.utils import load_config
 
     if not model_path.is_dir():
-        raise StageError(ErrorKind.NOT_FOUND, f"model folder {model_path} does not exist on this node")
+        raise StageError(
+            ErrorKind.NOT_FOUND, f"model folder {model_path} does not exist on this node"
+        )
     if not (model_path / "config.json").is_file():
-        raise StageError(ErrorKind.NOT_FOUND, f"{model_path} has no config.json: not a model folder")
+        raise StageError(
+            ErrorKind.NOT_FOUND, f"{model_path} has no config.json: not a model folder"
+        )
     config: dict[str, Any] = load_config(model_path)
     return config
 
@@ -127,7 +130,11 @@ class ModelStage:
         self.requests: dict[str, RequestState] = {}
         log.info(
             "loaded %s layers [%d, %d) (%.1f MB) in %.2fs",
-            spec.model_path.name, spec.start, spec.end, self.weight_bytes / 1e6, self.load_seconds,
+            spec.model_path.name,
+            spec.start,
+            spec.end,
+            self.weight_bytes / 1e6,
+            self.load_seconds,
         )
 
     def _build(self, spec: StageSpec, config: dict[str, Any]) -> None:
@@ -141,25 +148,23 @@ class ModelStage:
                 f"model type {config.get('model_type')!r} has no plain layer stack LayerLink can split",
             )
         tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
-        self.layers: list[nn.Module] = list(inner.layers[spec.start : spec.end])
-        self.embed: nn.Module | None = inner.embed_tokens if spec.first or (spec.last and tied) else None
-        self.norm: nn.Module | None = inner.norm if spec.last else None
-        self.head: nn.Module | None = None
+        self.layers: list[Any] = list(inner.layers[spec.start : spec.end])
+        self.embed: Any = inner.embed_tokens if spec.first or (spec.last and tied) else None
+        self.norm: Any = inner.norm if spec.last else None
+        self.head: Any = None
         if spec.last:
             self.head = inner.embed_tokens if tied else model.lm_head
         self._tied = tied
         self._make_cache = getattr(model, "make_cache", None)
         # Only the kept modules' parameters are evaluated (read from disk); the rest of the
         # lazily built tree is dropped with `model` without ever being materialized.
-        kept: list[nn.Module] = [*self.layers]
+        kept: list[Any] = [*self.layers]
         for m in (self.embed, self.norm, self.head):
             if m is not None:
                 kept.append(m)
         params = [m.parameters() for m in kept]
         mx.eval(params)
-        self.weight_bytes = sum(
-            int(v.nbytes) for m in kept for _, v in _flatten(m.parameters())
-        )
+        self.weight_bytes = sum(int(v.nbytes) for m in kept for _, v in _flatten(m.parameters()))
         self.hidden_size = int(config["hidden_size"])
         self.vocab_size = int(config["vocab_size"])
         self.dtype = self._activation_dtype(kept)
@@ -167,7 +172,7 @@ class ModelStage:
         del model, inner
 
     @staticmethod
-    def _activation_dtype(mods: list[nn.Module]) -> mx.Dtype:
+    def _activation_dtype(mods: list[Any]) -> mx.Dtype:
         for m in mods:
             for name, v in _flatten(m.parameters()):
                 if v.dtype in (mx.float32, mx.float16, mx.bfloat16) and not name.endswith("biases"):
@@ -190,7 +195,9 @@ class ModelStage:
         self.requests[request_id] = state
         return state
 
-    def state_for(self, request_id: str, position: int, prefill: bool, sampling: Sampling) -> RequestState:
+    def state_for(
+        self, request_id: str, position: int, prefill: bool, sampling: Sampling
+    ) -> RequestState:
         state = self.requests.get(request_id)
         if state is None:
             if prefill and position == 0:
@@ -235,21 +242,38 @@ class ModelStage:
             if not tokens:
                 raise StageError(ErrorKind.INVALID_ARGUMENT, "the first stage needs token ids")
             if len(tokens) > MAX_CHUNK_TOKENS:
-                raise StageError(ErrorKind.INVALID_ARGUMENT, f"chunk of {len(tokens)} tokens exceeds {MAX_CHUNK_TOKENS}")
+                raise StageError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"chunk of {len(tokens)} tokens exceeds {MAX_CHUNK_TOKENS}",
+                )
             bad = [t for t in tokens if not 0 <= t < self.vocab_size]
             if bad:
-                raise StageError(ErrorKind.INVALID_ARGUMENT, f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+                raise StageError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})",
+                )
             n_new = len(tokens)
         else:
             if hidden is None:
-                raise StageError(ErrorKind.INVALID_ARGUMENT, f"stage {self.spec.stage_index} needs hidden states, got none")
+                raise StageError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"stage {self.spec.stage_index} needs hidden states, got none",
+                )
             if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
-                raise StageError(ErrorKind.INVALID_ARGUMENT, f"hidden states of shape {list(hidden.shape)}; expected [1, T, {self.hidden_size}]")
+                raise StageError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"hidden states of shape {list(hidden.shape)}; expected [1, T, {self.hidden_size}]",
+                )
             if hidden.dtype != self.dtype:
-                raise StageError(ErrorKind.INVALID_ARGUMENT, f"hidden states are {hidden.dtype}, the model runs in {self.dtype}")
+                raise StageError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"hidden states are {hidden.dtype}, the model runs in {self.dtype}",
+                )
             n_new = int(hidden.shape[1])
         if not prefill and n_new != 1:
-            raise StageError(ErrorKind.INVALID_ARGUMENT, f"a decode step carries one token, got {n_new}")
+            raise StageError(
+                ErrorKind.INVALID_ARGUMENT, f"a decode step carries one token, got {n_new}"
+            )
         state = self.state_for(request_id, position, prefill, sampling)
         state.last_used = time.monotonic()
 
@@ -275,7 +299,11 @@ class ModelStage:
         else:
             mx.eval(token)
             out_logits = None
-        return StepResult(token=int(token.item()), logits=out_logits, compute_seconds=time.perf_counter() - t0)
+        return StepResult(
+            token=int(token.item()),  # type: ignore[arg-type]
+            logits=out_logits,
+            compute_seconds=time.perf_counter() - t0,
+        )
 
     def run_layers(self, h: mx.array, cache: list[Any]) -> mx.array:
         from mlx_lm.models.base import create_attention_mask
@@ -289,7 +317,7 @@ class ModelStage:
         assert self.norm is not None and self.head is not None
         h = self.norm(h)
         if self._tied:
-            out: mx.array = self.head.as_linear(h)  # type: ignore[operator]
+            out: mx.array = self.head.as_linear(h)
             return out
         result: mx.array = self.head(h)
         return result
@@ -315,5 +343,6 @@ class ModelStage:
 def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, mx.array]]:
     from mlx.utils import tree_flatten
 
-    out: list[tuple[str, mx.array]] = tree_flatten(tree, prefix=prefix)
+    out = tree_flatten(tree, prefix=prefix)
+    assert isinstance(out, list)
     return out

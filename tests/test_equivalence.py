@@ -26,7 +26,7 @@ def test_pipeline_matches_single_process(model_factory, local_cluster, preset: s
         (result,) = asyncio.run(run_on_nodes(nodes, path, [PROMPT], params))
         assert list(result.tokens) == ref_tokens, f"{stages}-stage tokens differ from mlx_lm"
         assert len(result.logits) == N_TOKENS
-        worst = max(float(np.abs(to_logprobs(a) - b).max()) for a, b in zip(result.logits, ref_logprobs))
+        worst = max(float(np.abs(to_logprobs(a) - b).max()) for a, b in zip(result.logits, ref_logprobs, strict=True))
         assert worst < 1e-3, f"{stages}-stage log-probabilities differ by {worst}"
 
 

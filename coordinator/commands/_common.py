@@ -12,21 +12,48 @@ from node.mdns import NodeRecord
 
 def add_discovery_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("discovery")
-    g.add_argument("--nodes", type=int, default=0, metavar="N",
-                   help="wait until N nodes are found (default: use what is found within --wait)")
-    g.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
-                   help="how long to wait for nodes (default: 5)")
-    g.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
-                   help="use this node instead of mDNS (repeatable; for networks that block multicast)")
-    g.add_argument("--cluster", default=os.environ.get("LAYERLINK_CLUSTER", "default"),
-                   help="cluster name to look for (default: $LAYERLINK_CLUSTER or 'default')")
-    g.add_argument("--mdns-interface", action="append", default=None, metavar="IP",
-                   help="interface address for mDNS (repeatable; default: $LAYERLINK_MDNS_INTERFACES or all)")
+    g.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="wait until N nodes are found (default: use what is found within --wait)",
+    )
+    g.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for nodes (default: 5)",
+    )
+    g.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="use this node instead of mDNS (repeatable; for networks that block multicast)",
+    )
+    g.add_argument(
+        "--cluster",
+        default=os.environ.get("LAYERLINK_CLUSTER", "default"),
+        help="cluster name to look for (default: $LAYERLINK_CLUSTER or 'default')",
+    )
+    g.add_argument(
+        "--mdns-interface",
+        action="append",
+        default=None,
+        metavar="IP",
+        help="interface address for mDNS (repeatable; default: $LAYERLINK_MDNS_INTERFACES or all)",
+    )
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--model", required=required, metavar="PATH",
-                        help="model folder (HF/MLX safetensors layout); the same path must exist on every node")
+    parser.add_argument(
+        "--model",
+        required=required,
+        metavar="PATH",
+        help="model folder (HF/MLX safetensors layout); the same path must exist on every node",
+    )
 
 
 async def discover(args: argparse.Namespace, allow_empty: bool = False) -> list[NodeRecord]:
@@ -35,7 +62,9 @@ async def discover(args: argparse.Namespace, allow_empty: bool = False) -> list[
     if args.wait < 0:
         raise UserError("--wait must be >= 0")
     try:
-        records = await find_nodes(args.nodes, args.wait, args.node, args.cluster, args.mdns_interface)
+        records = await find_nodes(
+            args.nodes, args.wait, args.node, args.cluster, args.mdns_interface
+        )
     except (ValueError, ConnectionError) as e:
         raise UserError(str(e)) from None
     if not records and not allow_empty:
@@ -44,6 +73,8 @@ async def discover(args: argparse.Namespace, allow_empty: bool = False) -> list[
             "on each machine, or name nodes with --node HOST:PORT"
         )
     if args.nodes and len(records) < args.nodes:
-        raise UserError(f"found {len(records)} node(s) of cluster {args.cluster!r}, waited for {args.nodes}: "
-                        + ", ".join(f"{r.name} ({r.address})" for r in records))
+        raise UserError(
+            f"found {len(records)} node(s) of cluster {args.cluster!r}, waited for {args.nodes}: "
+            + ", ".join(f"{r.name} ({r.address})" for r in records)
+        )
     return records[: args.nodes] if args.nodes else records

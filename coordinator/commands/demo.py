@@ -21,10 +21,16 @@ from node.identity import cache_dir
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="start local nodes, find them over mDNS and generate through a pipeline")
+    p = sub.add_parser(
+        "demo", help="start local nodes, find them over mDNS and generate through a pipeline"
+    )
     p.add_argument("--nodes", type=int, default=3, help="number of local nodes (default: 3)")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="model folder (default: a synthetic 'small' llama model in the cache)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="model folder (default: a synthetic 'small' llama model in the cache)",
+    )
     p.add_argument("--prompt", default="The cluster of small machines", help="prompt text")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default: 48)")
     p.set_defaults(func=run)
@@ -58,11 +64,16 @@ async def demo(args: argparse.Namespace, model_path: Path, cluster: LocalCluster
         result = await pipeline.generate(prompt, GenerationParams(max_tokens=args.max_tokens))
     finally:
         await pipeline.close()
-    print_result({
-        "text": tokenizer.decode(list(result.tokens)), "tokens": list(result.tokens),
-        "ttft_s": result.ttft_s, "decode_tps": result.decode_tps, "finish_reason": result.finish_reason,
-        "plan": plan.to_json(),
-    })
+    print_result(
+        {
+            "text": tokenizer.decode(list(result.tokens)),
+            "tokens": list(result.tokens),
+            "ttft_s": result.ttft_s,
+            "decode_tps": result.decode_tps,
+            "finish_reason": result.finish_reason,
+            "plan": plan.to_json(),
+        }
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,15 +19,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     records = asyncio.run(discover(args, allow_empty=True))
     rows = [
-        {"node_id": r.node_id, "name": r.name, "address": r.address, "backend": r.backend,
-         "devices": r.device_count, "mem_bytes": r.mem_bytes, "cluster": r.cluster,
-         "protocol": r.protocol_version, "llama_rpc_port": r.llama_rpc_port}
+        {
+            "node_id": r.node_id,
+            "name": r.name,
+            "address": r.address,
+            "backend": r.backend,
+            "devices": r.device_count,
+            "mem_bytes": r.mem_bytes,
+            "cluster": r.cluster,
+            "protocol": r.protocol_version,
+            "llama_rpc_port": r.llama_rpc_port,
+        }
         for r in records
     ]
     if args.json:
         console.print_json({"nodes": rows})
     else:
-        console.table(f"nodes of cluster {args.cluster!r}", ["name", "address", "backend", "devices", "memory", "id"],
-                      [[r["name"], r["address"], r["backend"], r["devices"], f"{int(r['mem_bytes']) / 2**30:.1f} GiB",
-                        str(r["node_id"])[:8]] for r in rows])
+        console.table(
+            f"nodes of cluster {args.cluster!r}",
+            ["name", "address", "backend", "devices", "memory", "id"],
+            [
+                [
+                    r["name"],
+                    r["address"],
+                    r["backend"],
+                    r["devices"],
+                    f"{r['mem_bytes'] / 2**30:.1f} GiB",  # type: ignore[operator]
+                    str(r["node_id"])[:8],
+                ]
+                for r in rows
+            ],
+        )
     return 0

@@ -14,14 +14,18 @@ from coordinator.session import SessionError, load_tokenizer, memory_plan, open_
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="generate once through the cluster and print text, speed and plan")
+    p = sub.add_parser(
+        "run", help="generate once through the cluster and print text, speed and plan"
+    )
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="sampler seed")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_discovery_args(p)
     p.set_defaults(func=run)
@@ -34,8 +38,9 @@ def check_params(args: argparse.Namespace) -> GenerationParams:
         raise UserError("--temperature must be >= 0")
     if not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
-    return GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
+    return GenerationParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
 
 
 async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,8 +52,11 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
     records = await discover(args)
     tokenizer = load_tokenizer(model)
     if args.chat:
-        prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                                    add_generation_prompt=True))
+        prompt = list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": args.prompt}], add_generation_prompt=True
+            )
+        )
     else:
         prompt = list(tokenizer.encode(args.prompt))
     try:
@@ -57,7 +65,9 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
     except (SessionError, PipelineError) as e:
         raise UserError(str(e)) from None
     try:
-        params = GenerationParams(**{**params.__dict__, "stop_token_ids": frozenset(tokenizer.eos_token_ids)})
+        params = GenerationParams(
+            **{**params.__dict__, "stop_token_ids": frozenset(tokenizer.eos_token_ids)}
+        )
         result = await pipeline.generate(prompt, params)
     except PipelineError as e:
         raise UserError(str(e)) from None
@@ -79,11 +89,24 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
 def print_result(out: dict[str, Any]) -> None:
     console.text(out["text"])
     console.text("")
-    console.table("plan", ["stage", "node", "address", "layers", "count"],
-                  [[i, s["node"], s["address"], f"[{s['layers'][0]}, {s['layers'][1]})",
-                    s["layers"][1] - s["layers"][0]] for i, s in enumerate(out["plan"])])
-    console.text(f"TTFT {out['ttft_s'] * 1000:.1f} ms · decode {out['decode_tps']:.1f} tokens/s · "
-                 f"{len(out['tokens'])} tokens ({out['finish_reason']})")
+    console.table(
+        "plan",
+        ["stage", "node", "address", "layers", "count"],
+        [
+            [
+                i,
+                s["node"],
+                s["address"],
+                f"[{s['layers'][0]}, {s['layers'][1]})",
+                s["layers"][1] - s["layers"][0],
+            ]
+            for i, s in enumerate(out["plan"])
+        ],
+    )
+    console.text(
+        f"TTFT {out['ttft_s'] * 1000:.1f} ms · decode {out['decode_tps']:.1f} tokens/s · "
+        f"{len(out['tokens'])} tokens ({out['finish_reason']})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

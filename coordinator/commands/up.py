@@ -20,8 +20,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="plan and load the model on the cluster, then serve the API")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0 picks a free one)")
-    p.add_argument("--context", type=int, default=2048, help="context length per request (default: 2048)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="HTTP port (default: 8000; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--context", type=int, default=2048, help="context length per request (default: 2048)"
+    )
     add_discovery_args(p)
     p.set_defaults(func=run)
 
@@ -44,9 +48,14 @@ async def serve(args: argparse.Namespace) -> int:
         pipeline = await open_pipeline(plan, model)
     except (SessionError, PipelineError) as e:
         raise UserError(str(e)) from None
-    console.table(f"plan {plan.plan_id}", ["stage", "node", "address", "layers"],
-                  [[i, s.node_name, s.address, f"[{s.start}, {s.end})"] for i, s in enumerate(plan.stages)])
-    state = ApiState(model_name=model.name, tokenizer=tokenizer, pipeline=pipeline, context_length=args.context)
+    console.table(
+        f"plan {plan.plan_id}",
+        ["stage", "node", "address", "layers"],
+        [[i, s.node_name, s.address, f"[{s.start}, {s.end})"] for i, s in enumerate(plan.stages)],
+    )
+    state = ApiState(
+        model_name=model.name, tokenizer=tokenizer, pipeline=pipeline, context_length=args.context
+    )
     app = create_app(state)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
