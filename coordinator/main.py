@@ -12,11 +12,16 @@ import importlib
 import logging
 import sys
 
+from coordinator.errors import UserError
+
+__all__ = ["UserError", "main"]
+
 # Modules under coordinator.commands, in the order their commands appear in --help.
 COMMAND_MODULES = (
     "up",
     "run",
     "nodes",
+    "plan",
     "synth_model",
     "export_gguf",
     "demo",
@@ -59,10 +64,6 @@ def main(argv: list[str] | None = None) -> int:
 
         error(str(e))
         return 2
-
-
-class UserError(Exception):
-    """An error the user can act on: printed without a traceback, exit status 2."""
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from coordinator.discovery import find_nodes
-from coordinator.main import UserError
+from coordinator.errors import UserError
 from node.mdns import NodeRecord
 
 

@@ -77,7 +77,7 @@ async def demo(args: argparse.Namespace, model_path: Path, cluster: LocalCluster
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.main import UserError
+    from coordinator.errors import UserError
 
     if not 1 <= args.nodes <= 16:
         raise UserError("--nodes must be between 1 and 16")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from coordinator import console
 from coordinator.gguf_export import FTYPES, export_gguf
-from coordinator.main import UserError
+from coordinator.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from coordinator import console
 from coordinator.commands._common import add_discovery_args, add_model_args, discover
-from coordinator.main import UserError
+from coordinator.errors import UserError
 from coordinator.pipeline import GenerationParams, PipelineError
 from coordinator.session import SessionError, load_tokenizer, memory_plan, open_pipeline, read_model
 
