@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -59,3 +60,13 @@ def test_seeded_sampling_is_reproducible(model_factory, local_cluster) -> None:
     (r3,) = asyncio.run(run_on_nodes(local_cluster.nodes[:2], path, [PROMPT],
                                      GenerationParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=99)))
     assert r3.tokens != r1.tokens
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mlx_quantized_model_over_two_stages(model_factory, local_cluster, bits: int) -> None:
+    path = model_factory("tiny", "llama", quant_bits=bits)
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization"]["bits"] == bits
+    ref_tokens, _ = reference_generate(path, PROMPT, 24)
+    (result,) = asyncio.run(run_on_nodes(local_cluster.nodes[:2], path, [PROMPT], GenerationParams(max_tokens=24)))
+    assert list(result.tokens) == ref_tokens
