@@ -126,3 +126,39 @@ def test_kv_caches_are_freed(local_cluster, tiny_llama: Path) -> None:
             await p.close()
 
     assert asyncio.run(go()) == [0, 0, 0]
+
+
+def test_idle_request_caches_expire(tiny_llama: Path, session_dir: Path) -> None:
+    from coordinator.localcluster import LocalCluster
+
+    async def go(address: str) -> tuple[int, int]:
+        async with NodeClient(address) as c:
+            await c.load_stage(pb.LoadStageRequest(plan_id="idle", model_path=str(tiny_llama), start=0, end=8, stage_count=1))
+            queue: asyncio.Queue[pb.ForwardRequest] = asyncio.Queue()
+            queue.put_nowait(pb.ForwardRequest(request_id="left-behind", plan_id="idle", phase=pb.PHASE_PREFILL,
+                                               tokens=[1, 2, 3], position=0))
+
+            async def gen():  # type: ignore[no-untyped-def]
+                yield await queue.get()
+                await asyncio.sleep(3.0)
+
+            call = c.stub.Forward(gen())
+            live = 0
+            for _ in range(40):
+                info = await c.get_info()
+                live = info.stages[0].active_requests
+                if live:
+                    break
+                await asyncio.sleep(0.05)
+            for _ in range(60):
+                await asyncio.sleep(0.1)
+                info = await c.get_info()
+                if info.stages[0].active_requests == 0:
+                    break
+            call.cancel()
+            return live, info.stages[0].active_requests
+
+    with LocalCluster(1, "idle", log_dir=session_dir, name_prefix="idle", extra_args=["--idle-timeout", "1"]) as cl:
+        live, after = asyncio.run(go(cl.nodes[0].address))
+    assert live == 1
+    assert after == 0
