@@ -107,6 +107,7 @@ def test_cli_writes_model(tmp_path: Path) -> None:
             "3",
             "--dtype",
             "float16",
+            "--gguf",
         ],
         cwd=REPO,
         capture_output=True,
@@ -118,3 +119,7 @@ def test_cli_writes_model(tmp_path: Path) -> None:
     assert config["model_type"] == "qwen2"
     assert config["torch_dtype"] == "float16"
     assert (out / "tokenizer.json").is_file()
+    import gguf
+
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen2"
