@@ -1,0 +1,150 @@
+"""`coordinator plan`: choose stages and predict tokens/s, for the live cluster (--model PATH)
+or for hardware you do not have (--what-if FILE).
+
+Planning itself is pure (coordinator.planner); this module only reads inputs and prints."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from coordinator import console
+from coordinator.costmodel import GIB, Cluster, ModelSpec, Workload
+from coordinator.errors import UserError
+from coordinator.planner import OBJECTIVES, PlanChoice, plan
+from coordinator.whatif import WhatIfError, brief_table_markdown, choice_json, load
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="choose devices and layer ranges and predict tokens/s (live cluster or what-if)",
+        description=(
+            "Plan a model over the live cluster (--model PATH) or over hardware described in a "
+            "JSON file (--what-if FILE); see docs/planning.md."
+        ),
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--what-if", metavar="FILE", help="plan hardware described in FILE (JSON)")
+    src.add_argument("--model", metavar="PATH", help="plan this model folder on the live cluster")
+    src.add_argument(
+        "--brief-table",
+        action="store_true",
+        help="print the what-if table of docs/planning.md (markdown)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--objective", choices=OBJECTIVES, default="latency")
+    p.add_argument("--concurrency", type=int, default=None, metavar="M", help="requests in flight")
+    p.add_argument("--context", type=int, default=None, help="KV-cache size in tokens")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length for TTFT")
+    # Discovery options for the live cluster, as `coordinator probe` takes them.
+    p.add_argument("--nodes", type=int, default=None, help="wait for N nodes (live)")
+    p.add_argument("--wait", type=float, default=5.0, help="discovery time in seconds (live)")
+    p.add_argument(
+        "--node", action="append", default=[], metavar="HOST:PORT", help="static node (live)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UserError("--concurrency must be >= 1")
+    if args.brief_table:
+        # Markdown for docs/planning.md: one line per row, never wrapped to the terminal.
+        console.console.print(brief_table_markdown(), soft_wrap=True, markup=False, highlight=False)
+        return 0
+    if args.what_if:
+        try:
+            w = load(args.what_if)
+        except WhatIfError as e:
+            raise UserError(str(e)) from e
+        model, cluster, workload = w.model, w.cluster, w.workload
+    else:
+        try:
+            model = ModelSpec.from_config_dir(args.model)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        cluster, _ = live_cluster(args)
+        workload = Workload()
+    overrides: dict[str, int] = {}
+    if args.concurrency is not None:
+        overrides["concurrency"] = args.concurrency
+    if args.context is not None:
+        overrides["context"] = args.context
+    if args.prompt_tokens is not None:
+        overrides["prompt_tokens"] = args.prompt_tokens
+    try:
+        workload = Workload(**{**workload.__dict__, **overrides})
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    choice = plan_cluster(model, cluster, workload, args.objective)
+    if args.json:
+        console.print_json(choice_json(choice, cluster))
+    else:
+        show(choice, cluster)
+    return 0
+
+
+def plan_cluster(
+    model: ModelSpec, cluster: Cluster, workload: Workload, objective: str = "latency"
+) -> PlanChoice:
+    """The planning step shared by live and what-if use: pure, no discovery."""
+    return plan(model, cluster, workload, objective)
+
+
+def live_cluster(
+    args: argparse.Namespace,
+) -> tuple[Cluster, Mapping[str, tuple[str, str, str, str]]]:
+    """Discovery + probe glue: the measured Cluster and, per device id, (node_id, node_name,
+    address, device label) for `planner.to_plan`.
+
+    Kept apart from planning on purpose: it is wired when `coordinator.probe` (issue 3) lands;
+    the probe's JSON converts with `Cluster.from_probe_json`."""
+    try:
+        importlib.import_module("coordinator.probe")
+    except ImportError as e:
+        raise UserError(
+            "live planning needs the probe (coordinator.probe, issue 3), which is not "
+            "available yet; plan hardware on paper with --what-if FILE (see docs/planning.md)"
+        ) from e
+    raise UserError(
+        "live planning is not wired to coordinator.probe yet "
+        "(coordinator/commands/plan.py: live_cluster); use --what-if FILE meanwhile"
+    )
+
+
+def show(choice: PlanChoice, cluster: Cluster) -> None:
+    cost = choice.cost
+    if cost is None or not choice.fits:
+        console.error(choice.explanation)
+        return
+    rows = []
+    hops = list(cost.hops)
+    for i, (s, m) in enumerate(zip(cost.stages, cost.memory, strict=True)):
+        hop = "-"
+        if i < len(hops):
+            to = "ring to stage 1" if i == len(cost.stages) - 1 else hops[i].kind
+            hop = f"{hops[i].total_s * 1e3:.2f} ({to})"
+        rows.append(
+            [
+                i + 1,
+                s.label,
+                f"[{s.start}, {s.end})",
+                f"{s.total_s * 1e3:.2f}",
+                hop,
+                f"{m.total_bytes / GIB:.1f} / {m.free_bytes / GIB:.1f}",
+            ]
+        )
+    console.table(
+        f"{choice.model}: {len(cost.stages)} stage(s), objective {choice.objective}",
+        ["stage", "device", "layers", "ms/token", "next hop ms", "GiB used / free"],
+        rows,
+    )
+    console.text(
+        f"predicted: {cost.decode_tps:.1f} tok/s decode (one stream), TTFT {cost.ttft_s:.2f} s, "
+        f"{cost.throughput_tps:.1f} tok/s at {cost.concurrency} request(s) in flight"
+    )
+    console.text(f"bottleneck: {cost.bottleneck}")
+    console.text(f"why: {choice.explanation}")
