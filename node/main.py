@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="free a request's KV cache after this long without traffic (default: 600)",
     )
+    up.add_argument(
+        "--llama-rpc",
+        action="store_true",
+        help="also serve llama.cpp's RPC backend (unauthenticated: off by default)",
+    )
+    up.add_argument(
+        "--llama-rpc-port",
+        type=int,
+        default=0,
+        metavar="P",
+        help="port of the llama.cpp RPC server (default: a free one)",
+    )
     return parser
 
 
@@ -90,6 +102,29 @@ async def serve(args: argparse.Namespace) -> int:
             return 2
     hw = hardware.probe()
     node_id = node_id_for(name)
+    rpc_server = None
+    rpc_port = rpc_version = 0
+    if args.llama_rpc:
+        try:
+            from node.llama_rpc import LlamaRpcServer
+        except ImportError as e:
+            log.error(
+                "--llama-rpc needs the baseline extra (pip install 'layerlink[baseline]'): %s", e
+            )
+            return 2
+        # Bound to the node's own address: the RPC server has no authentication.
+        rpc_server = LlamaRpcServer(host=_advertised_host(args.host), port=args.llama_rpc_port)
+        try:
+            await asyncio.to_thread(rpc_server.start)
+        except Exception as e:  # the child's own error text says what went wrong
+            log.error("llama.cpp RPC server did not start: %s", e)
+            return 1
+        rpc_port, rpc_version = rpc_server.port, rpc_server.protocol_version
+        log.warning(
+            "llama.cpp RPC server (no authentication) on %s, protocol v%d",
+            rpc_server.endpoint,
+            rpc_version,
+        )
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     if port == 0:
@@ -103,6 +138,8 @@ async def serve(args: argparse.Namespace) -> int:
         cluster=args.cluster,
         model_dirs=tuple(d.resolve() for d in args.model_dir),
         idle_timeout_s=args.idle_timeout,
+        llama_rpc_port=rpc_port,
+        llama_rpc_version=rpc_version,
     )
     service = NodeService(config, hw)
     pb_grpc.add_NodeServicer_to_server(service, server)
@@ -126,6 +163,8 @@ async def serve(args: argparse.Namespace) -> int:
             device_count=len(hw.devices),
             mem_bytes=sum(d.mem_total_bytes for d in hw.devices),
             cluster=args.cluster,
+            llama_rpc_port=rpc_port,
+            llama_rpc_version=rpc_version,
         )
         advertiser = Advertiser(record, mdns_interfaces(args.host))
         await advertiser.start()
@@ -145,6 +184,8 @@ async def serve(args: argparse.Namespace) -> int:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=1.0)
     await service.close()
+    if rpc_server is not None:
+        rpc_server.stop()
     return 0
 
 

@@ -99,3 +99,24 @@ def test_malformed_and_foreign_records_are_ignored(local_cluster) -> None:
 
     names = asyncio.run(go())
     assert names == ["shared0", "shared1", "shared2"]
+
+
+def test_node_serves_llama_rpc_on_request(session_dir: Path) -> None:
+    import pytest
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (baseline extra) is not installed")
+    import socket
+
+    cluster_name = "rpc-" + os.urandom(3).hex()
+    with LocalCluster(0, cluster_name, log_dir=session_dir) as cluster:
+        cluster.start_node("rpc0", extra_args=["--llama-rpc"])
+        cluster.start_node("plain0")
+        listed = {n["name"]: n for n in nodes_json(cluster_name)}
+        assert listed["plain0"]["llama_rpc_port"] == 0
+        port = int(listed["rpc0"]["llama_rpc_port"])  # type: ignore[call-overload]
+        assert port > 0 and listed["rpc0"]["llama_rpc_version"] == 7
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the ggml RPC server accepts connections
+        cluster.stop_node("rpc0")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
             "cluster": r.cluster,
             "protocol": r.protocol_version,
             "llama_rpc_port": r.llama_rpc_port,
+            "llama_rpc_version": r.llama_rpc_version,
         }
         for r in records
     ]
