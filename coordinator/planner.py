@@ -33,6 +33,7 @@ Beyond 8 devices — heuristic (documented in docs/planning.md):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -439,6 +440,9 @@ def plan(
     tb = _tables(model, cluster, workload)
     exact = len(cluster.devices) <= exact_limit
     search: Search = _exact if exact else _heuristic
+    if not exact and objective == "throughput":
+        # The bisection runs ~15 searches: share the heuristic's time budget among them.
+        search = functools.partial(_heuristic, budget_s=HEURISTIC_BUDGET_S / 8)
     if objective == "latency":
         _, seq = search(tb, tb.stage)
         seq = _balance(tb, seq)

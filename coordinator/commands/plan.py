@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from coordinator import console
@@ -68,15 +69,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from e
         cluster, _ = live_cluster(args)
         workload = Workload()
-    overrides: dict[str, int] = {}
-    if args.concurrency is not None:
-        overrides["concurrency"] = args.concurrency
-    if args.context is not None:
-        overrides["context"] = args.context
-    if args.prompt_tokens is not None:
-        overrides["prompt_tokens"] = args.prompt_tokens
+
     try:
-        workload = Workload(**{**workload.__dict__, **overrides})
+        workload = replace(
+            workload,
+            concurrency=_given(args.concurrency, workload.concurrency),
+            context=_given(args.context, workload.context),
+            prompt_tokens=_given(args.prompt_tokens, workload.prompt_tokens),
+        )
     except ValueError as e:
         raise UserError(str(e)) from e
     choice = plan_cluster(model, cluster, workload, args.objective)
@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         show(choice, cluster)
     return 0
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def plan_cluster(
