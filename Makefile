@@ -10,7 +10,7 @@ LLAMA_STAMP := $(VENV)/.llama-rpc
 LLAMA_VERSION := 0.3.36
 export CMAKE_ARGS := -DGGML_RPC=ON
 
-.PHONY: install proto test test-fast demo bench lint validate-planner experiment clean
+.PHONY: install proto test test-deps test-fast demo bench lint clean
 
 install: $(STAMP) $(LLAMA_STAMP)
 
@@ -30,7 +30,14 @@ $(LLAMA_STAMP): $(VENV)/bin/activate
 proto: $(STAMP)
 	$(PY) -m node.protogen
 
-test: install
+# The dashboard test drives Debian's Chromium (a browser build of its own cannot be
+# downloaded here). Installed once, when apt is there and we are root; elsewhere it skips.
+test-deps:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: install test-deps
 	$(PY) -m pytest -q tests
 
 test-fast: install
