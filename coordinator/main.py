@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "up",
     "run",
     "nodes",
+    "probe",
     "plan",
     "synth_model",
     "export_gguf",

@@ -1,0 +1,1 @@
+"""JSON schemas of the coordinator's machine-readable outputs (data files only)."""
