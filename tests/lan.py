@@ -39,7 +39,6 @@ from types import TracebackType
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 READY_PREFIX = "LAYERLINK_NODE_READY"
 WIRE_READY_PREFIX = "WIRE_READY"
 NODE_PORT = 50151
@@ -219,7 +218,7 @@ class Lan:
     def start_node(self, k: int, name: str | None = None, port: int = NODE_PORT) -> NodeProcess:
         """Start `cluster-node up` in node k's namespace; call wait_ready() before use."""
         name = name or f"ns{k}"
-        argv = [str(VENV_BIN / "cluster-node"), "up", "--host", self.nodes[k].ip,
+        argv = [sys.executable, "-m", "node.main", "up", "--host", self.nodes[k].ip,
                 "--port", str(port), "--name", name, "--no-advertise"]  # fmt: skip
         # Node ids persist per name under XDG_CONFIG_HOME: keep them inside this LAN.
         env = {"XDG_CONFIG_HOME": str(self.workdir / "config"), "PYTHONUNBUFFERED": "1"}
