@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="size of the streamed weight buffer (default: 256, larger than the caches)",
     )
     p.add_argument("--no-devices", action="store_true", help="measure the links only")
-    p.set_defaults(func=run, wait=2.0)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
