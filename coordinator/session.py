@@ -153,3 +153,84 @@ def load_tokenizer(model: ModelInfo) -> Any:
     from mlx_lm.utils import load_tokenizer as _load
 
     return _load(model.path)
+
+
+@dataclass(frozen=True)
+class MeasuredPlan:
+    """A plan chosen by the planner from fresh measurements, with what it predicts."""
+
+    plan: Plan
+    choice: Any  # coordinator.planner.PlanChoice
+    probe: Any  # coordinator.probe.ProbeResult
+
+
+def device_map(
+    probe_json: dict[str, Any], records: list[NodeRecord]
+) -> dict[str, tuple[str, str, str, str]]:
+    """Device id as `Cluster.from_probe_json` names it -> (node_id, node name, address, label)."""
+    by_id = {r.node_id: r for r in records}
+    names: dict[str, str] = {}
+    out: dict[str, tuple[str, str, str, str]] = {}
+    for node in probe_json.get("nodes", []):
+        node_id = str(node["id"])
+        name = str(node.get("name") or node_id)
+        if name in names.values():
+            name = f"{name}-{node_id[:6]}"
+        names[node_id] = name
+        rec = by_id.get(node_id)
+        if rec is None:
+            continue
+        for i, d in enumerate(node.get("devices", [])):
+            label = str(d.get("index", i))
+            out[f"{name}/{label}"] = (node_id, rec.name, rec.address, label)
+    return out
+
+
+async def measured_plan(
+    model: ModelInfo,
+    records: list[NodeRecord],
+    objective: str = "latency",
+    concurrency: int = 1,
+    context: int = 2048,
+) -> MeasuredPlan:
+    """Probe the nodes and links, then let the planner choose devices, order and ranges."""
+    from coordinator import planner
+    from coordinator.costmodel import Cluster, ModelSpec, Workload
+    from coordinator.probe import probe_cluster
+
+    probe = await probe_cluster(records)
+    probe_json = probe.to_json()
+    cluster = Cluster.from_probe_json(probe_json)
+    if not cluster.devices:
+        raise SessionError("the probe could not time any device: " + "; ".join(probe.errors))
+    spec = ModelSpec.from_config_dir(model.path)
+    workload = Workload(
+        context=context, prompt_tokens=min(512, context // 2), concurrency=concurrency
+    )
+    choice = planner.plan(spec, cluster, workload, objective)
+    if not choice.fits:
+        raise SessionError(f"the model does not fit on the cluster: {choice.explanation}")
+    plan = planner.to_plan(choice, model.num_layers, device_map(probe_json, records))
+    return MeasuredPlan(plan=plan, choice=choice, probe=probe)
+
+
+PLACEMENTS = ("planned", "memory", "even")
+
+
+async def choose_plan(
+    model: ModelInfo,
+    records: list[NodeRecord],
+    placement: str,
+    objective: str = "latency",
+    concurrency: int = 1,
+    context: int = 2048,
+) -> Plan:
+    """The plan for `coordinator up`/`run`: measured and planned (default), or a naive split."""
+    if placement == "planned":
+        return (await measured_plan(model, records, objective, concurrency, context)).plan
+    if placement == "memory":
+        return await memory_plan(model, records)
+    if placement == "even":
+        recs = sorted(records, key=lambda r: (r.name, r.node_id))[: model.num_layers]
+        return fixed_plan(model, recs, even_counts(model.num_layers, len(recs)))
+    raise SessionError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import mlx.core as mx
 
-from node import PROTOCOL_VERSION, __version__, codec, hardware
+from node import PROTOCOL_VERSION, __version__, codec, devicebench, hardware, linkprobe
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
 from node.stage import ErrorKind, ModelStage, Sampling, StageError, StageSpec, StepResult
@@ -518,24 +518,20 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.MeasureLinkRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MeasureLinkReply:
         try:
-            from node import linkprobe
-        except ImportError:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "link measurement is not available in this build"
-            )
-        reply: pb.MeasureLinkReply = await linkprobe.measure_link(request, self.config.node_id)
+            reply: pb.MeasureLinkReply = await linkprobe.measure_link(request, self.config.node_id)
+        except linkprobe.LinkProbeError as e:
+            await context.abort(e.code, str(e))
         return reply
 
     async def MeasureDevices(
         self, request: pb.MeasureDevicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MeasureDevicesReply:
-        try:
-            from node import devicebench
-        except ImportError:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "device measurement is not available in this build"
-            )
         t0 = time.perf_counter()
-        reply: pb.MeasureDevicesReply = await self.run_compute(devicebench.measure_devices, request)  # type: ignore[attr-defined,unused-ignore]
+        try:
+            reply: pb.MeasureDevicesReply = await self.run_compute(
+                devicebench.measure_devices, request
+            )
+        except devicebench.BenchError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         log.info("measured devices in %.2fs", time.perf_counter() - t0)
         return reply

@@ -56,6 +56,30 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     )
 
 
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("placement")
+    g.add_argument(
+        "--placement",
+        choices=("planned", "memory", "even"),
+        default="planned",
+        help="planned: measure devices and links, then plan (default); memory: split by "
+        "free memory (exo's way); even: equal layer counts (mlx-lm's way)",
+    )
+    g.add_argument(
+        "--objective",
+        choices=("latency", "throughput"),
+        default="latency",
+        help="what the planner optimises (default: single-stream latency)",
+    )
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="M",
+        help="requests in flight the throughput objective plans for (default: 1)",
+    )
+
+
 async def discover(args: argparse.Namespace, allow_empty: bool = False) -> list[NodeRecord]:
     if args.nodes < 0:
         raise UserError("--nodes must be >= 0")

@@ -7,10 +7,15 @@ import asyncio
 from typing import Any
 
 from coordinator import console
-from coordinator.commands._common import add_discovery_args, add_model_args, discover
+from coordinator.commands._common import (
+    add_discovery_args,
+    add_model_args,
+    add_placement_args,
+    discover,
+)
 from coordinator.errors import UserError
 from coordinator.pipeline import GenerationParams, PipelineError
-from coordinator.session import SessionError, load_tokenizer, memory_plan, open_pipeline, read_model
+from coordinator.session import SessionError, choose_plan, load_tokenizer, open_pipeline, read_model
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,6 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_discovery_args(p)
+    add_placement_args(p)
     p.set_defaults(func=run)
 
 
@@ -60,7 +66,7 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
     else:
         prompt = list(tokenizer.encode(args.prompt))
     try:
-        plan = await memory_plan(model, records)
+        plan = await choose_plan(model, records, args.placement, args.objective, args.concurrency)
         pipeline = await open_pipeline(plan, model, show_progress=not args.json)
     except (SessionError, PipelineError) as e:
         raise UserError(str(e)) from None
@@ -83,6 +89,16 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
         "plan_id": plan.plan_id,
         "plan": plan.to_json(),
         "explanation": plan.explanation,
+        "predicted": (
+            None
+            if plan.predicted is None
+            else {
+                "decode_tps": plan.predicted.decode_tps,
+                "ttft_s": plan.predicted.ttft_s,
+                "throughput_tps": plan.predicted.throughput_tps,
+                "bottleneck": plan.predicted.bottleneck,
+            }
+        ),
     }
 
 
@@ -107,6 +123,12 @@ def print_result(out: dict[str, Any]) -> None:
         f"TTFT {out['ttft_s'] * 1000:.1f} ms · decode {out['decode_tps']:.1f} tokens/s · "
         f"{len(out['tokens'])} tokens ({out['finish_reason']})"
     )
+    predicted = out.get("predicted")
+    if predicted:
+        console.text(
+            f"predicted before loading: decode {predicted['decode_tps']:.1f} tokens/s, "
+            f"TTFT {predicted['ttft_s'] * 1000:.1f} ms — {out.get('explanation', '')}"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
