@@ -89,3 +89,13 @@ def test_run_uses_the_planner_and_predicts(local_cluster, tiny_llama: Path) -> N
     # Three equal CPU nodes on one host: splitting only adds hops, so one stage wins.
     assert len(layers) == 1, result["explanation"]
     assert result["predicted"]["decode_tps"] > 0
+
+
+def test_plan_live_cluster_json(local_cluster, tiny_llama: Path) -> None:
+    nodes = [a for n in local_cluster.nodes[:2] for a in ("--node", n.address)]
+    out = coordinator("plan", "--model", str(tiny_llama), "--json", *nodes)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["fits"] is True
+    assert result["predicted"]["decode_tps"] > 0
+    assert result["plan"][0]["layers"][0] == 0 and result["plan"][-1]["layers"][1] == 8

@@ -298,8 +298,8 @@ def test_cli_errors_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
         )  # fmt: skip
     )
     (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
-    assert main(["plan", "--model", str(model)]) == 2
-    assert "probe" in capsys.readouterr().err
+    assert main(["plan", "--model", str(model), "--wait", "0.2", "--cluster", "nobody"]) == 2
+    assert "no nodes of cluster 'nobody'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ Planning itself is pure (coordinator.planner); this module only reads inputs and
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from coordinator import console
+from coordinator.commands._common import add_discovery_args
 from coordinator.costmodel import GIB, Cluster, ModelSpec, Workload
 from coordinator.errors import UserError
 from coordinator.planner import OBJECTIVES, PlanChoice, plan
@@ -41,11 +41,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--context", type=int, default=None, help="KV-cache size in tokens")
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length for TTFT")
     # Discovery options for the live cluster, as `coordinator probe` takes them.
-    p.add_argument("--nodes", type=int, default=None, help="wait for N nodes (live)")
-    p.add_argument("--wait", type=float, default=5.0, help="discovery time in seconds (live)")
-    p.add_argument(
-        "--node", action="append", default=[], metavar="HOST:PORT", help="static node (live)"
-    )
+    add_discovery_args(p)
     p.set_defaults(func=run)
 
 
@@ -101,22 +97,21 @@ def plan_cluster(
 def live_cluster(
     args: argparse.Namespace,
 ) -> tuple[Cluster, Mapping[str, tuple[str, str, str, str]]]:
-    """Discovery + probe glue: the measured Cluster and, per device id, (node_id, node_name,
-    address, device label) for `planner.to_plan`.
+    """Discovery + probe: the measured Cluster and, per device id, (node_id, node_name,
+    address, device label) for `planner.to_plan`."""
+    import asyncio
 
-    Kept apart from planning on purpose: it is wired when `coordinator.probe` (issue 3) lands;
-    the probe's JSON converts with `Cluster.from_probe_json`."""
-    try:
-        importlib.import_module("coordinator.probe")
-    except ImportError as e:
-        raise UserError(
-            "live planning needs the probe (coordinator.probe, issue 3), which is not "
-            "available yet; plan hardware on paper with --what-if FILE (see docs/planning.md)"
-        ) from e
-    raise UserError(
-        "live planning is not wired to coordinator.probe yet "
-        "(coordinator/commands/plan.py: live_cluster); use --what-if FILE meanwhile"
-    )
+    from coordinator.commands._common import discover
+    from coordinator.probe import probe_cluster
+    from coordinator.session import device_map
+
+    async def measure() -> tuple[list[Any], dict[str, Any]]:
+        records = await discover(args)
+        probe = await probe_cluster(records)
+        return records, probe.to_json()
+
+    records, probe_json = asyncio.run(measure())
+    return Cluster.from_probe_json(probe_json), device_map(probe_json, records)
 
 
 def show(choice: PlanChoice, cluster: Cluster) -> None:
