@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from coordinator import console
-from coordinator.gguf_export import FTYPES, export_gguf
 from coordinator.errors import UserError
+from coordinator.gguf_export import FTYPES, export_gguf
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
