@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "synth_model",
     "export_gguf",
     "demo",
+    "bench",
+    "experiment",
 )
 
 

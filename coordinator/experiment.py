@@ -1,0 +1,711 @@
+"""The split-penalty experiment: what splitting a model across stages costs, over one host and
+over a (namespace) LAN at several link rates, for LayerLink and for llama.cpp RPC side by side.
+
+Rows, per system (k = the number of stages, same layer counts in both systems):
+
+    one process   the engine alone: mlx_lm in this process / llama.cpp in its client process
+    1 stage       one worker: LayerLink coordinator + 1 node / llama.cpp client + 1 RPC server
+    one host      k workers on 127.0.0.1 (the "PCIe" case of a multi-GPU PC, minus the PCIe)
+    LAN           k workers in network namespaces joined by a bridge, unshaped veth links
+    LAN <rate>    the same, every worker's link held to 10 GbE, 1 GB/s, 2.5 GbE, 1 GbE (tbf)
+
+per-hop ms = (ms/token of the row - ms/token of the system's "1 stage" row) / (k - 1).
+
+The namespace rows need root (tests/lan.py builds the LAN). LayerLink nodes and llama.cpp RPC
+servers run inside the node namespaces; the measuring process (LayerLink's coordinator and the
+llama.cpp client) runs in the LAN's hub namespace, which holds the bridge, via
+`python -m coordinator.experiment --worker` under `ip netns exec`. Nothing touches the host's
+own network namespace.
+
+Where the cost model (coordinator.costmodel) is present, LayerLink rows carry its predicted
+tokens/s for the same split, from this machine's measured weight-streaming bandwidth and the
+calibration constants (coordinator/data/calibration.csv); links are taken at their shaped rate
+(unshaped: 10 GB/s, a memory copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import selectors
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from coordinator import bench
+from coordinator.bench import (
+    DEPLOY_IN_PROCESS,
+    DEPLOY_LOOPBACK,
+    SYSTEM_LAYERLINK,
+    SYSTEM_LLAMA,
+    BenchError,
+    BenchSettings,
+    NodeRef,
+    RunResult,
+)
+from coordinator.session import ModelInfo, even_counts, read_model
+
+log = logging.getLogger(__name__)
+
+RPC_PORT = 50152  # inside each node namespace; the namespaces keep it from colliding
+UNSHAPED_BPS = 10e9  # bytes/s assumed for an unshaped link in the prediction
+REPO = Path(__file__).resolve().parents[1]
+_BANNER = re.compile(r"Starting RPC server v\d+")
+
+
+@dataclass(frozen=True)
+class Link:
+    """A namespace-LAN condition: unshaped (rate None) or every worker's link held to a rate."""
+
+    key: str
+    label: str
+    rate_bit_s: int | None
+
+    @property
+    def deployment(self) -> str:
+        return "LAN" if self.rate_bit_s is None else f"LAN {self.label}"
+
+
+LINKS: tuple[Link, ...] = (
+    Link("lan", "unshaped", None),
+    Link("10gbe", "10 GbE", 10_000_000_000),
+    Link("riser", "1 GB/s", 8_000_000_000),  # a PCIe x1-riser-like 1 GB/s
+    Link("2.5gbe", "2.5 GbE", 2_500_000_000),
+    Link("1gbe", "1 GbE", 1_000_000_000),
+)
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    model_dir: Path
+    out_dir: Path
+    stages: int = 2
+    prompt_tokens: int = 64
+    gen_tokens: int = 64
+    repeats: int = 5
+    links: tuple[str, ...] = tuple(x.key for x in LINKS)
+    netns: bool = True  # run the namespace rows when possible
+    threads: int | None = None
+    rpc_threads: int = 1
+    sample_timeout_s: float = bench.DEFAULT_SAMPLE_TIMEOUT_S
+    command: str = ""
+
+    def bench_settings(self, systems: tuple[str, ...]) -> BenchSettings:
+        return BenchSettings(
+            model_dir=self.model_dir,
+            systems=systems,
+            stages=self.stages,
+            prompt_tokens=self.prompt_tokens,
+            gen_tokens=self.gen_tokens,
+            repeats=self.repeats,
+            threads=self.threads,
+            rpc_threads=self.rpc_threads,
+            sample_timeout_s=self.sample_timeout_s,
+        )
+
+
+def condition_of(r: RunResult) -> str:
+    """The row's condition, as the report and the plots name it."""
+    d = r.spec.deployment
+    if d == DEPLOY_IN_PROCESS:
+        return "one process"
+    if d == DEPLOY_LOOPBACK:
+        return "1 stage" if r.spec.stages == 1 else "one host"
+    return d
+
+
+CONDITION_ORDER = ("one process", "1 stage", "one host", *(x.deployment for x in LINKS))
+
+
+def select_links(keys: Sequence[str]) -> tuple[Link, ...]:
+    by_key = {x.key: x for x in LINKS}
+    unknown = [k for k in keys if k not in by_key]
+    if unknown:
+        raise ValueError(f"unknown link(s) {unknown}; choose from {list(by_key)}")
+    return tuple(x for x in LINKS if x.key in keys)
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction (LayerLink rows), where the cost model is present
+
+
+Predictor = Callable[[Sequence[int], "int | None"], "float | None"]
+
+
+def make_predictor(
+    model: ModelInfo, prompt_tokens: int, gen_tokens: int
+) -> tuple[Predictor | None, str]:
+    """A function (layer counts, link rate in bit/s or None) -> predicted decode tokens/s,
+    and a note saying what it rests on (or why there is none)."""
+    try:
+        from coordinator import catalog, costmodel
+        from node import devicebench
+    except ImportError as e:
+        return None, f"no prediction: the cost model is not available ({e})"
+    try:
+        spec = costmodel.ModelSpec.from_config_dir(model.path, model.name)
+        quant = model.config.get("quantization")
+        if isinstance(quant, dict) and quant.get("bits") in (4, 8):
+            dtype = f"q{quant['bits']}"
+        else:
+            raw = str(model.config.get("torch_dtype") or "float16")
+            dtype = raw if raw in devicebench.FLOAT_DTYPES else "float16"
+        stream = devicebench.stream_bandwidth(dtype, 64 << 20).gbs
+        tflops = devicebench.matmul_tflops("float32" if dtype == "float32" else "float16")
+        per_layer_s = catalog.calibration("cpu_per_layer_overhead_us") * 1e-6
+        latency_s = catalog.calibration("same_host_latency_us") * 1e-6
+        overhead_s = catalog.calibration("hop_overhead_us") * 1e-6
+    except (ValueError, KeyError, OSError) as e:
+        return None, f"no prediction: {e}"
+    workload = costmodel.Workload(
+        context=prompt_tokens + gen_tokens + 8, prompt_tokens=prompt_tokens
+    )
+
+    def predict(counts: Sequence[int], rate_bit_s: int | None) -> float | None:
+        devices = tuple(
+            costmodel.DeviceSpec(
+                id=f"w{i}/0",
+                node=f"w{i}",
+                name="CPU",
+                kind="cpu",
+                mem_free_bytes=1 << 40,
+                stream_gbs=stream,
+                matmul_tflops=tflops,
+                per_layer_overhead_s=per_layer_s,
+            )  # fmt: skip
+            for i in range(len(counts))
+        )
+        bw = rate_bit_s / 8 if rate_bit_s else UNSHAPED_BPS
+        links = tuple(
+            costmodel.LinkSpec(f"w{i}", f"w{j}", latency_s, bw, overhead_s)
+            for i in range(len(counts))
+            for j in range(len(counts))
+            if i != j
+        )
+        placements = [
+            costmodel.Placement(f"w{i}/0", s, e) for i, (s, e) in enumerate(bench.ranges(counts))
+        ]
+        try:
+            cost = costmodel.predict(spec, costmodel.Cluster(devices, links), placements, workload)
+        except (ValueError, KeyError) as e:
+            log.warning("prediction failed: %s", e)
+            return None
+        return float(cost.decode_tps)
+
+    note = (
+        f"predicted tok/s: coordinator.costmodel with this machine's measured {dtype} weight "
+        f"streaming ({stream:.2f} GB/s), per-layer overhead {per_layer_s * 1e3:.2f} ms, hop "
+        f"latency {latency_s * 1e6:.0f} us + overhead {overhead_s * 1e6:.0f} us "
+        "(calibration.csv); unshaped links taken as 10 GB/s"
+    )
+    return predict, note
+
+
+# --------------------------------------------------------------------------------------------
+# The namespace LAN
+
+
+def lan_module() -> ModuleType:
+    """tests/lan.py, the namespace-LAN helper (importable from a source checkout)."""
+    try:
+        return importlib.import_module("tests.lan")
+    except ImportError:
+        path = REPO / "tests" / "lan.py"
+        if not path.is_file():
+            raise BenchError(
+                "the namespace LAN helper tests/lan.py is missing: run from a source checkout"
+            ) from None
+        spec = importlib.util.spec_from_file_location("layerlink_tests_lan", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def netns_unavailable() -> str:
+    """Why the namespace rows cannot run here; empty when they can."""
+    try:
+        reason: str = lan_module().unavailable_reason()
+    except BenchError as e:
+        return str(e)
+    return reason
+
+
+def _wait_banners(procs: Sequence[Any], timeout_s: float = 60.0) -> None:
+    """Wait for each RPC server's start banner, then keep draining its output."""
+    deadline = time.monotonic() + timeout_s
+    sel = selectors.DefaultSelector()
+    pending = {}
+    for p in procs:
+        assert p.process.stdout is not None
+        sel.register(p.process.stdout, selectors.EVENT_READ)
+        pending[p.process.stdout] = p
+    try:
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(
+                    "llama.cpp RPC server(s) in the namespaces did not start: "
+                    + ", ".join(p.name for p in pending.values())
+                )
+            for key, _ in sel.select(timeout=min(left, 0.5)):
+                p = pending[key.fileobj]
+                line = p.process.stdout.readline()
+                if not line:
+                    raise BenchError(f"RPC server {p.name} exited:\n{p.log()}")
+                if _BANNER.search(line):
+                    sel.unregister(key.fileobj)
+                    del pending[key.fileobj]
+    finally:
+        sel.close()
+    for p in procs:
+        threading.Thread(target=_drain, args=(p.process.stdout,), daemon=True).start()
+
+
+def _drain(stream: Any) -> None:
+    for _ in stream:
+        pass
+
+
+def run_worker(
+    cmd_prefix: list[str], request: dict[str, Any], log_path: Path, timeout_s: float
+) -> list[RunResult]:
+    """Run `python -m coordinator.experiment --worker` (under cmd_prefix, e.g. `ip netns exec
+    HUB`) with a JSON request; its RunResults come back as JSON on stdout."""
+    argv = [*cmd_prefix, sys.executable, "-m", "coordinator.experiment", "--worker"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    with log_path.open("a") as err:
+        try:
+            done = subprocess.run(
+                argv, input=json.dumps(request), stdout=subprocess.PIPE, stderr=err, text=True,
+                timeout=timeout_s, cwd=REPO, env=env,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise BenchError(
+                f"the measuring process did not finish within {timeout_s:.0f}s"
+            ) from None
+    if done.returncode != 0 or not done.stdout.strip():
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise BenchError(f"the measuring process failed (exit {done.returncode}):\n{tail}")
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    if "error" in reply:
+        raise BenchError(str(reply["error"]))
+    return [RunResult.from_json(r) for r in reply["runs"]]
+
+
+async def _worker(request: dict[str, Any]) -> list[RunResult]:
+    model = read_model(request["model_dir"])
+    settings = BenchSettings(
+        model_dir=model.path,
+        systems=tuple(request["systems"]),
+        stages=int(request["stages"]),
+        prompt_tokens=int(request["prompt_tokens"]),
+        gen_tokens=int(request["gen_tokens"]),
+        repeats=int(request["repeats"]),
+        rpc_threads=int(request["rpc_threads"]),
+        sample_timeout_s=float(request["sample_timeout_s"]),
+    )
+    nodes = [NodeRef(n["name"], n["address"], n["node_id"]) for n in request["nodes"]]
+    gguf = Path(request["gguf"]) if request.get("gguf") else None
+    runners = bench.bench_runners(
+        settings, model, request["model_label"], nodes, request["rpc"], gguf,
+        deployment=request["deployment"], include_in_process_llama=False,
+        stage_counts=[settings.stages],
+    )  # fmt: skip
+    return await bench.measure(runners, settings.repeats, None, settings.sample_timeout_s)
+
+
+def worker_main() -> int:
+    """Entry point of `python -m coordinator.experiment --worker` (JSON in, JSON out)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    request = json.loads(sys.stdin.read())
+    try:
+        runs = asyncio.run(_worker(request))
+    except (BenchError, ValueError, OSError) as e:
+        sys.stdout.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        return 0
+    sys.stdout.write(json.dumps({"runs": [r.to_json() for r in runs]}) + "\n")
+    return 0
+
+
+def netns_rows(
+    settings: ExperimentSettings,
+    model: ModelInfo,
+    gguf: Path | None,
+    systems: tuple[str, ...],
+    links: Sequence[Link],
+    say: Callable[[str], None],
+) -> list[RunResult]:
+    """k nodes and k RPC servers in namespaces; one measuring process per link condition."""
+    lan_mod = lan_module()
+    k = settings.stages
+    results: list[RunResult] = []
+    with lan_mod.Lan(k) as lan:
+        say(f"namespace LAN: {k} node namespaces, hub {lan.hub}")
+        nodes = (
+            [lan.start_node(i, name=f"exp{i}") for i in range(k)]
+            if SYSTEM_LAYERLINK in systems
+            else []
+        )
+        rpcs = []
+        if SYSTEM_LLAMA in systems:
+            for i in range(k):
+                argv = [sys.executable, "-m", "node.llama_rpc", "--host", lan.nodes[i].ip,
+                        "--port", str(RPC_PORT), "--threads", str(settings.rpc_threads)]  # fmt: skip
+                rpcs.append(lan.start(i, argv, f"rpc{i}", RPC_PORT, {"PYTHONUNBUFFERED": "1"}))
+        if nodes:
+            lan.wait_ready(nodes)
+        _wait_banners(rpcs)
+        log_path = lan.workdir / "worker.log"
+        for link in links:
+            if link.rate_bit_s is not None:
+                for i in range(k):
+                    lan.shape(i, link.rate_bit_s)
+            say(f"namespace LAN, {link.label}: measuring")
+            request = {
+                "model_dir": str(model.path),
+                "model_label": model.name,
+                "systems": list(systems),
+                "stages": k,
+                "prompt_tokens": settings.prompt_tokens,
+                "gen_tokens": settings.gen_tokens,
+                "repeats": settings.repeats,
+                "rpc_threads": settings.rpc_threads,
+                "sample_timeout_s": settings.sample_timeout_s,
+                "nodes": [
+                    {"name": n.name, "address": n.address, "node_id": n.node_id} for n in nodes
+                ],
+                "rpc": [f"{lan.nodes[i].ip}:{RPC_PORT}" for i in range(len(rpcs))],
+                "gguf": str(gguf) if gguf else None,
+                "deployment": link.deployment,
+            }
+            budget = 120.0 + 4 * settings.repeats * settings.sample_timeout_s
+            try:
+                results += run_worker(lan.hub_cmd([]), request, log_path, budget)
+            except BenchError as e:
+                for system in systems:
+                    spec = bench.RunSpec(model.name, system, link.deployment, k,
+                                         tuple(even_counts(model.num_layers, k)))  # fmt: skip
+                    results.append(RunResult(spec, error=str(e)))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    rows: tuple[RunResult, ...]
+    machine: dict[str, Any]
+    notes: tuple[str, ...]
+    settings: ExperimentSettings
+    files: tuple[Path, ...] = ()
+
+
+async def _loopback_rows(
+    settings: ExperimentSettings, model: ModelInfo, gguf: Path | None, systems: tuple[str, ...],
+    scratch: Path, say: Callable[[str], None],
+) -> list[RunResult]:  # fmt: skip
+    k = settings.stages
+    n_nodes = k if SYSTEM_LAYERLINK in systems else 0
+    n_rpc = k if SYSTEM_LLAMA in systems else 0
+    with bench.local_workers(n_nodes, n_rpc, scratch / "logs", settings.rpc_threads) as (
+        nodes,
+        eps,
+    ):
+        runners = bench.bench_runners(
+            settings.bench_settings(systems), model, model.name, nodes, eps, gguf,
+            include_mlx_lm=SYSTEM_LAYERLINK in systems, on_event=say,
+        )  # fmt: skip
+        return await bench.measure(runners, settings.repeats, say, settings.sample_timeout_s)
+
+
+def split_penalty(
+    settings: ExperimentSettings,
+    systems: tuple[str, ...] = (SYSTEM_LAYERLINK, SYSTEM_LLAMA),
+    on_event: Callable[[str], None] | None = None,
+) -> ExperimentResult:
+    """Measure every row, write results.json, results.csv, the plots and report.md."""
+    say = on_event or (lambda _m: None)
+    model = read_model(settings.model_dir)
+    counts = even_counts(model.num_layers, settings.stages)
+    if settings.stages < 2 or settings.stages > model.num_layers:
+        raise ValueError(f"--stages must be between 2 and the model's {model.num_layers} layers")
+    links = select_links(settings.links)
+    notes: list[str] = []
+    machine = bench.machine_info()
+    reason = bench.baseline_unavailable() if SYSTEM_LLAMA in systems else ""
+    if reason:
+        notes.append(f"llama.cpp rows skipped: {reason}")
+        systems = tuple(s for s in systems if s != SYSTEM_LLAMA)
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    with bench.scratch_dir() as tmp:
+        scratch = Path(tmp)
+        gguf = bench.gguf_for(model.path, scratch) if SYSTEM_LLAMA in systems else None
+        say("one process, 1 stage and one host (loopback)")
+        rows = asyncio.run(_loopback_rows(settings, model, gguf, systems, scratch, say))
+        ns_reason = "" if settings.netns else "namespace rows not requested (--no-netns)"
+        if not ns_reason and links:
+            ns_reason = netns_unavailable()
+        if ns_reason:
+            notes.append(f"namespace-LAN rows skipped: {ns_reason}")
+        elif links:
+            rows += netns_rows(settings, model, gguf, systems, links, say)
+    rows = bench.with_per_hop(rows)
+    predictor, pnote = make_predictor(model, settings.prompt_tokens, settings.gen_tokens)
+    notes.append(pnote)
+    if predictor is not None:
+        rates = {x.deployment: x.rate_bit_s for x in LINKS}
+        rows = [
+            replace(r, predicted_tps=predictor(r.spec.layers, rates.get(r.spec.deployment)))
+            if r.spec.system == SYSTEM_LAYERLINK
+            else r
+            for r in rows
+        ]
+    rows.sort(key=lambda r: (_order(r), r.spec.system != SYSTEM_LAYERLINK, r.spec.system))
+    result = ExperimentResult(tuple(rows), bench.end_load(machine), tuple(notes), settings)
+    files = write_outputs(result, counts)
+    return replace(result, files=tuple(files))
+
+
+def _order(r: RunResult) -> int:
+    c = condition_of(r)
+    return CONDITION_ORDER.index(c) if c in CONDITION_ORDER else len(CONDITION_ORDER)
+
+
+def _rate_gbit(r: RunResult) -> float | None:
+    for x in LINKS:
+        if x.deployment == r.spec.deployment and x.rate_bit_s:
+            return x.rate_bit_s / 1e9
+    return None
+
+
+def row_json(r: RunResult) -> dict[str, Any]:
+    return {"condition": condition_of(r), "link_gbit_s": _rate_gbit(r), **r.to_json()}
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: results.json, results.csv, plots, report.md
+
+CSV_FIELDS = ("condition", "system", "deployment", "stages", "layers", "link_gbit_s", "repeats",
+              "decode_tps", "decode_tps_min", "decode_tps_max", "ms_per_token", "ttft_s",
+              "prefill_tps", "per_hop_ms", "predicted_tps", "error")  # fmt: skip
+
+
+def write_outputs(result: ExperimentResult, counts: Sequence[int]) -> list[Path]:
+    out = result.settings.out_dir
+    rows = [row_json(r) for r in result.rows]
+    doc = {
+        "experiment": "split-penalty",
+        "command": result.settings.command,
+        "model": str(result.settings.model_dir),
+        "stages": result.settings.stages,
+        "layers": list(counts),
+        "settings": {
+            "prompt_tokens": result.settings.prompt_tokens,
+            "gen_tokens": result.settings.gen_tokens,
+            "repeats": result.settings.repeats,
+            "rpc_threads": result.settings.rpc_threads,
+            "statistic": "median over interleaved repeats, warm-up excluded",
+        },
+        "machine": result.machine,
+        "notes": list(result.notes),
+        "rows": rows,
+    }
+    files = [out / "results.json", out / "results.csv"]
+    files[0].write_text(json.dumps(doc, indent=2) + "\n")
+    with files[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({**row, "layers": "+".join(str(c) for c in row["layers"])})
+    files += plot(rows, out)
+    files.append(out / "report.md")
+    files[-1].write_text(report_markdown(doc))
+    return files
+
+
+SYSTEM_STYLE = {
+    SYSTEM_LAYERLINK: ("LayerLink", "tab:blue"),
+    SYSTEM_LLAMA: ("llama.cpp RPC", "tab:orange"),
+}
+
+
+def _series(
+    rows: list[dict[str, Any]], system: str, key: str, conditions: list[str]
+) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for i, c in enumerate(conditions):
+        for r in rows:
+            if r["system"] == system and r["condition"] == c and r.get(key) is not None:
+                xs.append(i)
+                ys.append(float(r[key]))
+    return xs, ys
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """decode.png (tokens/s and per-hop ms vs link, both systems) and ttft.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = {r["condition"] for r in rows}
+    conditions = [c for c in CONDITION_ORDER if c in present and c != "one process"]
+    hop_conditions = [c for c in conditions if c != "1 stage"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system, (name, color) in SYSTEM_STYLE.items():
+        xs, ys = _series(rows, system, "decode_tps", conditions)
+        if xs:
+            ax1.plot(xs, ys, "o-", color=color, label=name)
+        xs, ys = _series(rows, system, "predicted_tps", conditions)
+        if xs:
+            ax1.plot(xs, ys, "x--", color=color, alpha=0.6, label=f"{name} predicted")
+        xs, ys = _series(rows, system, "per_hop_ms", hop_conditions)
+        if xs:
+            ax2.plot(xs, ys, "o-", color=color, label=name)
+    ax1.set_xticks(range(len(conditions)), conditions, rotation=30, ha="right")
+    ax1.set_ylabel("decode tokens/s (median)")
+    ax1.set_yscale("log")
+    ax1.set_title("decode speed")
+    ax2.set_xticks(range(len(hop_conditions)), hop_conditions, rotation=30, ha="right")
+    ax2.set_ylabel("per-hop overhead, ms per token")
+    ax2.axhline(0.0, color="grey", linewidth=0.5)
+    ax2.set_title("per-hop overhead vs 1 stage")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    decode = out / "decode.png"
+    fig.savefig(decode, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system, (name, color) in SYSTEM_STYLE.items():
+        xs, ys = _series(rows, system, "ttft_s", conditions)
+        if xs:
+            ax.plot(xs, [y * 1e3 for y in ys], "o-", color=color, label=name)
+    ax.set_xticks(range(len(conditions)), conditions, rotation=30, ha="right")
+    ax.set_ylabel("time to first token, ms (median)")
+    ax.set_title("TTFT")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    ttft = out / "ttft.png"
+    fig.savefig(ttft, dpi=110)
+    plt.close(fig)
+    return [decode, ttft]
+
+
+def _cell(x: Any, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def comparison_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per condition: is LayerLink's per-hop overhead below llama.cpp RPC's?"""
+    lines = []
+    for c in CONDITION_ORDER:
+        ll = next(
+            (r for r in rows if r["condition"] == c and r["system"] == SYSTEM_LAYERLINK), None
+        )
+        lc = next((r for r in rows if r["condition"] == c and r["system"] == SYSTEM_LLAMA), None)
+        if not ll or not lc or ll["per_hop_ms"] is None or lc["per_hop_ms"] is None:
+            continue
+        a, b = ll["per_hop_ms"], lc["per_hop_ms"]
+        verdict = "lower" if a < b else "NOT lower"
+        lines.append(
+            f"- {c}: LayerLink {a:.3f} ms per hop, llama.cpp RPC {b:.3f} ms: LayerLink's is {verdict}."
+        )
+    return lines
+
+
+def report_markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    s = doc["settings"]
+    lines = [
+        "# Split-penalty experiment",
+        "",
+        f"Model `{doc['model']}`, {doc['stages']} stages (layers {'+'.join(map(str, doc['layers']))}), "
+        f"{s['gen_tokens']} generated tokens after a {s['prompt_tokens']}-token prompt, "
+        f"median of {s['repeats']} interleaved repeats, warm-up excluded.",
+        "",
+        "Reproduce:",
+        "",
+        "```",
+        doc["command"] or "coordinator experiment split-penalty --model MODEL --out DIR",
+        "```",
+        "",
+        "## Results",
+        "",
+        "| condition | system | stages | layers | tok/s | range | ms/token | TTFT ms | prefill tok/s | per-hop ms | predicted tok/s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        ttft = r["ttft_s"]
+        rng = (f"{r['decode_tps_min']:.1f}–{r['decode_tps_max']:.1f}"
+               if r["decode_tps_min"] is not None else "–")  # fmt: skip
+        err = (r["error"] or "").replace("|", "/").replace("\n", " ")[:160]
+        lines.append(
+            f"| {r['condition']} | {r['system']} | {r['stages']} | "
+            f"{'+'.join(map(str, r['layers']))} | {_cell(r['decode_tps'], '.1f')} | {rng} | "
+            f"{_cell(r['ms_per_token'], '.2f')} | {_cell(ttft * 1e3 if ttft else None, '.1f')} | "
+            f"{_cell(r['prefill_tps'], '.0f')} | {_cell(r['per_hop_ms'], '.3f')} | "
+            f"{_cell(r['predicted_tps'], '.1f')} | {err} |"
+        )
+    comp = comparison_lines(doc["rows"])
+    lines += ["", "per-hop ms = (ms/token of the row - ms/token of the same system's 1-stage row) "
+              "/ (stages - 1).", ""]  # fmt: skip
+    if comp:
+        lines += ["## Per-hop overhead, LayerLink vs llama.cpp RPC", "", *comp, ""]
+    lines += [
+        "## Plots",
+        "",
+        "![decode tokens/s and per-hop overhead](decode.png)",
+        "",
+        "![time to first token](ttft.png)",
+        "",
+        "## Machine",
+        "",
+        f"- {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, "
+        f"{(m.get('mem_total_bytes') or 0) / 2**30:.0f} GiB; {m.get('platform')}",
+        f"- python {m.get('python')}, mlx {m.get('mlx')}, mlx-lm {m.get('mlx_lm')}, "
+        f"llama-cpp-python {m.get('llama_cpp_python')}, commit {m.get('git_commit')}",
+        f"- load average {m.get('loadavg_start')} at the start, {m.get('loadavg_end')} at the end; "
+        f"{m.get('time_utc')}",
+        "",
+        "## Notes",
+        "",
+        *[f"- {n}" for n in doc["notes"]],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        sys.exit(worker_main())
+    sys.exit("usage: python -m coordinator.experiment --worker  (JSON request on stdin)")
