@@ -60,6 +60,10 @@ SYSTEM_LLAMA = "llama.cpp"
 DEPLOY_IN_PROCESS = "in-process"  # the engine alone, in this process
 DEPLOY_LOOPBACK = "loopback"  # worker processes on 127.0.0.1
 DEFAULT_SAMPLE_TIMEOUT_S = 120.0
+# One thread per llama.cpp process by default: ggml's CPU workers spin while they wait, and on
+# a small machine shared by several server processes (or other jobs) extra threads slowed
+# decode by 10-100x in our runs. Pass more threads on a quiet machine with cores to spare.
+LLAMA_THREADS_NOTE = "llama.cpp: 1 thread per process (client and each RPC server) unless set"
 FIRST_PROMPT_ID = 3  # synthetic models keep ids 0..2 for <s>, </s>, <pad>
 
 Events = Callable[[str], None]
@@ -782,7 +786,7 @@ class BenchSettings:
     prompt_tokens: int = 32
     gen_tokens: int = 64
     repeats: int = 5
-    threads: int | None = None  # llama.cpp in one process (default: every core)
+    threads: int = 1  # llama.cpp in one process (see LLAMA_THREADS_NOTE)
     rpc_threads: int = 1  # each RPC server, and the client that drives them
     sample_timeout_s: float = DEFAULT_SAMPLE_TIMEOUT_S
     layer_counts: tuple[int, ...] = field(default=())
@@ -896,6 +900,8 @@ def bench_report(
             "repeats": settings.repeats,
             "interleaved": True,
             "warmup_excluded": True,
+            "llama_threads": settings.threads,
+            "llama_rpc_threads": settings.rpc_threads,
         },
         "runs": [r.to_json() for r in results],
         "machine": end_load(machine),
@@ -915,7 +921,7 @@ class SuiteSettings:
     gen_tokens: int = 64
     repeats: int = 5
     llama: bool = True
-    threads: int | None = None  # llama.cpp in one process (default: every core)
+    threads: int = 1  # llama.cpp in one process (see LLAMA_THREADS_NOTE)
     rpc_threads: int = 1  # each RPC server, and the client that drives them
     model_root: Path | None = None  # where the synthetic models live (default: the cache)
 
@@ -968,16 +974,21 @@ def suite_checks(results: Sequence[RunResult], rtt_us: float) -> list[Check]:
         s = r.spec
         if s.system != SYSTEM_LAYERLINK or s.stages < 2 or r.per_hop_ms is None:
             continue
+        # A per-hop figure <= 0 means the split ran faster than the unsplit run: the hop cost
+        # is below this run's noise, and no ratio can be judged from it.
+        noise = " (<= 0: below this run's noise)" if r.per_hop_ms <= 0 else ""
         v = r.per_hop_ms * 1e3 / rtt_us
         checks.append(Check(f"{s.model}: LayerLink {s.stages} stages, per hop / raw socket RTT",
-                            v, "<= 2", v <= 2.0,
-                            f"{r.per_hop_ms * 1e3:.0f} us vs {rtt_us:.0f} us"))  # fmt: skip
+                            v, "<= 2", v <= 2.0 if not noise else None,
+                            f"{r.per_hop_ms * 1e3:.0f} us vs {rtt_us:.0f} us{noise}"))  # fmt: skip
         other = _find(results, s.model, SYSTEM_LLAMA, s.stages, s.deployment)
-        if other is not None and other.per_hop_ms:
-            v2 = r.per_hop_ms / other.per_hop_ms
+        if other is not None and other.per_hop_ms is not None:
+            if other.per_hop_ms <= 0:
+                noise = " (llama.cpp's <= 0: below this run's noise)"
+            v2 = r.per_hop_ms / other.per_hop_ms if other.per_hop_ms else None
             checks.append(Check(f"{s.model}: LayerLink / llama.cpp RPC per hop, {s.stages} stages",
-                                v2, "<= 0.2", v2 <= 0.2,
-                                f"{r.per_hop_ms:.3f} ms vs {other.per_hop_ms:.3f} ms"))  # fmt: skip
+                                v2, "<= 0.2", v2 <= 0.2 if v2 is not None and not noise else None,
+                                f"{r.per_hop_ms:.3f} ms vs {other.per_hop_ms:.3f} ms{noise}"))  # fmt: skip
     t1 = _find(results, "tiny", SYSTEM_LAYERLINK, 1, DEPLOY_LOOPBACK)
     t3 = _find(results, "tiny", SYSTEM_LAYERLINK, 3, DEPLOY_LOOPBACK)
     if t1 and t3 and t1.decode_tps and t3.decode_tps:
@@ -990,18 +1001,24 @@ def suite_checks(results: Sequence[RunResult], rtt_us: float) -> list[Check]:
 async def run_suite(
     settings: SuiteSettings, scratch: Path, on_event: Events | None = None
 ) -> dict[str, Any]:
-    """Everything of `make bench` in one invocation: machine, raw socket RTT (before and after
-    the runs), and every model x system x stage count, repeats interleaved per model."""
+    """Everything of `make bench` in one invocation: machine, raw socket RTT (before, between
+    and after the models), and every model x system x stage count, repeats interleaved per model."""
     from coordinator.session import read_model
 
     say = on_event or (lambda _m: None)
     machine = machine_info()
     kmax = max(settings.stage_counts)
     reason = baseline_unavailable() if settings.llama else "llama.cpp runs not requested"
-    notes = [] if not reason else [reason]
+    notes = (
+        [reason]
+        if reason
+        else [f"{LLAMA_THREADS_NOTE} (here: {settings.threads}, RPC {settings.rpc_threads})"]
+    )
     models = {p: suite_model(p, settings.model_root) for p in settings.models}
+    # The raw socket round trip is measured before, between and after the models' runs, so
+    # that it sees the same machine state they do; its median is the reference.
     say("raw socket round trip")
-    rtt_before = raw_socket_rtt()
+    rtts = [raw_socket_rtt()]
     results: list[RunResult] = []
     systems = (SYSTEM_LAYERLINK, SYSTEM_LLAMA) if not reason else (SYSTEM_LAYERLINK,)
     n_rpc = kmax if not reason else 0
@@ -1033,8 +1050,8 @@ async def run_suite(
                 on_event=on_event,
             )
             results += await measure(runners, settings.repeats, on_event)
-    rtt_after = raw_socket_rtt()
-    rtt_us = statistics.median([rtt_before.median_us, rtt_after.median_us])
+            rtts.append(raw_socket_rtt())
+    rtt_us = statistics.median(r.median_us for r in rtts)
     checks = suite_checks(results, rtt_us)
     return {
         "machine": end_load(machine),
@@ -1048,15 +1065,16 @@ async def run_suite(
             "interleaved": True,
             "warmup_excluded": True,
             "statistic": "median over repeats",
+            "llama_threads": settings.threads,
+            "llama_rpc_threads": settings.rpc_threads,
         },
         "raw_socket_rtt_us": round(rtt_us, 2),
         "raw_socket": {
-            "message_bytes": rtt_before.message_bytes,
-            "rounds": rtt_before.rounds,
-            "before_us": round(rtt_before.median_us, 2),
-            "after_us": round(rtt_after.median_us, 2),
-            "p10_us": round(rtt_before.p10_us, 2),
-            "p90_us": round(rtt_before.p90_us, 2),
+            "message_bytes": rtts[0].message_bytes,
+            "rounds": rtts[0].rounds,
+            "measurements_us": [round(r.median_us, 2) for r in rtts],
+            "p10_us": [round(r.p10_us, 2) for r in rtts],
+            "p90_us": [round(r.p90_us, 2) for r in rtts],
         },
         "runs": [r.to_json() for r in results],
         "checks": [c.to_json() for c in checks],

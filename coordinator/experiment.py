@@ -8,8 +8,14 @@ Rows, per system (k = the number of stages, same layer counts in both systems):
     one host      k workers on 127.0.0.1 (the "PCIe" case of a multi-GPU PC, minus the PCIe)
     LAN           k workers in network namespaces joined by a bridge, unshaped veth links
     LAN <rate>    the same, every worker's link held to 10 GbE, 1 GB/s, 2.5 GbE, 1 GbE (tbf)
+    one PC        (optional) k real nodes of one machine, one per GPU: a PCIe hop
+    cluster       (optional) k real nodes on a real LAN
 
-per-hop ms = (ms/token of the row - ms/token of the system's "1 stage" row) / (k - 1).
+Each namespace condition also measures a 1-stage row over the same link, interleaved with the
+k-stage row, so that load from other processes drifting between conditions cancels out:
+
+per-hop ms = (ms/token of the k-stage row - ms/token of the same system's 1-stage row of the
+same condition, else of the "1 stage" loopback row) / (k - 1).
 
 The namespace rows need root (tests/lan.py builds the LAN). LayerLink nodes and llama.cpp RPC
 servers run inside the node namespaces; the measuring process (LayerLink's coordinator and the
@@ -98,10 +104,16 @@ class ExperimentSettings:
     repeats: int = 5
     links: tuple[str, ...] = tuple(x.key for x in LINKS)
     netns: bool = True  # run the namespace rows when possible
-    threads: int | None = None
+    threads: int = 1
     rpc_threads: int = 1
     sample_timeout_s: float = bench.DEFAULT_SAMPLE_TIMEOUT_S
     command: str = ""
+    # Real machines (optional): k nodes of one PC (one per GPU) and k nodes on a LAN, each with
+    # the llama.cpp RPC servers to use for the same split (empty: LayerLink only).
+    pc_nodes: tuple[NodeRef, ...] = ()
+    pc_rpc: tuple[str, ...] = ()
+    lan_nodes: tuple[NodeRef, ...] = ()
+    lan_rpc: tuple[str, ...] = ()
 
     def bench_settings(self, systems: tuple[str, ...]) -> BenchSettings:
         return BenchSettings(
@@ -127,7 +139,16 @@ def condition_of(r: RunResult) -> str:
     return d
 
 
-CONDITION_ORDER = ("one process", "1 stage", "one host", *(x.deployment for x in LINKS))
+DEPLOY_ONE_PC = "one PC"  # real nodes of one machine, one per GPU: the PCIe case
+DEPLOY_CLUSTER = "cluster"  # real nodes on a real LAN
+CONDITION_ORDER = (
+    "one process",
+    "1 stage",
+    "one host",
+    DEPLOY_ONE_PC,
+    DEPLOY_CLUSTER,
+    *(x.deployment for x in LINKS),
+)
 
 
 def select_links(keys: Sequence[str]) -> tuple[Link, ...]:
@@ -327,7 +348,7 @@ async def _worker(request: dict[str, Any]) -> list[RunResult]:
     runners = bench.bench_runners(
         settings, model, request["model_label"], nodes, request["rpc"], gguf,
         deployment=request["deployment"], include_in_process_llama=False,
-        stage_counts=[settings.stages],
+        stage_counts=[1, settings.stages],
     )  # fmt: skip
     return await bench.measure(runners, settings.repeats, None, settings.sample_timeout_s)
 
@@ -440,6 +461,38 @@ async def _loopback_rows(
         return await bench.measure(runners, settings.repeats, say, settings.sample_timeout_s)
 
 
+async def resolve_nodes(addresses: Sequence[str]) -> tuple[NodeRef, ...]:
+    """NodeRefs for nodes named by address (their name and id from GetInfo)."""
+    import grpc
+
+    from coordinator.nodeclient import NodeClient
+
+    refs = []
+    for address in addresses:
+        async with NodeClient(address) as client:
+            try:
+                info = await client.get_info()
+            except grpc.aio.AioRpcError as e:
+                raise BenchError(f"node {address} did not answer: {e.code().name}") from None
+        refs.append(NodeRef(info.name, address, info.node_id))
+    return tuple(refs)
+
+
+async def _real_rows(
+    settings: ExperimentSettings, model: ModelInfo, gguf: Path | None, systems: tuple[str, ...],
+    deployment: str, nodes: Sequence[NodeRef], rpc: Sequence[str], say: Callable[[str], None],
+) -> list[RunResult]:  # fmt: skip
+    """1 stage (first node) and k stages on real nodes, interleaved; llama.cpp where servers
+    were named."""
+    use = tuple(s for s in systems if s != SYSTEM_LLAMA or rpc)
+    runners = bench.bench_runners(
+        settings.bench_settings(use), model, model.name, nodes, rpc, gguf,
+        deployment=deployment, include_in_process_llama=False,
+        stage_counts=[1, settings.stages], on_event=say,
+    )  # fmt: skip
+    return await bench.measure(runners, settings.repeats, say, settings.sample_timeout_s)
+
+
 def split_penalty(
     settings: ExperimentSettings,
     systems: tuple[str, ...] = (SYSTEM_LAYERLINK, SYSTEM_LLAMA),
@@ -451,6 +504,10 @@ def split_penalty(
     counts = even_counts(model.num_layers, settings.stages)
     if settings.stages < 2 or settings.stages > model.num_layers:
         raise ValueError(f"--stages must be between 2 and the model's {model.num_layers} layers")
+    for what, group in (("--pc-node", settings.pc_nodes), ("--node", settings.lan_nodes),
+                        ("--pc-rpc", settings.pc_rpc), ("--rpc", settings.lan_rpc)):  # fmt: skip
+        if group and len(group) != settings.stages:
+            raise ValueError(f"{what} must be given {settings.stages} times (once per stage)")
     links = select_links(settings.links)
     notes: list[str] = []
     machine = bench.machine_info()
@@ -467,6 +524,17 @@ def split_penalty(
         ns_reason = "" if settings.netns else "namespace rows not requested (--no-netns)"
         if not ns_reason and links:
             ns_reason = netns_unavailable()
+        for deployment, nodes, rpc in (
+            (DEPLOY_ONE_PC, settings.pc_nodes, settings.pc_rpc),
+            (DEPLOY_CLUSTER, settings.lan_nodes, settings.lan_rpc),
+        ):
+            if nodes:
+                say(f"{deployment}: {', '.join(n.address for n in nodes)}")
+                rows += asyncio.run(
+                    _real_rows(settings, model, gguf, systems, deployment, nodes, rpc, say)
+                )
+                if SYSTEM_LLAMA in systems and not rpc:
+                    notes.append(f"{deployment}: no llama.cpp RPC servers named, LayerLink only")
         if ns_reason:
             notes.append(f"namespace-LAN rows skipped: {ns_reason}")
         elif links:
@@ -475,14 +543,18 @@ def split_penalty(
     predictor, pnote = make_predictor(model, settings.prompt_tokens, settings.gen_tokens)
     notes.append(pnote)
     if predictor is not None:
+        # This machine's figures predict the rows run on this machine only.
         rates = {x.deployment: x.rate_bit_s for x in LINKS}
+        here = {DEPLOY_LOOPBACK, *rates}
         rows = [
             replace(r, predicted_tps=predictor(r.spec.layers, rates.get(r.spec.deployment)))
-            if r.spec.system == SYSTEM_LAYERLINK
+            if r.spec.system == SYSTEM_LAYERLINK and r.spec.deployment in here
             else r
             for r in rows
         ]
-    rows.sort(key=lambda r: (_order(r), r.spec.system != SYSTEM_LAYERLINK, r.spec.system))
+    rows.sort(
+        key=lambda r: (_order(r), r.spec.stages, r.spec.system != SYSTEM_LAYERLINK, r.spec.system)
+    )
     result = ExperimentResult(tuple(rows), bench.end_load(machine), tuple(notes), settings)
     files = write_outputs(result, counts)
     return replace(result, files=tuple(files))
@@ -525,7 +597,8 @@ def write_outputs(result: ExperimentResult, counts: Sequence[int]) -> list[Path]
             "prompt_tokens": result.settings.prompt_tokens,
             "gen_tokens": result.settings.gen_tokens,
             "repeats": result.settings.repeats,
-            "rpc_threads": result.settings.rpc_threads,
+            "llama_threads": result.settings.threads,
+            "llama_rpc_threads": result.settings.rpc_threads,
             "statistic": "median over interleaved repeats, warm-up excluded",
         },
         "machine": result.machine,
@@ -557,7 +630,10 @@ def _series(
     xs, ys = [], []
     for i, c in enumerate(conditions):
         for r in rows:
-            if r["system"] == system and r["condition"] == c and r.get(key) is not None:
+            # Namespace conditions also hold a 1-stage row (the per-hop reference measured
+            # in the same window, over the same link): the plots show the k-stage rows.
+            split = r["stages"] > 1 or c == "1 stage"
+            if r["system"] == system and r["condition"] == c and split and r.get(key) is not None:
                 xs.append(i)
                 ys.append(float(r[key]))
     return xs, ys
@@ -625,11 +701,13 @@ def comparison_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Per condition: is LayerLink's per-hop overhead below llama.cpp RPC's?"""
     lines = []
     for c in CONDITION_ORDER:
-        ll = next(
-            (r for r in rows if r["condition"] == c and r["system"] == SYSTEM_LAYERLINK), None
-        )
-        lc = next((r for r in rows if r["condition"] == c and r["system"] == SYSTEM_LLAMA), None)
-        if not ll or not lc or ll["per_hop_ms"] is None or lc["per_hop_ms"] is None:
+        hops = {
+            r["system"]: r
+            for r in rows
+            if r["condition"] == c and r["per_hop_ms"] is not None and not r["error"]
+        }
+        ll, lc = hops.get(SYSTEM_LAYERLINK), hops.get(SYSTEM_LLAMA)
+        if not ll or not lc:
             continue
         a, b = ll["per_hop_ms"], lc["per_hop_ms"]
         verdict = "lower" if a < b else "NOT lower"
@@ -673,8 +751,9 @@ def report_markdown(doc: dict[str, Any]) -> str:
             f"{_cell(r['predicted_tps'], '.1f')} | {err} |"
         )
     comp = comparison_lines(doc["rows"])
-    lines += ["", "per-hop ms = (ms/token of the row - ms/token of the same system's 1-stage row) "
-              "/ (stages - 1).", ""]  # fmt: skip
+    lines += ["", "per-hop ms = (ms/token of the k-stage row - ms/token of the same system's "
+              "1-stage row of the same condition, measured interleaved with it) / (stages - 1); "
+              "the one-host row uses the loopback 1-stage row.", ""]  # fmt: skip
     if comp:
         lines += ["## Per-hop overhead, LayerLink vs llama.cpp RPC", "", *comp, ""]
     lines += [

@@ -226,3 +226,11 @@ def test_killed_rpc_server_is_a_clear_error_not_a_hang(model_factory: ModelFacto
     row = failed.to_json()
     assert row["error"] == failed.error and row["per_hop_ms"] is None
     assert any(e.endswith(": loaded") for e in events)
+
+
+def test_negative_per_hop_is_noise_not_a_pass() -> None:
+    runs = bench.with_per_hop([result(SYSTEM_LAYERLINK, 1, 10.0), result(SYSTEM_LAYERLINK, 2, 9.0),
+                               result(SYSTEM_LLAMA, 1, 2.0), result(SYSTEM_LLAMA, 2, 3.0)])  # fmt: skip
+    checks = bench.suite_checks(runs, rtt_us=50.0)
+    assert checks and all(c.met is None for c in checks)
+    assert all("noise" in c.detail for c in checks)

@@ -84,7 +84,16 @@ def test_namespace_rows_cross_the_bridge(model_factory: ModelFactory, tmp_path: 
     rows = experiment.netns_rows(
         settings, model, gguf, systems, experiment.select_links(("1gbe",)), lambda _m: None
     )
-    assert {r.spec.system for r in rows} == set(systems)
+    assert {(r.spec.system, r.spec.stages) for r in rows} == {
+        (s, k) for s in systems for k in (1, 2)
+    }
+    for r in rows:
+        assert r.ok, r.error
+    ones = [r for r in rows if r.spec.stages == 1]
+    assert all([(p.start, p.end) for p in r.placement] == [(0, 8)] for r in ones)
+    rows = [r for r in rows if r.spec.stages == 2]
+    assert all(r.per_hop_ms is not None for r in experiment.bench.with_per_hop([*ones, *rows])
+               if r.spec.stages == 2)  # fmt: skip
     for r in rows:
         assert r.ok, r.error
         assert r.spec.deployment == "LAN 1 GbE" and r.spec.layers == (4, 4)
@@ -98,3 +107,37 @@ def test_namespace_rows_cross_the_bridge(model_factory: ModelFactory, tmp_path: 
             f"10.213.0.1:{experiment.RPC_PORT}",
             f"10.213.0.2:{experiment.RPC_PORT}",
         ]
+
+
+def test_real_nodes_rows(local_cluster, model_factory: ModelFactory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--node: rows measured on nodes named by address (the real-LAN mode), LayerLink only
+    when no llama.cpp RPC servers are named."""
+    import asyncio
+
+    model = model_factory("tiny", "llama")
+    nodes = asyncio.run(experiment.resolve_nodes([n.address for n in local_cluster.nodes[:2]]))
+    assert [n.name for n in nodes] == [n.name for n in local_cluster.nodes[:2]]
+    settings = experiment.ExperimentSettings(
+        model_dir=model, out_dir=tmp_path, stages=2, repeats=1, gen_tokens=4, prompt_tokens=8,
+        netns=False, lan_nodes=nodes,
+    )  # fmt: skip
+    result = experiment.split_penalty(settings, (bench.SYSTEM_LAYERLINK, bench.SYSTEM_LLAMA))
+    cluster = [r for r in result.rows if r.spec.deployment == experiment.DEPLOY_CLUSTER]
+    assert [(r.spec.system, r.spec.stages) for r in cluster] == [
+        (bench.SYSTEM_LAYERLINK, 1),
+        (bench.SYSTEM_LAYERLINK, 2),
+    ]
+    assert all(r.ok for r in cluster) and cluster[1].per_hop_ms is not None
+    assert [p.where for p in cluster[1].placement] == [n.name for n in nodes]
+    assert cluster[1].predicted_tps is None  # this machine's figures do not predict others
+    assert any("no llama.cpp RPC servers named" in n for n in result.notes)
+    with pytest.raises(ValueError, match="--node must be given 2 times"):
+        experiment.split_penalty(replace_nodes(settings, nodes[:1]))
+
+
+def replace_nodes(
+    settings: experiment.ExperimentSettings, nodes: tuple[bench.NodeRef, ...]
+) -> experiment.ExperimentSettings:
+    from dataclasses import replace
+
+    return replace(settings, lan_nodes=nodes)

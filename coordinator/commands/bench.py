@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens per run (default: 64)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (5)")
     p.add_argument(
-        "--threads", type=int, default=None, help="llama.cpp threads in one process (default: all)"
+        "--threads", type=int, default=1, help="llama.cpp threads in one process (default: 1)"
     )
     p.add_argument(
         "--rpc-threads", type=int, default=1,
@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="give up on one generation after this long (default: 120)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--rpc", action="append", default=[], metavar="HOST:PORT",
+        help="with --node/--nodes: a llama.cpp RPC server per stage, in stage order (default: "
+        "the servers the nodes advertise, `cluster-node up --llama-rpc`)",
+    )  # fmt: skip
     add_discovery_args(p)
     p.set_defaults(func=run_bench)
 
@@ -68,7 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (5)")
     s.add_argument("--no-llama", action="store_true", help="skip the llama.cpp baseline")
     s.add_argument(
-        "--threads", type=int, default=None, help="llama.cpp threads in one process (default: all)"
+        "--threads", type=int, default=1, help="llama.cpp threads in one process (default: 1)"
     )
     s.add_argument(
         "--rpc-threads", type=int, default=1,
@@ -98,7 +103,7 @@ def settings_from(args: argparse.Namespace, model: ModelInfo) -> bench.BenchSett
         settings.check(model.num_layers)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if (args.threads is not None and args.threads < 1) or args.rpc_threads < 1:
+    if args.threads < 1 or args.rpc_threads < 1:
         raise UserError("--threads and --rpc-threads must be at least 1")
     if args.timeout <= 0:
         raise UserError("--timeout must be positive")
@@ -125,6 +130,10 @@ async def bench_on_cluster(
     if bench.SYSTEM_LLAMA in systems:
         reason = bench.baseline_unavailable()
         missing = [r.name for r in records if not r.llama_rpc_port]
+        if args.rpc and len(args.rpc) != settings.stages:
+            raise UserError(f"--rpc must be given {settings.stages} times (once per stage)")
+        if args.rpc:
+            missing = []
         if not reason and missing:
             reason = (
                 f"node(s) {', '.join(missing)} serve no llama.cpp RPC: start them with "
@@ -134,7 +143,7 @@ async def bench_on_cluster(
             notes.append(reason)
             systems = tuple(s for s in systems if s != bench.SYSTEM_LLAMA)
         else:
-            endpoints = [f"{r.host}:{r.llama_rpc_port}" for r in records]
+            endpoints = list(args.rpc) or [f"{r.host}:{r.llama_rpc_port}" for r in records]
     machine = bench.machine_info()
     with bench.scratch_dir() as tmp:
         if bench.SYSTEM_LLAMA in systems:
@@ -200,6 +209,8 @@ def run_bench(args: argparse.Namespace) -> int:
     except SessionError as e:
         raise UserError(str(e)) from None
     settings = settings_from(args, model)
+    if args.rpc and not (args.node or args.nodes):
+        raise UserError("--rpc names the servers of a real cluster: give --node or --nodes too")
     if args.node or args.nodes:
         report = asyncio.run(bench_on_cluster(args, settings, model))
     else:
@@ -326,8 +337,8 @@ def show_suite(result: dict[str, Any]) -> None:
     raw = result["raw_socket"]
     console.text(
         f"raw TCP socket round trip ({raw['message_bytes']} B ping-pong, two processes, "
-        f"loopback): {result['raw_socket_rtt_us']:.0f} us (before {raw['before_us']:.0f}, "
-        f"after {raw['after_us']:.0f})"
+        f"loopback): median {result['raw_socket_rtt_us']:.0f} us of "
+        + ", ".join(f"{x:.0f}" for x in raw["measurements_us"])
     )
     checks = result["checks"]
     if checks:

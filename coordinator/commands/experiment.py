@@ -5,6 +5,7 @@ See coordinator/experiment.py for what each row means."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 from pathlib import Path
 
@@ -49,8 +50,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         + " (default: all; empty: none)",
     )
     s.add_argument("--no-netns", action="store_true", help="skip the namespace-LAN rows")
+    real = s.add_argument_group(
+        "real machines (optional)",
+        "k nodes each (`cluster-node up`), in stage order; llama.cpp rows where RPC servers "
+        "are named (`cluster-node up --llama-rpc`, or llama.cpp's own rpc-server with CUDA/Metal)",
+    )
+    real.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a node on the LAN (the 'cluster' rows)",
+    )
+    real.add_argument(
+        "--rpc",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a llama.cpp RPC server on the LAN",
+    )
+    real.add_argument(
+        "--pc-node",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a node of one multi-GPU PC, one per GPU (the 'one PC' rows)",
+    )
+    real.add_argument("--pc-rpc", action="append", default=[], metavar="HOST:PORT",
+                      help="a llama.cpp RPC server of that PC, one per GPU")  # fmt: skip
     s.add_argument(
-        "--threads", type=int, default=None, help="llama.cpp threads in one process (default: all)"
+        "--threads", type=int, default=1, help="llama.cpp threads in one process (default: 1)"
     )
     s.add_argument(
         "--rpc-threads", type=int, default=1,
@@ -67,11 +96,16 @@ def run_split_penalty(args: argparse.Namespace) -> int:
     links = tuple(x.strip() for x in args.links.split(",") if x.strip())
     if args.repeats < 1 or args.gen_tokens < 2 or args.prompt_tokens < 1:
         raise UserError("--repeats >= 1, --gen-tokens >= 2 and --prompt-tokens >= 1, please")
-    if args.rpc_threads < 1 or (args.threads is not None and args.threads < 1):
+    if args.rpc_threads < 1 or args.threads < 1:
         raise UserError("--threads and --rpc-threads must be at least 1")
     try:
         experiment.select_links(links)
     except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        lan_nodes = asyncio.run(experiment.resolve_nodes(args.node)) if args.node else ()
+        pc_nodes = asyncio.run(experiment.resolve_nodes(args.pc_node)) if args.pc_node else ()
+    except bench.BenchError as e:
         raise UserError(str(e)) from None
     settings = experiment.ExperimentSettings(
         model_dir=Path(args.model),
@@ -86,6 +120,10 @@ def run_split_penalty(args: argparse.Namespace) -> int:
         rpc_threads=args.rpc_threads,
         sample_timeout_s=args.timeout,
         command=reproduce(args),
+        pc_nodes=pc_nodes,
+        pc_rpc=tuple(args.pc_rpc),
+        lan_nodes=lan_nodes,
+        lan_rpc=tuple(args.rpc),
     )
 
     def say(message: str) -> None:
@@ -100,11 +138,12 @@ def run_split_penalty(args: argparse.Namespace) -> int:
     rows = [experiment.row_json(r) for r in result.rows]
     console.table(
         f"split penalty: {settings.stages} stages",
-        ["condition", "system", "tok/s", "ms/tok", "TTFT ms", "hop ms", "predicted"],
+        ["condition", "system", "stages", "tok/s", "ms/tok", "TTFT ms", "hop ms", "predicted"],
         [
             [
                 r["condition"],
                 r["system"],
+                r["stages"],
                 "error" if r["error"] else _f(r["decode_tps"], ".1f"),
                 _f(r["ms_per_token"], ".2f"),
                 _f(r["ttft_s"] * 1e3 if r["ttft_s"] else None, ".1f"),
@@ -132,10 +171,13 @@ def reproduce(args: argparse.Namespace) -> str:
             "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
             "--repeats", str(args.repeats), "--links", args.links,
             "--rpc-threads", str(args.rpc_threads)]  # fmt: skip
-    if args.threads is not None:
-        argv += ["--threads", str(args.threads)]
+    argv += ["--threads", str(args.threads)]
     if args.no_netns:
         argv.append("--no-netns")
+    for flag, values in (("--pc-node", args.pc_node), ("--pc-rpc", args.pc_rpc),
+                         ("--node", args.node), ("--rpc", args.rpc)):  # fmt: skip
+        for v in values:
+            argv += [flag, v]
     return experiment.command_line(argv)
 
 
