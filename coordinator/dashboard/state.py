@@ -1,0 +1,314 @@
+"""What the dashboard shows: every node's last GetInfo (polled in the background), the plan,
+the live serving figures and, when a probe result is at hand, the link matrix.
+
+`build_state` returns the JSON document served at GET /api/state; the page renders it as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+
+from coordinator.metrics import ServingMetrics
+from coordinator.nodeclient import NodeClient
+from coordinator.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """A node the dashboard watches."""
+
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    index: int
+    name: str
+    kind: str
+    mem_total_bytes: int
+    mem_free_bytes: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "kind": self.kind,
+            "mem_total_bytes": self.mem_total_bytes,
+            "mem_free_bytes": self.mem_free_bytes,
+            "mem_used_bytes": max(0, self.mem_total_bytes - self.mem_free_bytes),
+        }
+
+
+@dataclass(frozen=True)
+class StageView:
+    plan_id: str
+    model: str
+    start: int
+    end: int
+    active_requests: int
+    weight_bytes: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "plan_id": self.plan_id,
+            "model": self.model,
+            "layers": [self.start, self.end],
+            "active_requests": self.active_requests,
+            "weight_bytes": self.weight_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node as its last GetInfo described it (`reachable` False: the last call failed)."""
+
+    name: str
+    address: str
+    reachable: bool = False
+    error: str = "not polled yet"
+    node_id: str = ""
+    backend: str = ""
+    hostname: str = ""
+    os: str = ""
+    mem_total_bytes: int = 0
+    mem_available_bytes: int = 0
+    mlx_active_bytes: int = 0
+    devices: tuple[DeviceView, ...] = ()
+    stages: tuple[StageView, ...] = ()
+    rpc_s: float = 0.0
+    checked_at: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "address": self.address,
+            "reachable": self.reachable,
+            "error": self.error,
+            "node_id": self.node_id,
+            "backend": self.backend,
+            "hostname": self.hostname,
+            "os": self.os,
+            "mem_total_bytes": self.mem_total_bytes,
+            "mem_available_bytes": self.mem_available_bytes,
+            "mlx_active_bytes": self.mlx_active_bytes,
+            "devices": [d.to_json() for d in self.devices],
+            "stages": [s.to_json() for s in self.stages],
+            "rpc_ms": round(self.rpc_s * 1e3, 2),
+            "checked_at": self.checked_at,
+        }
+
+
+def node_view(target: NodeTarget, info: Any, rpc_s: float) -> NodeView:
+    """A NodeView from a NodeInfo message."""
+    return NodeView(
+        name=info.name or target.name,
+        address=target.address,
+        reachable=True,
+        error="",
+        node_id=info.node_id,
+        backend=info.backend,
+        hostname=info.hostname,
+        os=info.os,
+        mem_total_bytes=int(info.mem_total_bytes),
+        mem_available_bytes=int(info.mem_available_bytes),
+        mlx_active_bytes=int(info.mlx_active_bytes),
+        devices=tuple(
+            DeviceView(
+                index=int(d.index),
+                name=d.name,
+                kind=d.kind,
+                mem_total_bytes=int(d.mem_total_bytes),
+                mem_free_bytes=int(d.mem_free_bytes),
+            )
+            for d in info.devices
+        ),
+        stages=tuple(
+            StageView(
+                plan_id=s.plan_id,
+                model=s.model,
+                start=int(s.start),
+                end=int(s.end),
+                active_requests=int(s.active_requests),
+                weight_bytes=int(s.weight_bytes),
+            )
+            for s in info.stages
+        ),
+        rpc_s=rpc_s,
+        checked_at=time.time(),
+    )
+
+
+class NodeMonitor:
+    """Polls GetInfo on every watched node every `period_s` seconds, concurrently."""
+
+    def __init__(
+        self,
+        targets: Sequence[NodeTarget],
+        period_s: float = 1.5,
+        timeout_s: float = 2.0,
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        self.targets = tuple(targets)
+        self.period_s = period_s
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._views = {t.address: NodeView(name=t.name, address=t.address) for t in self.targets}
+        self._clients: dict[str, NodeClient] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def views(self) -> tuple[NodeView, ...]:
+        return tuple(self._views[t.address] for t in self.targets)
+
+    async def start(self) -> None:
+        if self._task is None:
+            await self.refresh()
+            self._task = asyncio.create_task(self._run(), name="node-monitor")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self._poll(t) for t in self.targets))
+
+    async def _poll(self, target: NodeTarget) -> None:
+        client = self._clients.get(target.address)
+        if client is None:
+            client = self._clients[target.address] = NodeClient(target.address)
+        t0 = time.perf_counter()
+        try:
+            info = await client.get_info(timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            old = self._views[target.address]
+            if old.reachable:
+                log.warning("node %s (%s) stopped answering: %s", target.name, target.address, e)
+            self._views[target.address] = replace(
+                old,
+                reachable=False,
+                error=f"{e.code().name}: {e.details()}",
+                checked_at=time.time(),
+            )
+            if self.metrics is not None:
+                self.metrics.node_up.set(0, node=target.name)
+            return
+        view = node_view(target, info, time.perf_counter() - t0)
+        self._views[target.address] = view
+        if self.metrics is not None:
+            self.metrics.node_up.set(1, node=target.name)
+            self.metrics.node_rpc.set(view.rpc_s, node=target.name)
+
+
+def plan_json(plan: Plan) -> dict[str, object]:
+    return {
+        "plan_id": plan.plan_id,
+        "model": plan.model,
+        "num_layers": plan.num_layers,
+        "version": plan.version,
+        "explanation": plan.explanation,
+        "stages": [
+            {
+                "index": i,
+                "node": s.node_name,
+                "node_id": s.node_id,
+                "address": s.address,
+                "device": s.device,
+                "layers": [s.start, s.end],
+                "layer_count": s.layer_count,
+            }
+            for i, s in enumerate(plan.stages)
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class LinkView:
+    """One measured node-to-node link, by node name."""
+
+    src: str
+    dst: str
+    latency_us: float
+    bandwidth_gbs: float
+    same_host: bool
+    slowest: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "latency_us": self.latency_us,
+            "bandwidth_gbs": self.bandwidth_gbs,
+            "same_host": self.same_host,
+            "slowest": self.slowest,
+        }
+
+
+def links_of(probe: Mapping[str, Any] | None) -> tuple[LinkView, ...] | None:
+    """The node-to-node links of a probe result (`ProbeResult.to_json()`: `nodes` with id and
+    name, `links` with src, dst, [src_name, dst_name,] latency_us, bandwidth_gbs, same_host,
+    slowest), by node name; None when there is no probe. Malformed entries are skipped."""
+    if not probe:
+        return None
+    names: dict[str, str] = {}
+    for n in probe.get("nodes", []) or []:
+        if isinstance(n, Mapping) and "id" in n:
+            names[str(n["id"])] = str(n.get("name") or n["id"])
+    out: list[LinkView] = []
+    for lk in probe.get("links", []) or []:
+        if not isinstance(lk, Mapping):
+            continue
+        try:
+            src, dst = str(lk["src"]), str(lk["dst"])
+            out.append(
+                LinkView(
+                    src=str(lk.get("src_name") or names.get(src, src)),
+                    dst=str(lk.get("dst_name") or names.get(dst, dst)),
+                    latency_us=float(lk["latency_us"]),
+                    bandwidth_gbs=float(lk["bandwidth_gbs"]),
+                    same_host=bool(lk.get("same_host", False)),
+                    slowest=bool(lk.get("slowest", False)),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            log.debug("skipping malformed link entry %r", lk)
+    return tuple(out)
+
+
+def build_state(
+    model_name: str,
+    plan: Plan | None,
+    metrics: ServingMetrics,
+    nodes: Sequence[NodeView],
+    probe: Mapping[str, Any] | None = None,
+) -> dict[str, object]:
+    links = links_of(probe)
+    return {
+        "model": model_name,
+        "plan": None if plan is None else plan_json(plan),
+        "nodes": [n.to_json() for n in nodes],
+        "live": metrics.live().to_json(),
+        "recent": [r.to_json() for r in metrics.recent],
+        "links": None if links is None else [lk.to_json() for lk in links],
+        "time": time.time(),
+    }

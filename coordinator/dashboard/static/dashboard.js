@@ -1,0 +1,190 @@
+// LayerLink dashboard: polls GET /api/state once a second and renders it. Names and other
+// strings come from the network (mDNS, node info), so they are set as text, never as HTML.
+"use strict";
+
+const POLL_MS = 1000;
+const HISTORY = 60;
+const COLORS = ["#4dabf7", "#69db7c", "#ffa94d", "#da77f2", "#ffd43b", "#38d9a9", "#ff8787", "#a9e34b"];
+const tpsHistory = [];
+const nodeColor = new Map();
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v;
+    else if (k === "style") e.style.cssText = v;
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+
+function bytes(n) {
+  if (!n) return "0 B";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function colorOf(name) {
+  if (!nodeColor.has(name)) nodeColor.set(name, COLORS[nodeColor.size % COLORS.length]);
+  return nodeColor.get(name);
+}
+
+function setText(id, value) { document.getElementById(id).textContent = value; }
+
+function renderLive(live) {
+  setText("tps", live.tokens_per_s.toFixed(1));
+  setText("in-flight", live.in_flight);
+  setText("queued", live.queued);
+  setText("requests-total", live.requests_total);
+  setText("tokens-total", live.completion_tokens_total);
+  tpsHistory.push(live.tokens_per_s);
+  if (tpsHistory.length > HISTORY) tpsHistory.shift();
+  const c = document.getElementById("tps-chart");
+  const g = c.getContext("2d");
+  g.clearRect(0, 0, c.width, c.height);
+  // The newest point at the right edge; one point per poll, the last minute.
+  const top = Math.max(1, ...tpsHistory);
+  const step = c.width / (HISTORY - 1);
+  const xy = tpsHistory.map((v, i) => [
+    c.width - (tpsHistory.length - 1 - i) * step,
+    c.height - 2 - (v / top) * (c.height - 14),
+  ]);
+  g.fillStyle = "rgba(77, 171, 247, 0.15)";
+  g.beginPath();
+  g.moveTo(xy[0][0], c.height);
+  for (const [x, y] of xy) g.lineTo(x, y);
+  g.lineTo(c.width, c.height);
+  g.fill();
+  g.strokeStyle = "#4dabf7";
+  g.lineWidth = 2;
+  g.beginPath();
+  xy.forEach(([x, y], i) => (i === 0 ? g.moveTo(x, y) : g.lineTo(x, y)));
+  g.stroke();
+  g.fillStyle = "#8a96a3";
+  g.font = "10px system-ui, sans-serif";
+  g.fillText(`max ${top.toFixed(0)} tok/s, last ${HISTORY} s`, 2, 10);
+}
+
+function renderPlan(plan) {
+  const bar = document.getElementById("plan-bar");
+  bar.replaceChildren();
+  if (!plan) {
+    setText("plan-id", "no plan loaded");
+    setText("plan-explanation", "");
+    return;
+  }
+  setText("plan-id", `${plan.plan_id} · ${plan.num_layers} layers · ${plan.stages.length} stage(s)`);
+  setText("plan-explanation", plan.explanation || "");
+  for (const s of plan.stages) {
+    const [a, b] = s.layers;
+    const seg = el("div", {
+      class: "plan-seg",
+      "data-node": s.node,
+      title: `stage ${s.index}: ${s.node} (${s.address}) layers [${a}, ${b})`,
+      style: `flex: ${b - a} 1 0; background: ${colorOf(s.node)}`,
+    }, `${s.node} [${a}, ${b})`);
+    bar.append(seg);
+  }
+}
+
+function renderNodes(nodes, plan) {
+  const box = document.getElementById("nodes");
+  box.replaceChildren();
+  for (const n of nodes) {
+    const card = el("div", {
+      class: "node" + (n.reachable ? "" : " down"),
+      "data-node": n.name,
+      style: `border-left-color: ${colorOf(n.name)}`,
+    });
+    card.append(el("div", { class: "name" }, n.name));
+    const meta = n.reachable
+      ? `${n.address} · ${n.backend} · ${n.hostname} · rpc ${n.rpc_ms.toFixed(1)} ms`
+      : `${n.address} · unreachable: ${n.error}`;
+    card.append(el("div", { class: "meta" }, meta));
+    for (const d of n.devices) {
+      const used = d.mem_used_bytes, total = d.mem_total_bytes || 1;
+      card.append(el("div", { class: "row" },
+        el("span", {}, `${d.kind}:${d.index} ${d.name}`),
+        el("span", {}, `${bytes(used)} used · ${bytes(d.mem_free_bytes)} free`)));
+      const bar = el("div", { class: "mem" }, el("div", { style: `width: ${(100 * used / total).toFixed(1)}%` }));
+      card.append(bar);
+    }
+    card.append(el("div", { class: "row" }, el("span", {}, "MLX memory"), el("span", {}, bytes(n.mlx_active_bytes))));
+    const mine = plan ? n.stages.filter((s) => s.plan_id === plan.plan_id) : [];
+    for (const s of mine) {
+      card.append(el("div", { class: "row" },
+        el("span", {}, `layers [${s.layers[0]}, ${s.layers[1]})`),
+        el("span", { class: "active" }, `${s.active_requests} active request(s)`)));
+    }
+    box.append(card);
+  }
+}
+
+function renderLinks(links) {
+  const section = document.getElementById("links-section");
+  if (!links || links.length === 0) { section.hidden = true; return; }
+  section.hidden = false;
+  const names = [...new Set(links.flatMap((l) => [l.src, l.dst]))].sort();
+  const byPair = new Map(links.map((l) => [`${l.src}\u0000${l.dst}`, l]));
+  // The probe marks its slowest links; without marks, the lowest bandwidth is the slowest.
+  const minBw = Math.min(...links.map((l) => l.bandwidth_gbs));
+  const marked = links.some((l) => l.slowest);
+  const isSlowest = (l) => (marked ? l.slowest : l.bandwidth_gbs === minBw);
+  const table = document.getElementById("links");
+  table.replaceChildren();
+  table.append(el("tr", {}, el("th", {}, "from \\ to"), ...names.map((n) => el("th", {}, n))));
+  for (const src of names) {
+    const row = el("tr", {}, el("th", {}, src));
+    for (const dst of names) {
+      const l = byPair.get(`${src}\u0000${dst}`);
+      if (src === dst) row.append(el("td", { class: "self" }, "—"));
+      else if (!l) row.append(el("td", {}, "?"));
+      else row.append(el("td", { class: isSlowest(l) ? "slowest" : "" },
+        `${l.latency_us.toFixed(0)} µs · ${l.bandwidth_gbs.toFixed(2)} GB/s${l.same_host ? " (same host)" : ""}`));
+    }
+    table.append(row);
+  }
+}
+
+function renderRecent(recent) {
+  const body = document.getElementById("recent");
+  body.replaceChildren();
+  for (const r of recent) {
+    body.append(el("tr", {},
+      el("td", {}, new Date(r.finished_at * 1000).toLocaleTimeString()),
+      el("td", {}, r.endpoint),
+      el("td", {}, r.prompt_tokens),
+      el("td", {}, r.completion_tokens),
+      el("td", {}, r.queue_ms.toFixed(1)),
+      el("td", {}, r.ttft_ms === null ? "–" : r.ttft_ms.toFixed(1)),
+      el("td", {}, r.tokens_per_s.toFixed(1)),
+      el("td", {}, r.finish_reason)));
+  }
+}
+
+async function poll() {
+  const status = document.getElementById("status");
+  try {
+    const res = await fetch("/api/state", { cache: "no-store" });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const state = await res.json();
+    setText("model", state.model);
+    renderLive(state.live);
+    renderPlan(state.plan);
+    renderNodes(state.nodes, state.plan);
+    renderLinks(state.links);
+    renderRecent(state.recent);
+    status.className = "status";
+    status.textContent = `updated ${new Date(state.time * 1000).toLocaleTimeString()}`;
+  } catch (err) {
+    status.className = "status bad";
+    status.textContent = `coordinator unreachable (${err.message})`;
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+poll();

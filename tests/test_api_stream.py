@@ -1,0 +1,400 @@
+"""Streaming over raw HTTP against `coordinator up` on the session's three nodes: the SSE
+framing, error bodies, many concurrent streams, client disconnects, and throughput with
+concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator.nodeclient import NodeClient
+from tests.test_api import CoordinatorProcess
+
+
+@pytest.fixture(scope="module")
+def server(
+    local_cluster: Any, tiny_llama: Path, tmp_path_factory: Any
+) -> Iterator[CoordinatorProcess]:
+    log = tmp_path_factory.mktemp("coordinator-stream") / "coordinator.log"
+    # Three stages, one per node: the plan splits the 8 layers over all of them.
+    proc = CoordinatorProcess(tiny_llama, local_cluster.nodes, log)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def plan(server: CoordinatorProcess) -> dict[str, Any]:
+    p: dict[str, Any] = httpx.get(server.url + "/api/state").json()["plan"]
+    assert len(p["stages"]) == 3
+    return p
+
+
+def sse_events(raw: bytes) -> list[str]:
+    """Split an SSE body into its data payloads, checking the framing on the way."""
+    text = raw.decode()
+    assert text.endswith("\n\n"), "every event ends with a blank line"
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), f"unexpected SSE block {block!r}"
+        assert "\n" not in block, "one data line per event"
+        events.append(block[len("data: ") :])
+    return events
+
+
+def test_chat_sse_framing(server: CoordinatorProcess, tiny_llama: Path) -> None:
+    body = {
+        "model": tiny_llama.name,
+        "messages": [{"role": "user", "content": "frame it"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.content)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert all(c["model"] == tiny_llama.name for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    *content, last, usage = chunks
+    assert all(c["choices"][0]["finish_reason"] is None for c in content)
+    assert all(c["usage"] is None for c in content + [last])
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert last["choices"][0]["delta"] == {}
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 12
+    whole = httpx.post(
+        server.url + "/v1/chat/completions", json={**body, "stream": False, "stream_options": None}
+    )
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in content)
+    assert text == whole.json()["choices"][0]["message"]["content"]
+
+
+def test_completion_sse_without_usage(server: CoordinatorProcess, tiny_llama: Path) -> None:
+    body = {"model": tiny_llama.name, "prompt": "abc", "max_tokens": 5, "stream": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    events = sse_events(r.content)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, None),
+        ("/v1/chat/completions", {"model": "tiny-llama"}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "tiny-llama", "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny-llama", "messages": [{"role": "x", "content": "a"}]},
+            400,
+            "messages.0.role",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "gpt-4", "messages": [{"role": "user", "content": "a"}]},
+            404,
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny-llama", "n": 3, "messages": [{"role": "user", "content": "a"}]},
+            400,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny-llama",
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "a"}],
+            },
+            400,
+            "stream_options",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny-llama", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]},
+            400,
+            "stop",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny-llama", "prompt": "a", "temperature": 3},
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny-llama", "prompt": "a", "max_tokens": 0},
+            400,
+            "max_tokens",
+        ),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": [1, 999999]}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ],
+)
+def test_error_bodies(
+    server: CoordinatorProcess, path: str, body: Any, status: int, param: str | None
+) -> None:
+    if isinstance(body, bytes):
+        r = httpx.post(
+            server.url + path, content=body, headers={"content-type": "application/json"}
+        )
+    else:
+        r = httpx.post(server.url + path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"] and isinstance(err["message"], str)
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+
+
+def test_unknown_route_is_openai_error(server: CoordinatorProcess) -> None:
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404
+    assert "error" in r.json()
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, model: str, content: str, max_tokens: int
+) -> tuple[str, int, float, float]:
+    """One streaming chat: (text, completion tokens, first-token time, end time)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    parts: list[str] = []
+    tokens = 0
+    first = 0.0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for ch in chunk["choices"]:
+                if ch["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    parts.append(ch["delta"]["content"])
+    return "".join(parts), tokens, first, time.perf_counter()
+
+
+def test_eight_concurrent_streams_match_their_solo_runs(
+    server: CoordinatorProcess, tiny_llama: Path, plan: dict[str, Any]
+) -> None:
+    prompts = [f"Request number {i}: tell me about {w}" for i, w in enumerate("abcdefgh")]
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            alone = [await stream_chat(c, tiny_llama.name, p, 20) for p in prompts]
+            together = await asyncio.gather(
+                *(stream_chat(c, tiny_llama.name, p, 20) for p in prompts)
+            )
+        assert len({a[0] for a in alone}) == len(prompts), "prompts should give distinct answers"
+        for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+            assert b[1] == a[1] == 20, f"request {i} token counts {a[1]} vs {b[1]}"
+            assert b[0] == a[0], f"request {i} differs when run with 7 others"
+
+    asyncio.run(scenario())
+
+
+async def active_requests(addresses: list[str], plan_id: str) -> list[int]:
+    out = []
+    for a in addresses:
+        async with NodeClient(a) as c:
+            info = await c.get_info(timeout=5)
+        out.append(sum(s.active_requests for s in info.stages if s.plan_id == plan_id))
+    return out
+
+
+async def poll_until(check: Any, timeout: float, interval: float = 0.1) -> Any:
+    """Call check() until it returns (True, value); fail with its last value after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, last = await check()
+        if done:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached in time (last: {last})")
+        await asyncio.sleep(interval)
+
+
+def test_client_disconnect_frees_every_kv_cache(
+    server: CoordinatorProcess, tiny_llama: Path, plan: dict[str, Any]
+) -> None:
+    addresses = [s["address"] for s in plan["stages"]]
+
+    async def scenario() -> None:
+        assert await active_requests(addresses, plan["plan_id"]) == [0, 0, 0]
+        body = {
+            "model": tiny_llama.name,
+            "prompt": "a long story",
+            "max_tokens": 1500,
+            "temperature": 0,
+            "stream": True,
+        }
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=60) as c,
+            c.stream("POST", "/v1/completions", json=body) as r,
+        ):
+            assert r.status_code == 200
+            # Read a few events but keep the line iterator alive: abandoning it would
+            # close the connection already.
+            lines = r.aiter_lines()
+            seen = 0
+            while seen < 5:
+                seen += (await lines.__anext__()).startswith("data: ")
+
+            async def all_hold_one() -> tuple[bool, list[int]]:
+                got = await active_requests(addresses, plan["plan_id"])
+                return got == [1, 1, 1], got
+
+            await poll_until(all_hold_one, 10)
+        # Leaving the block closes the connection mid-generation.
+
+        async def all_free() -> tuple[bool, list[int]]:
+            got = await active_requests(addresses, plan["plan_id"])
+            return got == [0, 0, 0], got
+
+        t0 = time.monotonic()
+        await poll_until(all_free, 10)
+        freed_after = time.monotonic() - t0
+        assert freed_after < 5, f"KV caches freed only after {freed_after:.1f}s"
+        metrics = httpx.get(server.url + "/metrics").text
+        assert (
+            'layerlink_requests_total{endpoint="completions",finish_reason="cancelled"} 1'
+            in metrics
+        )
+        state = httpx.get(server.url + "/api/state").json()
+        assert state["live"]["in_flight"] == 0
+        assert state["recent"][0]["finish_reason"] == "cancelled"
+        assert state["recent"][0]["completion_tokens"] < 1500
+
+    asyncio.run(scenario())
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
+    # Busy time of all CPUs together: user + nice + system + irq + softirq + steal.
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in cpu[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def test_aggregate_decode_rate_rises_with_concurrency(
+    server: CoordinatorProcess,
+    local_cluster: Any,
+    tiny_llama: Path,
+    plan: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """Aggregate decode tokens/s at concurrency 4 vs 1 on the 3-stage pipeline: rounds of each,
+    interleaved, median per level, after a warm-up round. On two cores the pipeline is
+    CPU-bound at concurrency 4, so CPU taken by processes outside this test makes the figure
+    meaningless: then the test skips and says how busy the machine was."""
+    max_tokens = 64
+    ours = [server.proc.pid, os.getpid(), *(n.pid for n in local_cluster.nodes)]
+
+    async def round_(c: httpx.AsyncClient, n: int) -> float:
+        runs = await asyncio.gather(
+            *(stream_chat(c, tiny_llama.name, f"throughput {i}", max_tokens) for i in range(n))
+        )
+        decoded = sum(tokens - 1 for _, tokens, _, _ in runs)
+        span = max(end for *_, end in runs) - min(first for _, _, first, _ in runs)
+        return decoded / span
+
+    async def scenario() -> dict[int, list[float]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            await round_(c, 4)
+            rates: dict[int, list[float]] = {1: [], 4: []}
+            for _ in range(3):
+                for n in (1, 4):
+                    rates[n].append(await round_(c, n))
+        return rates
+
+    t0, busy0 = time.monotonic(), _machine_busy_seconds()
+    ours0 = sum(_cpu_seconds(p) for p in ours)
+    rounds = asyncio.run(scenario())
+    wall = time.monotonic() - t0
+    others = (_machine_busy_seconds() - busy0 - (sum(_cpu_seconds(p) for p in ours) - ours0)) / wall
+    rates = {n: statistics.median(r) for n, r in rounds.items()}
+    ratio = rates[4] / rates[1]
+    report = {
+        "tokens_per_s": rates,
+        "rounds": rounds,
+        "ratio_4_vs_1": ratio,
+        "other_processes_cpu_cores": others,
+        "cpus": os.cpu_count(),
+    }
+    (tmp_path / "concurrency.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"aggregate decode tokens/s: c=1 {rates[1]:.1f}, c=4 {rates[4]:.1f}, ratio {ratio:.2f}; "
+        f"other processes used {others:.2f} cores"
+    )
+    if ratio < 1.5 and others > 0.25:
+        pytest.skip(
+            f"ratio {ratio:.2f} measured while other processes used {others:.2f} CPU cores; "
+            "run on a quiet machine to check the 1.5x target"
+        )
+    assert ratio >= 1.5, f"c=4 gives {rates[4]:.1f} tok/s, c=1 {rates[1]:.1f}: ratio {ratio:.2f}"
+
+
+def test_abandoned_nonstreaming_request_is_cancelled(
+    server: CoordinatorProcess, tiny_llama: Path, plan: dict[str, Any]
+) -> None:
+    addresses = [s["address"] for s in plan["stages"]]
+    body = {"model": tiny_llama.name, "prompt": "never mind", "max_tokens": 1500, "temperature": 0}
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            call = asyncio.create_task(c.post("/v1/completions", json=body, timeout=60))
+
+            async def all_hold_one() -> tuple[bool, list[int]]:
+                got = await active_requests(addresses, plan["plan_id"])
+                return got == [1, 1, 1], got
+
+            await poll_until(all_hold_one, 10)
+            call.cancel()  # closes the connection without reading an answer
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+
+        async def all_free() -> tuple[bool, list[int]]:
+            got = await active_requests(addresses, plan["plan_id"])
+            return got == [0, 0, 0], got
+
+        await poll_until(all_free, 5)
+        recent = httpx.get(server.url + "/api/state").json()["recent"][0]
+        assert recent["finish_reason"] == "cancelled" and recent["completion_tokens"] < 1500
+
+    asyncio.run(scenario())
