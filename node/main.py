@@ -93,7 +93,7 @@ async def serve(args: argparse.Namespace) -> int:
     from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
     from node.identity import node_id_for
     from node.mdns import Advertiser, NodeRecord, mdns_interfaces
-    from node.service import CHANNEL_OPTIONS, NodeConfig, NodeService
+    from node.service import SERVER_OPTIONS, NodeConfig, NodeService
 
     name = args.name or socket.gethostname().split(".")[0]
     for d in args.model_dir:
@@ -125,7 +125,7 @@ async def serve(args: argparse.Namespace) -> int:
             rpc_server.endpoint,
             rpc_version,
         )
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     if port == 0:
         log.error("cannot bind %s:%s (port in use?)", args.host, args.port)

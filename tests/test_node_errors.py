@@ -162,3 +162,49 @@ def test_idle_request_caches_expire(tiny_llama: Path, session_dir: Path) -> None
         live, after = asyncio.run(go(cl.nodes[0].address))
     assert live == 1
     assert after == 0
+
+
+def test_idle_pipeline_survives_keepalive_pings(tiny_llama: Path, session_dir: Path) -> None:
+    """Regression: servers refused the clients' keepalive pings (GOAWAY too_many_pings), so a
+    pipeline idle for a few ping intervals hung on its next request."""
+    import os
+
+    from coordinator.localcluster import LocalCluster
+
+    fast_pings = {"LAYERLINK_GRPC_KEEPALIVE_MS": "500"}
+    old = os.environ.get("LAYERLINK_GRPC_KEEPALIVE_MS")
+    os.environ.update(fast_pings)  # the coordinator side of this test pings fast too
+    try:
+        import importlib
+
+        import coordinator.nodeclient
+        import node.service
+
+        importlib.reload(node.service)
+        importlib.reload(coordinator.nodeclient)
+
+        async def go(nodes: list[object]) -> tuple[int, int]:
+            from coordinator.pipeline import Pipeline
+            from coordinator.session import even_counts, fixed_plan, read_model
+
+            model = read_model(tiny_llama)
+            p = Pipeline(fixed_plan(model, nodes, even_counts(8, 2)), str(model.path))
+            await p.load()
+            await p.open()
+            try:
+                first = await p.generate([1, 2, 3], GenerationParams(max_tokens=4, step_timeout_s=10))
+                await asyncio.sleep(4.0)  # eight ping intervals with no traffic
+                second = await p.generate([1, 2, 3], GenerationParams(max_tokens=4, step_timeout_s=10))
+                return len(first.tokens), len(second.tokens)
+            finally:
+                await p.close()
+
+        with LocalCluster(2, "keepalive", log_dir=session_dir, name_prefix="ka", env=fast_pings) as cl:
+            assert asyncio.run(go(cl.nodes)) == (4, 4)
+    finally:
+        if old is None:
+            os.environ.pop("LAYERLINK_GRPC_KEEPALIVE_MS", None)
+        else:
+            os.environ["LAYERLINK_GRPC_KEEPALIVE_MS"] = old
+        importlib.reload(node.service)
+        importlib.reload(coordinator.nodeclient)
