@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17layerlink/v1/node.proto\x12\x0clayerlink.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x08PcieInfo\x12\x0b\n\x03gen\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0f\n\x07max_gen\x18\x03 \x01(\x05\x12\x11\n\tmax_width\x18\x04 \x01(\x05\"\x8e\x01\n\nDeviceInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0emem_free_bytes\x18\x05 \x01(\x04\x12$\n\x04pcie\x18\x06 \x01(\x0b\x32\x16.layerlink.v1.PcieInfo\"\xab\x01\n\x0bStageStatus\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\r\n\x05\x66irst\x18\x05 \x01(\x08\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cnext_address\x18\t \x01(\t\"\x8d\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0b\n\x03\x63pu\x18\x06 \x01(\t\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x08 \x01(\x04\x12\x1b\n\x13mem_available_bytes\x18\t \x01(\x04\x12)\n\x07\x64\x65vices\x18\n \x03(\x0b\x32\x18.layerlink.v1.DeviceInfo\x12)\n\x06stages\x18\x0b \x03(\x0b\x32\x19.layerlink.v1.StageStatus\x12\x11\n\tgrpc_port\x18\x0c \x01(\r\x12\x0f\n\x07\x63luster\x18\r \x01(\t\x12\x18\n\x10mlx_active_bytes\x18\x0e \x01(\x04\x12\x16\n\x0ellama_rpc_port\x18\x0f \x01(\r\x12\x19\n\x11llama_rpc_version\x18\x10 \x01(\r\x12\x0f\n\x07version\x18\x11 \x01(\t\"\x10\n\x0eGetInfoRequest\"\x93\x01\n\x10LoadStageRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x14\n\x0cnext_address\x18\x05 \x01(\t\x12\x13\n\x0bstage_index\x18\x06 \x01(\r\x12\x13\n\x0bstage_count\x18\x07 \x01(\r\"P\n\x0eLoadStageReply\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.layerlink.v1.StageStatus\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\"%\n\x12UnloadStageRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"$\n\x10UnloadStageReply\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"T\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\"\x84\x02\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\"\n\x05phase\x18\x03 \x01(\x0e\x32\x13.layerlink.v1.Phase\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12$\n\x06hidden\x18\x05 \x01(\x0b\x32\x14.layerlink.v1.Tensor\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12.\n\x08sampling\x18\x07 \x01(\x0b\x32\x1c.layerlink.v1.SamplingParams\x12\x13\n\x0bwant_logits\x18\x08 \x01(\x08\x12\x10\n\x08position\x18\t \x01(\r\x12\x0c\n\x04step\x18\n \x01(\r\"O\n\x0c\x46orwardReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\r\"#\n\x10SubscribeRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"\xb0\x01\n\nStageEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\x05\x12$\n\x06logits\x18\x04 \x01(\x0b\x32\x14.layerlink.v1.Tensor\x12\x0c\n\x04\x63ode\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x13\n\x0bstage_index\x18\x07 \x01(\r\x12\x17\n\x0f\x63ompute_seconds\x18\x08 \x01(\x01\"5\n\x0eReleaseRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"\x1c\n\tEchoReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"d\n\x12MeasureLinkRequest\x12\x16\n\x0etarget_address\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x03(\r\x12\x0f\n\x07repeats\x18\x03 \x01(\r\x12\x0e\n\x06warmup\x18\x04 \x01(\r\":\n\nLinkSample\x12\x15\n\rpayload_bytes\x18\x01 \x01(\r\x12\x15\n\rmedian_rtt_us\x18\x02 \x01(\x01\"\xa9\x01\n\x10MeasureLinkReply\x12\x16\n\x0etarget_node_id\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.layerlink.v1.LinkSample\x12\x12\n\nlatency_us\x18\x03 \x01(\x01\x12\x15\n\rbandwidth_gbs\x18\x04 \x01(\x01\x12\x14\n\x0c\x66it_residual\x18\x05 \x01(\x01\x12\x11\n\tsame_host\x18\x06 \x01(\x08\"=\n\x15MeasureDevicesRequest\x12\x0e\n\x06\x64types\x18\x01 \x03(\t\x12\x14\n\x0c\x62uffer_bytes\x18\x02 \x01(\x04\"\xa2\x01\n\x0fPcieMeasurement\x12$\n\x04link\x18\x01 \x01(\x0b\x32\x16.layerlink.v1.PcieInfo\x12\x17\n\x0ftheoretical_gbs\x18\x02 \x01(\x01\x12\x0f\n\x07h2d_gbs\x18\x03 \x01(\x01\x12\x0f\n\x07\x64\x32h_gbs\x18\x04 \x01(\x01\x12\x16\n\x0eh2d_latency_us\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x32h_latency_us\x18\x06 \x01(\x01\"(\n\nStreamRate\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x0b\n\x03gbs\x18\x02 \x01(\x01\"\xa0\x02\n\x11\x44\x65viceMeasurement\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0emem_free_bytes\x18\x05 \x01(\x04\x12\x12\n\nstream_gbs\x18\x06 \x01(\x01\x12\x31\n\x0fstream_by_dtype\x18\x07 \x03(\x0b\x32\x18.layerlink.v1.StreamRate\x12\x15\n\rmatmul_tflops\x18\x08 \x01(\x01\x12+\n\x04pcie\x18\t \x01(\x0b\x32\x1d.layerlink.v1.PcieMeasurement\x12\x16\n\x0eunified_memory\x18\n \x01(\x08\x12\x0c\n\x04note\x18\x0b \x01(\t\"s\n\x13MeasureDevicesReply\x12\x30\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1f.layerlink.v1.DeviceMeasurement\x12\x15\n\rhost_copy_gbs\x18\x02 \x01(\x01\x12\x13\n\x0bnvml_status\x18\x03 \x01(\t*V\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_PREFILL\x10\x01\x12\x10\n\x0cPHASE_DECODE\x10\x02\x12\x11\n\rPHASE_RELEASE\x10\x03\x32\xa5\x05\n\x04Node\x12?\n\x07GetInfo\x12\x1c.layerlink.v1.GetInfoRequest\x1a\x16.layerlink.v1.NodeInfo\x12I\n\tLoadStage\x12\x1e.layerlink.v1.LoadStageRequest\x1a\x1c.layerlink.v1.LoadStageReply\x12O\n\x0bUnloadStage\x12 .layerlink.v1.UnloadStageRequest\x1a\x1e.layerlink.v1.UnloadStageReply\x12G\n\x07\x46orward\x12\x1c.layerlink.v1.ForwardRequest\x1a\x1a.layerlink.v1.ForwardReply(\x01\x30\x01\x12G\n\tSubscribe\x12\x1e.layerlink.v1.SubscribeRequest\x1a\x18.layerlink.v1.StageEvent0\x01\x12\x43\n\x07Release\x12\x1c.layerlink.v1.ReleaseRequest\x1a\x1a.layerlink.v1.ReleaseReply\x12>\n\x04\x45\x63ho\x12\x19.layerlink.v1.EchoRequest\x1a\x17.layerlink.v1.EchoReply(\x01\x30\x01\x12O\n\x0bMeasureLink\x12 .layerlink.v1.MeasureLinkRequest\x1a\x1e.layerlink.v1.MeasureLinkReply\x12X\n\x0eMeasureDevices\x12#.layerlink.v1.MeasureDevicesRequest\x1a!.layerlink.v1.MeasureDevicesReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17layerlink/v1/node.proto\x12\x0clayerlink.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x08PcieInfo\x12\x0b\n\x03gen\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0f\n\x07max_gen\x18\x03 \x01(\x05\x12\x11\n\tmax_width\x18\x04 \x01(\x05\"\x8e\x01\n\nDeviceInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0emem_free_bytes\x18\x05 \x01(\x04\x12$\n\x04pcie\x18\x06 \x01(\x0b\x32\x16.layerlink.v1.PcieInfo\"\xab\x01\n\x0bStageStatus\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\r\n\x05\x66irst\x18\x05 \x01(\x08\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cnext_address\x18\t \x01(\t\"\xa0\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0b\n\x03\x63pu\x18\x06 \x01(\t\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x08 \x01(\x04\x12\x1b\n\x13mem_available_bytes\x18\t \x01(\x04\x12)\n\x07\x64\x65vices\x18\n \x03(\x0b\x32\x18.layerlink.v1.DeviceInfo\x12)\n\x06stages\x18\x0b \x03(\x0b\x32\x19.layerlink.v1.StageStatus\x12\x11\n\tgrpc_port\x18\x0c \x01(\r\x12\x0f\n\x07\x63luster\x18\r \x01(\t\x12\x18\n\x10mlx_active_bytes\x18\x0e \x01(\x04\x12\x16\n\x0ellama_rpc_port\x18\x0f \x01(\r\x12\x19\n\x11llama_rpc_version\x18\x10 \x01(\r\x12\x0f\n\x07version\x18\x11 \x01(\t\x12\x11\n\tdata_port\x18\x12 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xc9\x01\n\x10LoadStageRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x14\n\x0cnext_address\x18\x05 \x01(\t\x12\x13\n\x0bstage_index\x18\x06 \x01(\r\x12\x13\n\x0bstage_count\x18\x07 \x01(\r\x12\x19\n\x11next_data_address\x18\x08 \x01(\t\x12\x19\n\x11ring_data_address\x18\t \x01(\t\"P\n\x0eLoadStageReply\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.layerlink.v1.StageStatus\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\"%\n\x12UnloadStageRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"$\n\x10UnloadStageReply\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"T\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\"\xad\x02\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\"\n\x05phase\x18\x03 \x01(\x0e\x32\x13.layerlink.v1.Phase\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12$\n\x06hidden\x18\x05 \x01(\x0b\x32\x14.layerlink.v1.Tensor\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12.\n\x08sampling\x18\x07 \x01(\x0b\x32\x1c.layerlink.v1.SamplingParams\x12\x13\n\x0bwant_logits\x18\x08 \x01(\x08\x12\x10\n\x08position\x18\t \x01(\r\x12\x0c\n\x04step\x18\n \x01(\r\x12\x12\n\nmax_tokens\x18\x0b \x01(\r\x12\x13\n\x0bstop_tokens\x18\x0c \x03(\x05\"O\n\x0c\x46orwardReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\r\"#\n\x10SubscribeRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"\xb0\x01\n\nStageEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\x05\x12$\n\x06logits\x18\x04 \x01(\x0b\x32\x14.layerlink.v1.Tensor\x12\x0c\n\x04\x63ode\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x13\n\x0bstage_index\x18\x07 \x01(\r\x12\x17\n\x0f\x63ompute_seconds\x18\x08 \x01(\x01\"5\n\x0eReleaseRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"\x1c\n\tEchoReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"d\n\x12MeasureLinkRequest\x12\x16\n\x0etarget_address\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x03(\r\x12\x0f\n\x07repeats\x18\x03 \x01(\r\x12\x0e\n\x06warmup\x18\x04 \x01(\r\":\n\nLinkSample\x12\x15\n\rpayload_bytes\x18\x01 \x01(\r\x12\x15\n\rmedian_rtt_us\x18\x02 \x01(\x01\"\xa9\x01\n\x10MeasureLinkReply\x12\x16\n\x0etarget_node_id\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.layerlink.v1.LinkSample\x12\x12\n\nlatency_us\x18\x03 \x01(\x01\x12\x15\n\rbandwidth_gbs\x18\x04 \x01(\x01\x12\x14\n\x0c\x66it_residual\x18\x05 \x01(\x01\x12\x11\n\tsame_host\x18\x06 \x01(\x08\"=\n\x15MeasureDevicesRequest\x12\x0e\n\x06\x64types\x18\x01 \x03(\t\x12\x14\n\x0c\x62uffer_bytes\x18\x02 \x01(\x04\"\xa2\x01\n\x0fPcieMeasurement\x12$\n\x04link\x18\x01 \x01(\x0b\x32\x16.layerlink.v1.PcieInfo\x12\x17\n\x0ftheoretical_gbs\x18\x02 \x01(\x01\x12\x0f\n\x07h2d_gbs\x18\x03 \x01(\x01\x12\x0f\n\x07\x64\x32h_gbs\x18\x04 \x01(\x01\x12\x16\n\x0eh2d_latency_us\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x32h_latency_us\x18\x06 \x01(\x01\"(\n\nStreamRate\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x0b\n\x03gbs\x18\x02 \x01(\x01\"\xa0\x02\n\x11\x44\x65viceMeasurement\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0emem_free_bytes\x18\x05 \x01(\x04\x12\x12\n\nstream_gbs\x18\x06 \x01(\x01\x12\x31\n\x0fstream_by_dtype\x18\x07 \x03(\x0b\x32\x18.layerlink.v1.StreamRate\x12\x15\n\rmatmul_tflops\x18\x08 \x01(\x01\x12+\n\x04pcie\x18\t \x01(\x0b\x32\x1d.layerlink.v1.PcieMeasurement\x12\x16\n\x0eunified_memory\x18\n \x01(\x08\x12\x0c\n\x04note\x18\x0b \x01(\t\"s\n\x13MeasureDevicesReply\x12\x30\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1f.layerlink.v1.DeviceMeasurement\x12\x15\n\rhost_copy_gbs\x18\x02 \x01(\x01\x12\x13\n\x0bnvml_status\x18\x03 \x01(\t*V\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_PREFILL\x10\x01\x12\x10\n\x0cPHASE_DECODE\x10\x02\x12\x11\n\rPHASE_RELEASE\x10\x03\x32\xa5\x05\n\x04Node\x12?\n\x07GetInfo\x12\x1c.layerlink.v1.GetInfoRequest\x1a\x16.layerlink.v1.NodeInfo\x12I\n\tLoadStage\x12\x1e.layerlink.v1.LoadStageRequest\x1a\x1c.layerlink.v1.LoadStageReply\x12O\n\x0bUnloadStage\x12 .layerlink.v1.UnloadStageRequest\x1a\x1e.layerlink.v1.UnloadStageReply\x12G\n\x07\x46orward\x12\x1c.layerlink.v1.ForwardRequest\x1a\x1a.layerlink.v1.ForwardReply(\x01\x30\x01\x12G\n\tSubscribe\x12\x1e.layerlink.v1.SubscribeRequest\x1a\x18.layerlink.v1.StageEvent0\x01\x12\x43\n\x07Release\x12\x1c.layerlink.v1.ReleaseRequest\x1a\x1a.layerlink.v1.ReleaseReply\x12>\n\x04\x45\x63ho\x12\x19.layerlink.v1.EchoRequest\x1a\x17.layerlink.v1.EchoReply(\x01\x30\x01\x12O\n\x0bMeasureLink\x12 .layerlink.v1.MeasureLinkRequest\x1a\x1e.layerlink.v1.MeasureLinkReply\x12X\n\x0eMeasureDevices\x12#.layerlink.v1.MeasureDevicesRequest\x1a!.layerlink.v1.MeasureDevicesReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layerlink.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=3047
-  _globals['_PHASE']._serialized_end=3133
+  _globals['_PHASE']._serialized_start=3161
+  _globals['_PHASE']._serialized_end=3247
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=93
   _globals['_PCIEINFO']._serialized_start=95
@@ -42,51 +42,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGESTATUS']._serialized_start=317
   _globals['_STAGESTATUS']._serialized_end=488
   _globals['_NODEINFO']._serialized_start=491
-  _globals['_NODEINFO']._serialized_end=888
-  _globals['_GETINFOREQUEST']._serialized_start=890
-  _globals['_GETINFOREQUEST']._serialized_end=906
-  _globals['_LOADSTAGEREQUEST']._serialized_start=909
-  _globals['_LOADSTAGEREQUEST']._serialized_end=1056
-  _globals['_LOADSTAGEREPLY']._serialized_start=1058
-  _globals['_LOADSTAGEREPLY']._serialized_end=1138
-  _globals['_UNLOADSTAGEREQUEST']._serialized_start=1140
-  _globals['_UNLOADSTAGEREQUEST']._serialized_end=1177
-  _globals['_UNLOADSTAGEREPLY']._serialized_start=1179
-  _globals['_UNLOADSTAGEREPLY']._serialized_end=1215
-  _globals['_SAMPLINGPARAMS']._serialized_start=1217
-  _globals['_SAMPLINGPARAMS']._serialized_end=1301
-  _globals['_FORWARDREQUEST']._serialized_start=1304
-  _globals['_FORWARDREQUEST']._serialized_end=1564
-  _globals['_FORWARDREPLY']._serialized_start=1566
-  _globals['_FORWARDREPLY']._serialized_end=1645
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1647
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1682
-  _globals['_STAGEEVENT']._serialized_start=1685
-  _globals['_STAGEEVENT']._serialized_end=1861
-  _globals['_RELEASEREQUEST']._serialized_start=1863
-  _globals['_RELEASEREQUEST']._serialized_end=1916
-  _globals['_RELEASEREPLY']._serialized_start=1918
-  _globals['_RELEASEREPLY']._serialized_end=1950
-  _globals['_ECHOREQUEST']._serialized_start=1952
-  _globals['_ECHOREQUEST']._serialized_end=2003
-  _globals['_ECHOREPLY']._serialized_start=2005
-  _globals['_ECHOREPLY']._serialized_end=2033
-  _globals['_MEASURELINKREQUEST']._serialized_start=2035
-  _globals['_MEASURELINKREQUEST']._serialized_end=2135
-  _globals['_LINKSAMPLE']._serialized_start=2137
-  _globals['_LINKSAMPLE']._serialized_end=2195
-  _globals['_MEASURELINKREPLY']._serialized_start=2198
-  _globals['_MEASURELINKREPLY']._serialized_end=2367
-  _globals['_MEASUREDEVICESREQUEST']._serialized_start=2369
-  _globals['_MEASUREDEVICESREQUEST']._serialized_end=2430
-  _globals['_PCIEMEASUREMENT']._serialized_start=2433
-  _globals['_PCIEMEASUREMENT']._serialized_end=2595
-  _globals['_STREAMRATE']._serialized_start=2597
-  _globals['_STREAMRATE']._serialized_end=2637
-  _globals['_DEVICEMEASUREMENT']._serialized_start=2640
-  _globals['_DEVICEMEASUREMENT']._serialized_end=2928
-  _globals['_MEASUREDEVICESREPLY']._serialized_start=2930
-  _globals['_MEASUREDEVICESREPLY']._serialized_end=3045
-  _globals['_NODE']._serialized_start=3136
-  _globals['_NODE']._serialized_end=3813
+  _globals['_NODEINFO']._serialized_end=907
+  _globals['_GETINFOREQUEST']._serialized_start=909
+  _globals['_GETINFOREQUEST']._serialized_end=925
+  _globals['_LOADSTAGEREQUEST']._serialized_start=928
+  _globals['_LOADSTAGEREQUEST']._serialized_end=1129
+  _globals['_LOADSTAGEREPLY']._serialized_start=1131
+  _globals['_LOADSTAGEREPLY']._serialized_end=1211
+  _globals['_UNLOADSTAGEREQUEST']._serialized_start=1213
+  _globals['_UNLOADSTAGEREQUEST']._serialized_end=1250
+  _globals['_UNLOADSTAGEREPLY']._serialized_start=1252
+  _globals['_UNLOADSTAGEREPLY']._serialized_end=1288
+  _globals['_SAMPLINGPARAMS']._serialized_start=1290
+  _globals['_SAMPLINGPARAMS']._serialized_end=1374
+  _globals['_FORWARDREQUEST']._serialized_start=1377
+  _globals['_FORWARDREQUEST']._serialized_end=1678
+  _globals['_FORWARDREPLY']._serialized_start=1680
+  _globals['_FORWARDREPLY']._serialized_end=1759
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1761
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1796
+  _globals['_STAGEEVENT']._serialized_start=1799
+  _globals['_STAGEEVENT']._serialized_end=1975
+  _globals['_RELEASEREQUEST']._serialized_start=1977
+  _globals['_RELEASEREQUEST']._serialized_end=2030
+  _globals['_RELEASEREPLY']._serialized_start=2032
+  _globals['_RELEASEREPLY']._serialized_end=2064
+  _globals['_ECHOREQUEST']._serialized_start=2066
+  _globals['_ECHOREQUEST']._serialized_end=2117
+  _globals['_ECHOREPLY']._serialized_start=2119
+  _globals['_ECHOREPLY']._serialized_end=2147
+  _globals['_MEASURELINKREQUEST']._serialized_start=2149
+  _globals['_MEASURELINKREQUEST']._serialized_end=2249
+  _globals['_LINKSAMPLE']._serialized_start=2251
+  _globals['_LINKSAMPLE']._serialized_end=2309
+  _globals['_MEASURELINKREPLY']._serialized_start=2312
+  _globals['_MEASURELINKREPLY']._serialized_end=2481
+  _globals['_MEASUREDEVICESREQUEST']._serialized_start=2483
+  _globals['_MEASUREDEVICESREQUEST']._serialized_end=2544
+  _globals['_PCIEMEASUREMENT']._serialized_start=2547
+  _globals['_PCIEMEASUREMENT']._serialized_end=2709
+  _globals['_STREAMRATE']._serialized_start=2711
+  _globals['_STREAMRATE']._serialized_end=2751
+  _globals['_DEVICEMEASUREMENT']._serialized_start=2754
+  _globals['_DEVICEMEASUREMENT']._serialized_end=3042
+  _globals['_MEASUREDEVICESREPLY']._serialized_start=3044
+  _globals['_MEASUREDEVICESREPLY']._serialized_end=3159
+  _globals['_NODE']._serialized_start=3250
+  _globals['_NODE']._serialized_end=3927
 # @@protoc_insertion_point(module_scope)

@@ -79,7 +79,7 @@ class StageStatus(_message.Message):
     def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_address: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "protocol_version", "backend", "os", "cpu", "hostname", "mem_total_bytes", "mem_available_bytes", "devices", "stages", "grpc_port", "cluster", "mlx_active_bytes", "llama_rpc_port", "llama_rpc_version", "version")
+    __slots__ = ("node_id", "name", "protocol_version", "backend", "os", "cpu", "hostname", "mem_total_bytes", "mem_available_bytes", "devices", "stages", "grpc_port", "cluster", "mlx_active_bytes", "llama_rpc_port", "llama_rpc_version", "version", "data_port")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class NodeInfo(_message.Message):
     LLAMA_RPC_PORT_FIELD_NUMBER: _ClassVar[int]
     LLAMA_RPC_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     protocol_version: int
@@ -114,14 +115,15 @@ class NodeInfo(_message.Message):
     llama_rpc_port: int
     llama_rpc_version: int
     version: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., backend: _Optional[str] = ..., os: _Optional[str] = ..., cpu: _Optional[str] = ..., hostname: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., grpc_port: _Optional[int] = ..., cluster: _Optional[str] = ..., mlx_active_bytes: _Optional[int] = ..., llama_rpc_port: _Optional[int] = ..., llama_rpc_version: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    data_port: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., backend: _Optional[str] = ..., os: _Optional[str] = ..., cpu: _Optional[str] = ..., hostname: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., grpc_port: _Optional[int] = ..., cluster: _Optional[str] = ..., mlx_active_bytes: _Optional[int] = ..., llama_rpc_port: _Optional[int] = ..., llama_rpc_version: _Optional[int] = ..., version: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("plan_id", "model_path", "start", "end", "next_address", "stage_index", "stage_count")
+    __slots__ = ("plan_id", "model_path", "start", "end", "next_address", "stage_index", "stage_count", "next_data_address", "ring_data_address")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +131,8 @@ class LoadStageRequest(_message.Message):
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RING_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model_path: str
     start: int
@@ -136,7 +140,9 @@ class LoadStageRequest(_message.Message):
     next_address: str
     stage_index: int
     stage_count: int
-    def __init__(self, plan_id: _Optional[str] = ..., model_path: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ...) -> None: ...
+    next_data_address: str
+    ring_data_address: str
+    def __init__(self, plan_id: _Optional[str] = ..., model_path: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., next_data_address: _Optional[str] = ..., ring_data_address: _Optional[str] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("stage", "load_seconds")
@@ -171,7 +177,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "plan_id", "phase", "tokens", "hidden", "sample", "sampling", "want_logits", "position", "step")
+    __slots__ = ("request_id", "plan_id", "phase", "tokens", "hidden", "sample", "sampling", "want_logits", "position", "step", "max_tokens", "stop_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +188,8 @@ class ForwardRequest(_message.Message):
     WANT_LOGITS_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plan_id: str
     phase: Phase
@@ -192,7 +200,9 @@ class ForwardRequest(_message.Message):
     want_logits: bool
     position: int
     step: int
-    def __init__(self, request_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., want_logits: _Optional[bool] = ..., position: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    max_tokens: int
+    stop_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., want_logits: _Optional[bool] = ..., position: _Optional[int] = ..., step: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("request_id", "code", "message", "step")
