@@ -57,7 +57,7 @@ class DeviceInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., pcie: _Optional[_Union[PcieInfo, _Mapping]] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("plan_id", "model", "start", "end", "first", "last", "active_requests", "weight_bytes", "next_address")
+    __slots__ = ("plan_id", "model", "start", "end", "first", "last", "active_requests", "weight_bytes", "next_address", "weights_id")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class StageStatus(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ID_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model: str
     start: int
@@ -76,7 +77,8 @@ class StageStatus(_message.Message):
     active_requests: int
     weight_bytes: int
     next_address: str
-    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_address: _Optional[str] = ...) -> None: ...
+    weights_id: str
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., weights_id: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "protocol_version", "backend", "os", "cpu", "hostname", "mem_total_bytes", "mem_available_bytes", "devices", "stages", "grpc_port", "cluster", "mlx_active_bytes", "llama_rpc_port", "llama_rpc_version", "version", "data_port")
@@ -123,7 +125,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("plan_id", "model_path", "start", "end", "next_address", "stage_index", "stage_count", "next_data_address", "ring_data_address")
+    __slots__ = ("plan_id", "model_path", "start", "end", "next_address", "stage_index", "stage_count", "next_data_address", "ring_data_address", "weights_id")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +135,7 @@ class LoadStageRequest(_message.Message):
     STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     NEXT_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RING_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ID_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model_path: str
     start: int
@@ -142,7 +145,8 @@ class LoadStageRequest(_message.Message):
     stage_count: int
     next_data_address: str
     ring_data_address: str
-    def __init__(self, plan_id: _Optional[str] = ..., model_path: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., next_data_address: _Optional[str] = ..., ring_data_address: _Optional[str] = ...) -> None: ...
+    weights_id: str
+    def __init__(self, plan_id: _Optional[str] = ..., model_path: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., next_data_address: _Optional[str] = ..., ring_data_address: _Optional[str] = ..., weights_id: _Optional[str] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("stage", "load_seconds")
@@ -373,3 +377,79 @@ class MeasureDevicesReply(_message.Message):
     host_copy_gbs: float
     nvml_status: str
     def __init__(self, devices: _Optional[_Iterable[_Union[DeviceMeasurement, _Mapping]]] = ..., host_copy_gbs: _Optional[float] = ..., nvml_status: _Optional[str] = ...) -> None: ...
+
+class TensorRef(_message.Message):
+    __slots__ = ("name", "sha256", "dtype", "shape", "nbytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class PrepareWeightsRequest(_message.Message):
+    __slots__ = ("model", "model_path", "config_json", "tensors", "verify", "label")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_path: str
+    config_json: bytes
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorRef]
+    verify: bool
+    label: str
+    def __init__(self, model: _Optional[str] = ..., model_path: _Optional[str] = ..., config_json: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ..., verify: _Optional[bool] = ..., label: _Optional[str] = ...) -> None: ...
+
+class PartialTensor(_message.Message):
+    __slots__ = ("sha256", "have_bytes")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    HAVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    have_bytes: int
+    def __init__(self, sha256: _Optional[str] = ..., have_bytes: _Optional[int] = ...) -> None: ...
+
+class PrepareWeightsReply(_message.Message):
+    __slots__ = ("weights_id", "missing", "partial", "local", "missing_bytes", "cached_bytes")
+    WEIGHTS_ID_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    MISSING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    weights_id: str
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    partial: _containers.RepeatedCompositeFieldContainer[PartialTensor]
+    local: bool
+    missing_bytes: int
+    cached_bytes: int
+    def __init__(self, weights_id: _Optional[str] = ..., missing: _Optional[_Iterable[str]] = ..., partial: _Optional[_Iterable[_Union[PartialTensor, _Mapping]]] = ..., local: _Optional[bool] = ..., missing_bytes: _Optional[int] = ..., cached_bytes: _Optional[int] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("sha256", "offset", "data")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    data: bytes
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TensorAck(_message.Message):
+    __slots__ = ("sha256", "code", "message", "bytes_received")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    code: int
+    message: str
+    bytes_received: int
+    def __init__(self, sha256: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...

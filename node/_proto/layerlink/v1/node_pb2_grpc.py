@@ -79,6 +79,16 @@ class NodeStub:
                 request_serializer=layerlink_dot_v1_dot_node__pb2.MeasureDevicesRequest.SerializeToString,
                 response_deserializer=layerlink_dot_v1_dot_node__pb2.MeasureDevicesReply.FromString,
                 _registered_method=True)
+        self.PrepareWeights = channel.unary_unary(
+                '/layerlink.v1.Node/PrepareWeights',
+                request_serializer=layerlink_dot_v1_dot_node__pb2.PrepareWeightsRequest.SerializeToString,
+                response_deserializer=layerlink_dot_v1_dot_node__pb2.PrepareWeightsReply.FromString,
+                _registered_method=True)
+        self.PushTensors = channel.stream_stream(
+                '/layerlink.v1.Node/PushTensors',
+                request_serializer=layerlink_dot_v1_dot_node__pb2.TensorChunk.SerializeToString,
+                response_deserializer=layerlink_dot_v1_dot_node__pb2.TensorAck.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -144,6 +154,20 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareWeights(self, request, context):
+        """Weight shipping (docs/weights.md): the node says which tensors of a stage it lacks ...
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushTensors(self, request_iterator, context):
+        """... and the coordinator streams exactly those; the node acks each verified tensor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +215,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.MeasureDevices,
                     request_deserializer=layerlink_dot_v1_dot_node__pb2.MeasureDevicesRequest.FromString,
                     response_serializer=layerlink_dot_v1_dot_node__pb2.MeasureDevicesReply.SerializeToString,
+            ),
+            'PrepareWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareWeights,
+                    request_deserializer=layerlink_dot_v1_dot_node__pb2.PrepareWeightsRequest.FromString,
+                    response_serializer=layerlink_dot_v1_dot_node__pb2.PrepareWeightsReply.SerializeToString,
+            ),
+            'PushTensors': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushTensors,
+                    request_deserializer=layerlink_dot_v1_dot_node__pb2.TensorChunk.FromString,
+                    response_serializer=layerlink_dot_v1_dot_node__pb2.TensorAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +470,60 @@ class Node:
             '/layerlink.v1.Node/MeasureDevices',
             layerlink_dot_v1_dot_node__pb2.MeasureDevicesRequest.SerializeToString,
             layerlink_dot_v1_dot_node__pb2.MeasureDevicesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerlink.v1.Node/PrepareWeights',
+            layerlink_dot_v1_dot_node__pb2.PrepareWeightsRequest.SerializeToString,
+            layerlink_dot_v1_dot_node__pb2.PrepareWeightsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushTensors(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/layerlink.v1.Node/PushTensors',
+            layerlink_dot_v1_dot_node__pb2.TensorChunk.SerializeToString,
+            layerlink_dot_v1_dot_node__pb2.TensorAck.FromString,
             options,
             channel_credentials,
             insecure,
