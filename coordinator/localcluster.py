@@ -54,6 +54,7 @@ class LocalCluster:
             sys.executable,
             "-m",
             "node.main",
+            *(["-v"] if self.log_dir else []),  # INFO logs when they are kept
             "up",
             "--host",
             self.host,

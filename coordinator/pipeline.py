@@ -2,7 +2,7 @@
 sampled tokens from the last stage, and free every stage's KV cache when a request ends.
 
 Hidden states go node to node; the coordinator only sends token ids and receives token ids.
-Many requests share one Forward stream into stage 0 and one Subscribe stream per stage.
+Many requests share one data connection into stage 0 and one out of the last stage.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from coordinator.nodeclient import NodeClient
 from coordinator.plan import Plan
+from node import datapath
 from node._proto.layerlink.v1 import node_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -66,39 +67,70 @@ class GenerationResult:
 
 @dataclass
 class _Waiter:
-    queue: asyncio.Queue[pb.StageEvent | pb.ForwardReply] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[pb.StageEvent] = field(default_factory=asyncio.Queue)
+
+
+def _data_address(stage_address: str, data_port: int) -> str:
+    host = stage_address.rpartition(":")[0]
+    return f"{host}:{data_port}"
 
 
 class Pipeline:
-    """One plan, loaded and streaming."""
+    """One plan, loaded and streaming.
+
+    Token ids go to stage 0 and sampled tokens come back from the last stage over the raw
+    data path (node/datapath.py). Requests run in ring mode: the last stage feeds each sampled
+    token straight back to stage 0, so the coordinator is off the per-token critical path and
+    only watches tokens arrive. Control (load, unload) and per-stage error events use gRPC.
+    """
 
     def __init__(self, plan: Plan, model_path: str) -> None:
         self.plan = plan
         self.model_path = model_path
         self.clients = {s.address: NodeClient(s.address) for s in plan.stages}
+        self.data_addresses: list[str] = []
         self._waiters: dict[str, _Waiter] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._inbox: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
+        self._to_first: datapath.Link | None = None
+        self._from_last: datapath.Link | None = None
         self._failed: str | None = None
         self.loaded = False
         self.in_flight = 0
 
     # ----- set-up --------------------------------------------------------------------------
 
+    async def _data_ports(self) -> list[str]:
+        out = []
+        for s in self.plan.stages:
+            try:
+                info = await self.clients[s.address].get_info()
+            except grpc.aio.AioRpcError as e:
+                raise PipelineError(
+                    f"node {s.node_name} ({s.address}) did not answer: {e.code().name}"
+                ) from None
+            if not info.data_port:
+                raise PipelineError(f"node {s.node_name} ({s.address}) has no data path")
+            out.append(_data_address(s.address, info.data_port))
+        return out
+
     async def load(
         self, on_stage_loaded: Callable[[int, pb.LoadStageReply], None] | None = None
     ) -> None:
-        """Load every stage (in parallel) with its layer range and its next hop."""
+        """Load every stage (in parallel) with its layer range, its next hop and the ring."""
         stages = self.plan.stages
+        self.data_addresses = await self._data_ports()
 
         async def load_one(i: int) -> None:
             s = stages[i]
+            last = i + 1 == len(stages)
             req = pb.LoadStageRequest(
                 plan_id=self.plan.plan_id,
                 model_path=self.model_path,
                 start=s.start,
                 end=s.end,
-                next_address=stages[i + 1].address if i + 1 < len(stages) else "",
+                next_address="" if last else stages[i + 1].address,
+                next_data_address="" if last else self.data_addresses[i + 1],
+                ring_data_address=self.data_addresses[0] if last else "",
                 stage_index=i,
                 stage_count=len(stages),
             )
@@ -116,48 +148,68 @@ class Pipeline:
         self.loaded = True
 
     async def open(self) -> None:
-        """Subscribe to every stage's events and open the forward stream into stage 0."""
+        """Subscribe to every stage's events and open the data links to the ends."""
+        if not self.data_addresses:
+            self.data_addresses = await self._data_ports()
         for i, s in enumerate(self.plan.stages):
             call = self.clients[s.address].stub.Subscribe(
                 pb.SubscribeRequest(plan_id=self.plan.plan_id)
             )
-            self._tasks.append(asyncio.create_task(self._pump_events(i, call)))
-        first = self.clients[self.plan.stages[0].address]
-        fwd = first.stub.Forward(self._outgoing())
-        self._tasks.append(asyncio.create_task(self._pump_replies(fwd)))
-        # Wait until every subscription is live on its node so no event can be missed.
+            self._tasks.append(asyncio.create_task(self._pump_control_events(i, call)))
+        try:
+            self._to_first = await datapath.Link(self.data_addresses[0]).connect()
+            self._from_last = await datapath.Link(self.data_addresses[-1]).connect()
+        except (OSError, asyncio.TimeoutError) as e:
+            raise PipelineError(f"cannot open the data path: {e}") from None
+        self._from_last.send(datapath.SUBSCRIBE, pb.SubscribeRequest(plan_id=self.plan.plan_id))
+        assert self._from_last.reader is not None
+        ack = await asyncio.wait_for(datapath.read_frame(self._from_last.reader), 10.0)
+        if ack is None or not isinstance(ack[1], pb.StageEvent) or ack[1].code != 0:
+            detail = ack[1].message if ack is not None and isinstance(ack[1], pb.StageEvent) else ""
+            raise PipelineError(f"the last stage refused the subscription: {detail}")
+        self._tasks.append(asyncio.create_task(self._pump_tokens()))
         for s in self.plan.stages:
             await self._wait_subscribed(s.address)
 
     async def _wait_subscribed(self, address: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            call = self.clients[address].stub.GetInfo(pb.GetInfoRequest(), timeout=5.0)
-            info = await call
+            info = await self.clients[address].get_info(timeout=5.0)
             if any(st.plan_id == self.plan.plan_id for st in info.stages):
-                # Subscribe handlers register synchronously on their first read; a short
-                # yield lets the server run them before the first request goes out.
+                # Subscribe handlers register on their first read; a short yield lets the
+                # server run them before the first request goes out.
                 await asyncio.sleep(0.05)
                 return
             await asyncio.sleep(0.05)
         raise PipelineError(f"stage on {address} never became ready")
 
-    async def _outgoing(self) -> AsyncIterator[pb.ForwardRequest]:
-        while True:
-            msg = await self._inbox.get()
-            if msg is None:
-                return
-            yield msg
+    def _route(self, event: pb.StageEvent) -> None:
+        if not event.request_id:
+            if event.code != 0:
+                self._fail(f"stage {event.stage_index}: {event.message}")
+            return
+        waiter = self._waiters.get(event.request_id)
+        if waiter is not None:
+            waiter.queue.put_nowait(event)
 
-    async def _pump_events(
+    async def _pump_tokens(self) -> None:
+        assert self._from_last is not None
+        try:
+            await datapath.pump_events(self._from_last, self._route)
+        except asyncio.CancelledError:
+            return
+        except (ConnectionError, OSError, datapath.FrameError) as e:
+            last = self.plan.stages[-1]
+            self._fail(f"last stage on {last.node_name} ({last.address}): {e}")
+
+    async def _pump_control_events(
         self, index: int, call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.StageEvent]
     ) -> None:
         stage = self.plan.stages[index]
         try:
             async for event in call:
-                waiter = self._waiters.get(event.request_id)
-                if waiter is not None:
-                    waiter.queue.put_nowait(event)
+                if event.code != 0:  # tokens come over the data path; errors from every stage
+                    self._route(event)
             reason = "closed its event stream"
         except grpc.aio.AioRpcError as e:
             reason = f"{e.code().name}: {e.details()}"
@@ -165,32 +217,22 @@ class Pipeline:
             return
         self._fail(f"stage {index} on {stage.node_name} ({stage.address}) {reason}")
 
-    async def _pump_replies(
-        self, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply]
-    ) -> None:
-        try:
-            async for reply in call:
-                waiter = self._waiters.get(reply.request_id)
-                if waiter is not None:
-                    waiter.queue.put_nowait(reply)
-            reason = "closed the forward stream"
-        except grpc.aio.AioRpcError as e:
-            reason = f"{e.code().name}: {e.details()}"
-        except asyncio.CancelledError:
-            return
-        self._fail(f"stage 0 ({self.plan.stages[0].address}) {reason}")
-
     def _fail(self, reason: str) -> None:
         if self._failed is None:
             log.error("pipeline failed: %s", reason)
         self._failed = reason
-        for waiter in self._waiters.values():
-            waiter.queue.put_nowait(pb.ForwardReply(code=14, message=reason))
+        code = grpc.StatusCode.UNAVAILABLE.value[0]
+        for rid, waiter in self._waiters.items():
+            waiter.queue.put_nowait(
+                pb.StageEvent(request_id=rid, token=-1, code=code, message=reason)
+            )
 
     async def close(self, unload: bool = True) -> None:
-        self._inbox.put_nowait(None)
         for t in self._tasks:
             t.cancel()
+        for link in (self._to_first, self._from_last):
+            if link is not None:
+                await link.close()
         if unload and self.loaded:
             for s in self.plan.stages:
                 with contextlib.suppress(grpc.aio.AioRpcError):
@@ -199,6 +241,15 @@ class Pipeline:
             await c.close()
 
     # ----- requests ------------------------------------------------------------------------
+
+    def _send(self, msg: pb.ForwardRequest) -> None:
+        if self._to_first is None:
+            raise PipelineError("the pipeline is not open")
+        try:
+            self._to_first.send(datapath.FORWARD, msg)
+        except ConnectionError as e:
+            self._fail(str(e))
+            raise PipelineError(str(e)) from None
 
     async def stream(
         self, prompt: list[int], params: GenerationParams, request_id: str | None = None
@@ -224,21 +275,21 @@ class Pipeline:
         )
         try:
             for i in range(0, len(prompt), PREFILL_CHUNK):
-                chunk = prompt[i : i + PREFILL_CHUNK]
-                self._inbox.put_nowait(
+                self._send(
                     pb.ForwardRequest(
                         request_id=rid,
                         plan_id=plan_id,
                         phase=pb.PHASE_PREFILL,
-                        tokens=chunk,
+                        tokens=prompt[i : i + PREFILL_CHUNK],
                         sample=i + PREFILL_CHUNK >= len(prompt),
                         sampling=sampling,
                         want_logits=params.want_logits,
                         position=i,
                         step=0,
+                        max_tokens=params.max_tokens,
+                        stop_tokens=sorted(params.stop_token_ids),
                     )
                 )
-            position = len(prompt)
             for step in range(params.max_tokens):
                 event = await self._next_event(waiter, rid, step, params.step_timeout_s)
                 logits = None
@@ -247,28 +298,17 @@ class Pipeline:
                         tuple(event.logits.shape)
                     )
                 yield TokenEvent(token=event.token, step=step, logits=logits)
-                if event.token in params.stop_token_ids or step + 1 == params.max_tokens:
+                if event.token in params.stop_token_ids:
                     return
-                self._inbox.put_nowait(
-                    pb.ForwardRequest(
-                        request_id=rid,
-                        plan_id=plan_id,
-                        phase=pb.PHASE_DECODE,
-                        tokens=[event.token],
-                        sample=True,
-                        sampling=sampling,
-                        want_logits=params.want_logits,
-                        position=position,
-                        step=step + 1,
-                    )
-                )
-                position += 1
         finally:
             self.in_flight -= 1
             self._waiters.pop(rid, None)
-            self._inbox.put_nowait(
-                pb.ForwardRequest(request_id=rid, plan_id=plan_id, phase=pb.PHASE_RELEASE)
-            )
+            if self._failed is None and self._to_first is not None:
+                with contextlib.suppress(ConnectionError):
+                    self._to_first.send(
+                        datapath.FORWARD,
+                        pb.ForwardRequest(request_id=rid, plan_id=plan_id, phase=pb.PHASE_RELEASE),
+                    )
 
     async def _next_event(
         self, waiter: _Waiter, rid: str, step: int, timeout: float
@@ -280,7 +320,7 @@ class Pipeline:
                 raise PipelineError(
                     f"no token for request {rid} step {step} within {timeout:.0f}s"
                 ) from None
-            if isinstance(msg, pb.ForwardReply) or msg.code != 0:
+            if msg.code != 0:
                 raise PipelineError(f"request {rid} failed: {msg.message}")
             if msg.step == step:
                 return msg

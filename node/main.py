@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=50151, help="gRPC port; 0 picks a free one (default: 50151)"
     )
     up.add_argument(
+        "--data-port",
+        type=int,
+        default=0,
+        help="TCP port of the activation data path (default: a free one)",
+    )
+    up.add_argument(
         "--model-dir",
         action="append",
         default=[],
@@ -91,6 +97,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     from node import PROTOCOL_VERSION, hardware
     from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
+    from node.datapath import DataServer
     from node.identity import node_id_for
     from node.mdns import Advertiser, NodeRecord, mdns_interfaces
     from node.service import SERVER_OPTIONS, NodeConfig, NodeService
@@ -130,6 +137,17 @@ async def serve(args: argparse.Namespace) -> int:
     if port == 0:
         log.error("cannot bind %s:%s (port in use?)", args.host, args.port)
         return 1
+    # The activation data path (raw TCP frames) beside the gRPC control plane.
+    holder: list[NodeService] = []
+    data_server = DataServer(
+        lambda msg: holder[0].on_data_forward(msg),
+        lambda req, push: holder[0].on_data_subscribe(req, push),
+    )
+    try:
+        data_port = await data_server.start(args.host, args.data_port)
+    except OSError as e:
+        log.error("cannot bind the data path on %s:%s: %s", args.host, args.data_port, e)
+        return 1
     config = NodeConfig(
         node_id=node_id,
         name=name,
@@ -140,8 +158,10 @@ async def serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         llama_rpc_port=rpc_port,
         llama_rpc_version=rpc_version,
+        data_port=data_port,
     )
     service = NodeService(config, hw)
+    holder.append(service)
     pb_grpc.add_NodeServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -183,6 +203,7 @@ async def serve(args: argparse.Namespace) -> int:
         await advertiser.close()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=1.0)
+    await data_server.close()
     await service.close()
     if rpc_server is not None:
         rpc_server.stop()

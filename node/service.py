@@ -26,10 +26,15 @@ import mlx.core as mx
 from node import PROTOCOL_VERSION, __version__, codec, devicebench, hardware, linkprobe
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
+from node.downstream import Downstream, GrpcDownstream, TcpDownstream
+from node.shipping import WeightService, stage_error
 from node.stage import ErrorKind, ModelStage, Sampling, StageError, StageSpec, StepResult
+from node.weightcache import CachedStage, CacheError, default_root
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LOCAL_RING = "local"
+ReplySink = Callable[[pb.ForwardReply], None]
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Keepalive pings find a dead peer on an idle connection. The server must accept pings at
@@ -82,53 +87,11 @@ class NodeConfig:
     idle_timeout_s: float = 600.0
     llama_rpc_port: int = 0
     llama_rpc_version: int = 0
-
-
-class Downstream:
-    """A persistent Forward stream to the next stage's node, fed from a queue."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._queue: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._task = asyncio.create_task(self._run())
-
-    def send(self, msg: pb.ForwardRequest) -> None:
-        self._queue.put_nowait(msg)
-
-    async def _requests(self) -> AsyncIterator[pb.ForwardRequest]:
-        while True:
-            msg = await self._queue.get()
-            if msg is None:
-                return
-            yield msg
-
-    async def _run(self) -> None:
-        stub = pb_grpc.NodeStub(self._channel)
-        try:
-            call = stub.Forward(self._requests())
-            async for reply in call:
-                log.warning(
-                    "next stage %s rejected %s step %d: %s",
-                    self.address,
-                    reply.request_id,
-                    reply.step,
-                    reply.message,
-                )
-        except grpc.aio.AioRpcError as e:
-            log.error(
-                "stream to next stage %s ended: %s %s", self.address, e.code().name, e.details()
-            )
-        except asyncio.CancelledError:
-            pass
-
-    async def close(self) -> None:
-        self._queue.put_nowait(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), 2.0)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            self._task.cancel()
-        await self._channel.close()
+    # Weight cache for shipped tensors (default: node.weightcache.default_root()), its cap
+    # in bytes (0: a share of the disk).
+    cache_dir: Path | None = None
+    cache_max_bytes: int = 0
+    data_port: int = 0
 
 
 class LoadedStage:
@@ -136,12 +99,35 @@ class LoadedStage:
 
     def __init__(self, stage: ModelStage) -> None:
         self.stage = stage
-        self.subscribers: set[asyncio.Queue[pb.StageEvent]] = set()
+        self.subscribers: list[Callable[[pb.StageEvent], None]] = []
+        # Where hidden states go (None on the last stage).
         self.downstream: Downstream | None = None
+        # Last stage in ring mode: where the next decode step goes (stage 0's node), or
+        # LOCAL_RING when this one stage is the whole pipeline.
+        self.ring: Downstream | str | None = None
 
     def publish(self, event: pb.StageEvent) -> None:
-        for q in self.subscribers:
-            q.put_nowait(event)
+        for push in list(self.subscribers):
+            push(event)
+
+    def subscribe(self, push: Callable[[pb.StageEvent], None]) -> Callable[[], None]:
+        self.subscribers.append(push)
+        return lambda: self.subscribers.remove(push) if push in self.subscribers else None
+
+    def hop_failed(self, reason: str) -> None:
+        """A hop this stage sends on is gone: tell every subscriber (request_id empty)."""
+        code = code_number(grpc.StatusCode.UNAVAILABLE)
+        self.publish(
+            pb.StageEvent(
+                token=-1, code=code, message=reason, stage_index=self.stage.spec.stage_index
+            )
+        )
+
+    async def close_links(self) -> None:
+        if self.downstream is not None:
+            await self.downstream.close()
+        if self.ring is not None and not isinstance(self.ring, str):
+            await self.ring.close()
 
     def status(self) -> pb.StageStatus:
         s = self.stage.spec
@@ -155,6 +141,7 @@ class LoadedStage:
             active_requests=len(self.stage.requests),
             weight_bytes=self.stage.weight_bytes,
             next_address=s.next_address,
+            weights_id=s.cached.weights_id if s.cached is not None else "",
         )
 
 
@@ -166,6 +153,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.stages: dict[str, LoadedStage] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self.weights = WeightService(config.cache_dir or default_root(), config.cache_max_bytes)
 
     # ----- plumbing ------------------------------------------------------------------------
 
@@ -185,11 +173,11 @@ class NodeService(pb_grpc.NodeServicer):
                     log.info("freed KV cache of idle request %s", rid)
 
     async def close(self) -> None:
+        self.weights.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for loaded in self.stages.values():
-            if loaded.downstream is not None:
-                await loaded.downstream.close()
+            await loaded.close_links()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     def resolve_model_path(self, raw: str) -> Path:
@@ -254,6 +242,7 @@ class NodeService(pb_grpc.NodeServicer):
             llama_rpc_port=self.config.llama_rpc_port,
             llama_rpc_version=self.config.llama_rpc_version,
             version=__version__,
+            data_port=self.config.data_port,
         )
 
     async def LoadStage(
@@ -267,14 +256,16 @@ class NodeService(pb_grpc.NodeServicer):
                     ErrorKind.INVALID_ARGUMENT,
                     f"stage_index {request.stage_index} >= stage_count {request.stage_count}",
                 )
+            model_path, cached = await self._stage_source(request)
             spec = StageSpec(
                 plan_id=request.plan_id,
-                model_path=self.resolve_model_path(request.model_path),
+                model_path=model_path,
                 start=request.start,
                 end=request.end,
                 stage_index=request.stage_index,
                 stage_count=max(1, request.stage_count),
                 next_address=request.next_address,
+                cached=cached,
             )
             old = self.stages.pop(request.plan_id, None)
             if old is not None:
@@ -283,14 +274,23 @@ class NodeService(pb_grpc.NodeServicer):
         except StageError as e:
             await context.abort(status_code(e.kind), str(e))
         loaded = LoadedStage(stage)
-        if spec.next_address:
-            loaded.downstream = Downstream(spec.next_address)
+        if request.next_data_address:
+            loaded.downstream = TcpDownstream(request.next_data_address, loaded.hop_failed)
+        elif spec.next_address:
+            loaded.downstream = GrpcDownstream(
+                spec.next_address, CHANNEL_OPTIONS, loaded.hop_failed
+            )
+        if spec.last and request.ring_data_address:
+            loaded.ring = (
+                LOCAL_RING
+                if spec.first
+                else TcpDownstream(request.ring_data_address, loaded.hop_failed)
+            )
         self.stages[spec.plan_id] = loaded
         return pb.LoadStageReply(stage=loaded.status(), load_seconds=stage.load_seconds)
 
     async def _drop(self, loaded: LoadedStage) -> None:
-        if loaded.downstream is not None:
-            await loaded.downstream.close()
+        await loaded.close_links()
         loaded.stage.requests.clear()
         # Drop the weights on the compute thread, then let MLX return the memory.
         await self.run_compute(mx.clear_cache)
@@ -337,12 +337,12 @@ class NodeService(pb_grpc.NodeServicer):
             )
         assert loaded is not None  # abort raised otherwise
         queue: asyncio.Queue[pb.StageEvent] = asyncio.Queue()
-        loaded.subscribers.add(queue)
+        unsubscribe = loaded.subscribe(queue.put_nowait)
         try:
             while True:
                 yield await queue.get()
         finally:
-            loaded.subscribers.discard(queue)
+            unsubscribe()
 
     async def Forward(
         self,
@@ -354,7 +354,7 @@ class NodeService(pb_grpc.NodeServicer):
         async def read() -> None:
             try:
                 async for msg in request_iterator:
-                    self._dispatch(msg, replies)
+                    self._dispatch(msg, replies.put_nowait)
             finally:
                 replies.put_nowait(None)
 
@@ -371,10 +371,10 @@ class NodeService(pb_grpc.NodeServicer):
         loaded: LoadedStage | None,
         code: grpc.StatusCode,
         message: str,
-        replies: asyncio.Queue[pb.ForwardReply | None],
+        reply: ReplySink,
     ) -> None:
         log.info("rejected %s step %d: %s %s", msg.request_id, msg.step, code.name, message)
-        replies.put_nowait(
+        reply(
             pb.ForwardReply(
                 request_id=msg.request_id, code=code_number(code), message=message, step=msg.step
             )
@@ -391,9 +391,7 @@ class NodeService(pb_grpc.NodeServicer):
                 )
             )
 
-    def _dispatch(
-        self, msg: pb.ForwardRequest, replies: asyncio.Queue[pb.ForwardReply | None]
-    ) -> None:
+    def _dispatch(self, msg: pb.ForwardRequest, reply: ReplySink) -> None:
         loaded = self.stages.get(msg.plan_id)
         if loaded is None:
             self._reject(
@@ -401,7 +399,7 @@ class NodeService(pb_grpc.NodeServicer):
                 None,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"plan {msg.plan_id!r} is not loaded on this node",
-                replies,
+                reply,
             )
             return
         if not msg.request_id or len(msg.request_id) > 128:
@@ -410,7 +408,7 @@ class NodeService(pb_grpc.NodeServicer):
                 loaded,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "request_id must be 1-128 characters",
-                replies,
+                reply,
             )
             return
         if msg.phase == pb.PHASE_RELEASE:
@@ -423,7 +421,7 @@ class NodeService(pb_grpc.NodeServicer):
             return
         if msg.phase not in (pb.PHASE_PREFILL, pb.PHASE_DECODE):
             self._reject(
-                msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, f"unknown phase {msg.phase}", replies
+                msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, f"unknown phase {msg.phase}", reply
             )
             return
         stage = loaded.stage
@@ -435,7 +433,7 @@ class NodeService(pb_grpc.NodeServicer):
                     loaded,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"stage {stage.spec.stage_index} expects hidden states, the message has none",
-                    replies,
+                    reply,
                 )
                 return
             try:
@@ -446,7 +444,7 @@ class NodeService(pb_grpc.NodeServicer):
                     last_dim=stage.hidden_size,
                 )
             except codec.CodecError as e:
-                self._reject(msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, str(e), replies)
+                self._reject(msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, str(e), reply)
                 return
         sp = msg.sampling
         sampling = Sampling(
@@ -466,18 +464,18 @@ class NodeService(pb_grpc.NodeServicer):
             msg.sample,
             msg.want_logits,
         )
-        fut.add_done_callback(lambda f: self._finish(msg, loaded, f, replies))
+        fut.add_done_callback(lambda f: self._finish(msg, loaded, f, reply))
 
     def _finish(
         self,
         msg: pb.ForwardRequest,
         loaded: LoadedStage,
         fut: asyncio.Future[StepResult],
-        replies: asyncio.Queue[pb.ForwardReply | None],
+        reply: ReplySink,
     ) -> None:
         exc = fut.exception()
         if isinstance(exc, StageError):
-            self._reject(msg, loaded, status_code(exc.kind), str(exc), replies)
+            self._reject(msg, loaded, status_code(exc.kind), str(exc), reply)
             return
         if exc is not None:
             log.exception("stage step failed", exc_info=exc)
@@ -486,7 +484,7 @@ class NodeService(pb_grpc.NodeServicer):
                 loaded,
                 grpc.StatusCode.INTERNAL,
                 f"stage failed: {type(exc).__name__}: {exc}",
-                replies,
+                reply,
             )
             return
         result = fut.result()
@@ -503,6 +501,8 @@ class NodeService(pb_grpc.NodeServicer):
                 want_logits=msg.want_logits,
                 position=msg.position,
                 step=msg.step,
+                max_tokens=msg.max_tokens,
+                stop_tokens=msg.stop_tokens,
             )
             loaded.downstream.send(out)
         elif spec.last and msg.sample:
@@ -515,7 +515,62 @@ class NodeService(pb_grpc.NodeServicer):
             )
             if result.logits is not None:
                 event.logits.CopyFrom(codec.to_proto(result.logits))
+            # Ring: the next step leaves for stage 0 before the coordinator hears of this one.
+            self._continue_ring(msg, loaded, result.token)
             loaded.publish(event)
+
+    def _continue_ring(self, msg: pb.ForwardRequest, loaded: LoadedStage, token: int) -> None:
+        """Feed a sampled token back to stage 0 as the next decode step (ring mode)."""
+        if msg.max_tokens == 0 or loaded.ring is None:
+            return
+        if token in msg.stop_tokens or msg.step + 1 >= msg.max_tokens:
+            return
+        n_new = len(msg.tokens) if msg.tokens else int(msg.hidden.shape[1])
+        nxt = pb.ForwardRequest(
+            request_id=msg.request_id,
+            plan_id=msg.plan_id,
+            phase=pb.PHASE_DECODE,
+            tokens=[token],
+            sample=True,
+            sampling=msg.sampling,
+            want_logits=msg.want_logits,
+            position=msg.position + n_new,
+            step=msg.step + 1,
+            max_tokens=msg.max_tokens,
+            stop_tokens=msg.stop_tokens,
+        )
+        if isinstance(loaded.ring, str):
+            self._dispatch(nxt, self._log_reply)
+        else:
+            loaded.ring.send(nxt)
+
+    # ----- the data path (node/datapath.py) -------------------------------------------------
+
+    @staticmethod
+    def _log_reply(reply: pb.ForwardReply) -> None:
+        """Rejections of data-path messages reach the coordinator as StageEvents; log here."""
+        log.debug("data path rejected %s: %s", reply.request_id, reply.message)
+
+    def on_data_forward(self, msg: pb.ForwardRequest) -> None:
+        self._dispatch(msg, self._log_reply)
+
+    def on_data_subscribe(
+        self, request: pb.SubscribeRequest, push: Callable[[pb.StageEvent], None]
+    ) -> Callable[[], None]:
+        loaded = self.stages.get(request.plan_id)
+        if loaded is None:
+            push(
+                pb.StageEvent(
+                    token=-1,
+                    code=code_number(grpc.StatusCode.FAILED_PRECONDITION),
+                    message=f"plan {request.plan_id!r} is not loaded on this node",
+                )
+            )
+            return lambda: None
+        push(
+            pb.StageEvent(token=-1, message="subscribed", stage_index=loaded.stage.spec.stage_index)
+        )
+        return loaded.subscribe(push)
 
     async def Echo(
         self,
@@ -549,3 +604,43 @@ class NodeService(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         log.info("measured devices in %.2fs", time.perf_counter() - t0)
         return reply
+
+    # ----- weight shipping (node/shipping.py, docs/weights.md) --------------------------------
+
+    async def PrepareWeights(
+        self, request: pb.PrepareWeightsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PrepareWeightsReply:
+        try:
+            reply = await self.weights.prepare(
+                request, self.resolve_model_path, self._pinned_tensors()
+            )
+        except CacheError as e:
+            await context.abort(e.code, str(e))
+        return reply
+
+    async def PushTensors(
+        self,
+        request_iterator: AsyncIterator[pb.TensorChunk],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.TensorAck]:
+        async for ack in self.weights.push(request_iterator):
+            yield ack
+
+    def _pinned_tensors(self) -> frozenset[str]:
+        """Tensors of loaded stages: never evicted from the cache."""
+        out: set[str] = set()
+        for loaded in self.stages.values():
+            if loaded.stage.spec.cached is not None:
+                out |= loaded.stage.spec.cached.sha256s
+        return frozenset(out)
+
+    async def _stage_source(self, request: pb.LoadStageRequest) -> tuple[Path, CachedStage | None]:
+        """Where a stage's weights come from: the node's weight cache when the coordinator
+        shipped them (weights_id), else the model folder (inside --model-dir)."""
+        if not request.weights_id:
+            return self.resolve_model_path(request.model_path), None
+        try:
+            cached = await self.weights.stage(request.weights_id)
+        except CacheError as e:
+            raise stage_error(e) from None
+        return cached.stage_dir, cached

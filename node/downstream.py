@@ -1,0 +1,156 @@
+"""Where a stage's outputs go next: the next stage's node (hidden states) or, on the last
+stage in ring mode, stage 0 (the next decode step). Two transports behind one interface:
+
+- `TcpDownstream`: the raw data path (node/datapath.py), used whenever the coordinator gave
+  a data address; reconnects with backoff and reports a hop it cannot restore.
+- `GrpcDownstream`: the Forward RPC stream, the contract's fallback.
+
+`send` never blocks: messages written while a connection is being (re)made wait in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import grpc
+
+from node import datapath
+from node._proto.layerlink.v1 import node_pb2 as pb
+from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RECONNECT_FOR_S = 10.0
+MAX_PENDING = 10_000
+
+
+class Downstream(Protocol):
+    address: str
+
+    def send(self, msg: pb.ForwardRequest) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class TcpDownstream:
+    """A data-path connection to another node; `on_failure(reason)` when it is lost for good."""
+
+    def __init__(self, address: str, on_failure: Callable[[str], None]) -> None:
+        self.address = address
+        self.on_failure = on_failure
+        self._link: datapath.Link | None = None
+        self._pending: list[pb.ForwardRequest] = []
+        self._closed = False
+        self._task: asyncio.Task[None] = asyncio.create_task(self._keep_connected())
+
+    def send(self, msg: pb.ForwardRequest) -> None:
+        link = self._link
+        if link is not None:
+            try:
+                link.send(datapath.FORWARD, msg)
+                return
+            except ConnectionError:
+                self._link = None
+        if len(self._pending) >= MAX_PENDING:
+            log.error("dropping a message to %s: %d already waiting", self.address, MAX_PENDING)
+            return
+        self._pending.append(msg)
+
+    async def _keep_connected(self) -> None:
+        while not self._closed:
+            link = await self._connect()
+            if link is None:
+                return
+            # Stay until the peer closes the connection (it never sends us anything).
+            assert link.reader is not None
+            with contextlib.suppress(ConnectionError, OSError):
+                await link.reader.read()
+            self._link = None
+            if not self._closed:
+                log.warning("data link to %s dropped; reconnecting", self.address)
+
+    async def _connect(self) -> datapath.Link | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECONNECT_FOR_S
+        delay = 0.05
+        while not self._closed:
+            try:
+                link = await datapath.Link(self.address).connect(timeout=5.0)
+            except (OSError, asyncio.TimeoutError) as e:
+                if loop.time() > deadline:
+                    reason = f"next hop {self.address} unreachable: {e}"
+                    log.error("%s", reason)
+                    self.on_failure(reason)
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            pending, self._pending = self._pending, []
+            for msg in pending:
+                link.send(datapath.FORWARD, msg)
+            self._link = link
+            return link
+        return None
+
+    async def close(self) -> None:
+        self._closed = True
+        self._task.cancel()
+        if self._link is not None:
+            await self._link.close()
+            self._link = None
+
+
+class GrpcDownstream:
+    """A persistent Forward RPC stream to the next stage's node, fed from a queue."""
+
+    def __init__(
+        self,
+        address: str,
+        channel_options: list[tuple[str, int]],
+        on_failure: Callable[[str], None],
+    ) -> None:
+        self.address = address
+        self.on_failure = on_failure
+        self._queue: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options)
+        self._task = asyncio.create_task(self._run())
+
+    def send(self, msg: pb.ForwardRequest) -> None:
+        self._queue.put_nowait(msg)
+
+    async def _requests(self) -> AsyncIterator[pb.ForwardRequest]:
+        while True:
+            msg = await self._queue.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def _run(self) -> None:
+        stub = pb_grpc.NodeStub(self._channel)
+        try:
+            async for reply in stub.Forward(self._requests()):
+                log.warning(
+                    "next stage %s rejected %s step %d: %s",
+                    self.address,
+                    reply.request_id,
+                    reply.step,
+                    reply.message,
+                )
+        except grpc.aio.AioRpcError as e:
+            reason = f"stream to next stage {self.address} ended: {e.code().name} {e.details()}"
+            log.error("%s", reason)
+            self.on_failure(reason)
+        except asyncio.CancelledError:
+            pass
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 2.0)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._task.cancel()
+        await self._channel.close()
