@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -260,22 +259,10 @@ class ModelSpec:
 
 
 def _safetensors_sizes(path: Path) -> dict[str, int]:
-    """Tensor name -> byte size from a safetensors header: 8-byte little-endian length + JSON."""
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path.name}: not a safetensors file (short header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 1024 * 1024:
-            raise ValueError(f"{path.name}: implausible safetensors header length {n}")
-        header = json.loads(f.read(n))
-    out: dict[str, int] = {}
-    for tname, meta in header.items():
-        if tname == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        out[tname] = int(end) - int(start)
-    return out
+    """Tensor name -> byte size from a safetensors header (node/tensorfiles.py parses it)."""
+    from node.tensorfiles import read_header
+
+    return {e.name: e.nbytes for e in read_header(path)}
 
 
 # --------------------------------------------------------------------------------------------

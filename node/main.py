@@ -76,7 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="port of the llama.cpp RPC server (default: a free one)",
     )
+    _add_cache_dir(up)
+    up.add_argument(
+        "--cache-max-gb",
+        type=float,
+        default=0.0,
+        metavar="GB",
+        help="cap of the weight cache; least recently used tensors are evicted beyond it "
+        "(default: 80%% of the disk that holds it)",
+    )
+    cache = sub.add_parser("cache", help="the weight cache of shipped tensors: ls | clear")
+    cache.add_argument("action", choices=("ls", "clear"), help="list the cache, or delete it")
+    _add_cache_dir(cache)
     return parser
+
+
+def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="weight cache folder (default: $XDG_CACHE_HOME/layerlink/weights)",
+    )
 
 
 def _advertised_host(host: str) -> str:
@@ -107,6 +129,9 @@ async def serve(args: argparse.Namespace) -> int:
         if not d.is_dir():
             log.error("--model-dir %s is not a folder", d)
             return 2
+    if args.cache_max_gb < 0:
+        log.error("--cache-max-gb must be >= 0")
+        return 2
     hw = hardware.probe()
     node_id = node_id_for(name)
     rpc_server = None
@@ -158,6 +183,8 @@ async def serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         llama_rpc_port=rpc_port,
         llama_rpc_version=rpc_version,
+        cache_dir=args.cache_dir,
+        cache_max_bytes=int(args.cache_max_gb * 1e9),
         data_port=data_port,
     )
     service = NodeService(config, hw)
@@ -222,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "up":
         return asyncio.run(serve(args))
+    if args.command == "cache":
+        from node.cachecli import run_cache
+
+        return run_cache(args.action, args.cache_dir)
     return 2
 
 

@@ -15,9 +15,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from node.weightcache import CachedStage
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class StageSpec:
     stage_index: int
     stage_count: int
     next_address: str = ""
+    # Load the shipped tensors in the node's weight cache (model_path is their stage folder).
+    cached: CachedStage | None = None
 
     @property
     def first(self) -> bool:
@@ -140,7 +145,18 @@ class ModelStage:
     def _build(self, spec: StageSpec, config: dict[str, Any]) -> None:
         from mlx_lm.utils import load_model
 
-        model, _ = load_model(spec.model_path, lazy=True, strict=True)
+        provided: dict[int, Any] | None = None
+        if spec.cached is not None:
+            from node.cachedload import build_model
+
+            try:
+                model, provided = build_model(spec.cached)
+            except (ValueError, OSError, RuntimeError) as e:
+                raise StageError(
+                    ErrorKind.FAILED_PRECONDITION, f"cannot build the shipped stage: {e}"
+                ) from None
+        else:
+            model, _ = load_model(spec.model_path, lazy=True, strict=True)
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
             raise StageError(
@@ -162,6 +178,14 @@ class ModelStage:
         for m in (self.embed, self.norm, self.head):
             if m is not None:
                 kept.append(m)
+        if provided is not None:
+            # The tree was loaded non-strictly: every kept parameter must be a shipped tensor.
+            absent = [n for m in kept for n, v in _flatten(m.parameters()) if id(v) not in provided]
+            if absent:
+                raise StageError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"the shipped stage lacks {len(absent)} tensors it needs, e.g. {absent[:3]}",
+                )
         params = [m.parameters() for m in kept]
         mx.eval(params)
         self.weight_bytes = sum(int(v.nbytes) for m in kept for _, v in _flatten(m.parameters()))

@@ -1,0 +1,211 @@
+"""The node's side of weight shipping: PrepareWeights and PushTensors (docs/weights.md).
+
+PrepareWeights answers which tensors of a stage the node lacks: none when its own copy of the
+model folder holds the same tensors (same hashes), otherwise those not in its weight cache,
+with the bytes already received of any tensor a dropped connection cut short. PushTensors
+receives exactly those tensors, piece by piece, into the cache; each tensor is verified
+against its sha256 before it is filed and acknowledged.
+
+Disk work (hashing, writing, the cache index) runs on one "weights" thread, never on the
+event loop and never on the compute thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from node._proto.layerlink.v1 import node_pb2 as pb
+from node.stage import ErrorKind, StageError
+from node.tensorfiles import HashCache, TensorFileError, folder_tensors, hash_tensors
+from node.weightcache import (
+    CachedStage,
+    CacheError,
+    StageTensor,
+    TensorMeta,
+    TensorWriter,
+    WeightCache,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+_KINDS = {
+    grpc.StatusCode.INVALID_ARGUMENT: ErrorKind.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: ErrorKind.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION: ErrorKind.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorKind.RESOURCE_EXHAUSTED,
+}
+
+
+def _code(code: grpc.StatusCode) -> int:
+    value: tuple[int, str] = code.value
+    return value[0]
+
+
+def stage_error(e: CacheError) -> StageError:
+    """A cache refusal as the stage error LoadStage answers with."""
+    return StageError(_KINDS.get(e.code, ErrorKind.INTERNAL), str(e))
+
+
+class WeightService:
+    """Weight cache operations for the servicer; the cache opens on first use."""
+
+    def __init__(self, root: Path, max_bytes: int = 0) -> None:
+        self.cache = WeightCache(root, max_bytes)
+        self.hashes = HashCache(root / "hashes")
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+        # Tensors announced by PrepareWeights, which PushTensors may receive.
+        self._expected: dict[str, TensorMeta] = {}
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    def close(self) -> None:
+        self._io.submit(self.cache.close)
+        self._io.shutdown(wait=False)
+
+    async def prepare(
+        self,
+        request: pb.PrepareWeightsRequest,
+        resolve: Callable[[str], Path],
+        pinned: frozenset[str],
+    ) -> pb.PrepareWeightsReply:
+        """Raises CacheError (with the gRPC status) on a request it cannot serve."""
+        tensors = [
+            StageTensor(
+                t.name,
+                TensorMeta(t.sha256.lower(), t.dtype, tuple(int(d) for d in t.shape), t.nbytes),
+            )
+            for t in request.tensors
+        ]
+        if request.model_path and await self._local_copy_matches(request, tensors, resolve):
+            log.info("stage of %s: this node's own copy has every tensor", request.model)
+            return pb.PrepareWeightsReply(
+                local=True, cached_bytes=sum(t.meta.nbytes for t in tensors)
+            )
+        prepared = await self._run(
+            self.cache.prepare,
+            request.model,
+            request.label,
+            bytes(request.config_json),
+            tensors,
+            request.verify,
+            pinned,
+        )
+        for meta in prepared.missing:
+            self._expected[meta.sha256] = meta
+        log.info(
+            "stage %s of %s (%s): %d tensors missing (%.1f MB), %.1f MB cached",
+            prepared.weights_id[:12],
+            request.model,
+            request.label,
+            len(prepared.missing),
+            prepared.missing_bytes / 1e6,
+            prepared.cached_bytes / 1e6,
+        )
+        return pb.PrepareWeightsReply(
+            weights_id=prepared.weights_id,
+            missing=[m.sha256 for m in prepared.missing],
+            partial=[pb.PartialTensor(sha256=s, have_bytes=n) for s, n in prepared.partial],
+            missing_bytes=prepared.missing_bytes,
+            cached_bytes=prepared.cached_bytes,
+        )
+
+    async def _local_copy_matches(
+        self,
+        request: pb.PrepareWeightsRequest,
+        tensors: list[StageTensor],
+        resolve: Callable[[str], Path],
+    ) -> bool:
+        try:
+            folder = resolve(request.model_path)
+        except StageError as e:  # the servicer's refusal (outside --model-dir, bad path)
+            log.debug("no local copy of %s: %s", request.model_path, e)
+            return False
+        if not (folder / "config.json").is_file():
+            return False
+        try:
+            if json.loads((folder / "config.json").read_bytes()) != json.loads(request.config_json):
+                log.info("%s has a different config.json: shipping", folder)
+                return False
+        except (OSError, ValueError):
+            return False
+        wanted = {t.name: t.meta.sha256 for t in tensors}
+
+        def check() -> bool:
+            entries = [e for e in folder_tensors(folder) if e.name in wanted]
+            if len(entries) != len(wanted):
+                return False
+            hashed = hash_tensors(entries, self.hashes)
+            return all(h.sha256 == wanted[h.entry.name] for h in hashed)
+
+        try:
+            same = await self._run(check)
+        except (TensorFileError, OSError) as e:
+            log.warning("cannot read this node's copy of %s: %s", folder, e)
+            return False
+        if not same:
+            log.info("%s differs from the coordinator's model: shipping", folder)
+        return same
+
+    async def stage(self, weights_id: str) -> CachedStage:
+        return await self._run(self.cache.stage, weights_id)
+
+    async def push(self, chunks: AsyncIterator[pb.TensorChunk]) -> AsyncIterator[pb.TensorAck]:
+        """Receive pieces of prepared tensors; ack each tensor once (0 = verified and filed)."""
+        received = 0
+        writer: TensorWriter | None = None
+        failed: str | None = None  # a tensor already answered with an error
+        try:
+            async for chunk in chunks:
+                received += len(chunk.data)
+                sha = chunk.sha256
+                if sha == failed:
+                    continue
+                failed = None
+                try:
+                    if writer is not None and writer.meta.sha256 != sha:
+                        await self._run(writer.close)  # cut short: its partial file stays
+                        writer = None
+                    if writer is None:
+                        meta = self._expected.get(sha)
+                        if meta is None:
+                            raise CacheError(
+                                grpc.StatusCode.FAILED_PRECONDITION,
+                                f"tensor {sha[:12]} was not prepared on this node",
+                            )
+                        writer = await self._run(self.cache.open_writer, meta, chunk.offset)
+                    await self._run(writer.write, chunk.data, chunk.offset)
+                    if not writer.complete:
+                        continue
+                    done, writer = writer, None
+                    if await self._run(done.commit):
+                        self._expected.pop(sha, None)
+                        yield pb.TensorAck(sha256=sha, bytes_received=received)
+                    else:
+                        yield pb.TensorAck(
+                            sha256=sha,
+                            code=_code(grpc.StatusCode.DATA_LOSS),
+                            message=f"tensor {sha[:12]} did not match its sha256; dropped",
+                            bytes_received=received,
+                        )
+                except CacheError as e:
+                    if writer is not None:
+                        await self._run(writer.close)
+                        writer = None
+                    failed = sha
+                    yield pb.TensorAck(
+                        sha256=sha, code=_code(e.code), message=str(e), bytes_received=received
+                    )
+        finally:
+            if writer is not None:
+                await self._run(writer.close)
