@@ -463,6 +463,11 @@ class NodeService(pb_grpc.NodeServicer):
             hidden,
             msg.sample,
             msg.want_logits,
+            # The whole pipeline on this node, ring mode, more tokens to come: look ahead.
+            loaded.ring == LOCAL_RING
+            and msg.sample
+            and msg.max_tokens > 0
+            and msg.step + 1 < msg.max_tokens,
         )
         fut.add_done_callback(lambda f: self._finish(msg, loaded, f, reply))
 

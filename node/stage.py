@@ -80,6 +80,10 @@ class RequestState:
     key: mx.array | None
     offset: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    # Look-ahead (single-stage ring): the next step's token and logits, already computed
+    # lazily from this step's unevaluated token, and the position they belong to.
+    ahead: tuple[mx.array, mx.array] | None = None
+    ahead_position: int = -1
 
 
 @dataclass(frozen=True)
@@ -259,8 +263,14 @@ class ModelStage:
         hidden: mx.array | None,
         sample: bool,
         want_logits: bool,
+        lookahead: bool = False,
     ) -> StepResult:
-        """Run this stage's layers on one chunk (prefill) or one token (decode)."""
+        """Run this stage's layers on one chunk (prefill) or one token (decode).
+
+        `lookahead` (a stage that is the whole pipeline, in ring mode, with more tokens to
+        come): build the next step from this step's still-unevaluated token and start
+        evaluating it before reading this token back, as mlx_lm's generate loop does, so
+        graph building overlaps computation and no host round trip sits between tokens."""
         t0 = time.perf_counter()
         if self.spec.first:
             if not tokens:
@@ -300,6 +310,16 @@ class ModelStage:
             )
         state = self.state_for(request_id, position, prefill, sampling)
         state.last_used = time.monotonic()
+        if state.ahead is not None:
+            ahead, state.ahead = state.ahead, None
+            if not prefill and position == state.ahead_position:
+                state.offset += n_new
+                return self._emit(ahead[0], ahead[1], state, want_logits, lookahead, t0)
+            # Never used (the request changed course): the cache holds one extra position.
+            raise StageError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"request {request_id!r} left ring mode after a look-ahead step",
+            )
 
         if self.spec.first:
             assert self.embed is not None and tokens is not None
@@ -317,6 +337,8 @@ class ModelStage:
             return StepResult(compute_seconds=time.perf_counter() - t0)
         logits = self.logits(h[:, -1:, :])[0, -1]  # (vocab,)
         token = self.sample(logits, state)
+        if lookahead and self.spec.first:
+            return self._emit(token, logits, state, want_logits, lookahead, t0)
         if want_logits:
             mx.eval(token, logits)
             out_logits: mx.array | None = logits.astype(mx.float32)
@@ -326,6 +348,32 @@ class ModelStage:
         return StepResult(
             token=int(token.item()),  # type: ignore[arg-type]
             logits=out_logits,
+            compute_seconds=time.perf_counter() - t0,
+        )
+
+    def _emit(
+        self,
+        token: mx.array,
+        logits: mx.array,
+        state: RequestState,
+        want_logits: bool,
+        lookahead: bool,
+        t0: float,
+    ) -> StepResult:
+        """Start evaluating `token`, queue the next step behind it, then read it back."""
+        mx.async_eval(*((token, logits) if want_logits else (token,)))
+        if lookahead:
+            assert self.embed is not None
+            h = self.run_layers(self.embed(token.reshape(1, 1)), state.cache)
+            next_logits = self.logits(h)[0, -1]
+            next_token = self.sample(next_logits, state)
+            mx.async_eval(*((next_token, next_logits) if want_logits else (next_token,)))
+            state.ahead = (next_token, next_logits)
+            state.ahead_position = state.offset
+        value = int(token.item())  # type: ignore[arg-type]
+        return StepResult(
+            token=value,
+            logits=logits.astype(mx.float32) if want_logits else None,
             compute_seconds=time.perf_counter() - t0,
         )
 
