@@ -87,6 +87,9 @@ class Pipeline:
     def __init__(self, plan: Plan, model_path: str) -> None:
         self.plan = plan
         self.model_path = model_path
+        # Stage index -> its shipped weights in the node's cache (coordinator/shipping.py);
+        # a stage not named here loads model_path on its node.
+        self.weights_ids: dict[int, str] = {}
         self.clients = {s.address: NodeClient(s.address) for s in plan.stages}
         self.data_addresses: list[str] = []
         self._waiters: dict[str, _Waiter] = {}
@@ -126,6 +129,7 @@ class Pipeline:
             req = pb.LoadStageRequest(
                 plan_id=self.plan.plan_id,
                 model_path=self.model_path,
+                weights_id=self.weights_ids.get(i, ""),
                 start=s.start,
                 end=s.end,
                 next_address="" if last else stages[i + 1].address,

@@ -38,9 +38,14 @@ class ModelInfo:
 
 
 def read_model(path: str | Path) -> ModelInfo:
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise SessionError(f"model folder {p} does not exist")
+    """A model folder, or a Hugging Face repo id (coordinator/modelsource.py)."""
+    from coordinator.modelsource import ModelSourceError, resolve_model
+
+    try:
+        source = resolve_model(str(path))
+    except ModelSourceError as e:
+        raise SessionError(str(e)) from None
+    p = source.path
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise SessionError(f"{p} has no config.json: not a model folder")
@@ -52,7 +57,7 @@ def read_model(path: str | Path) -> ModelInfo:
     try:
         return ModelInfo(
             path=p.resolve(),
-            name=p.name,
+            name=source.name,
             num_layers=int(cfg["num_hidden_layers"]),
             hidden_size=int(cfg["hidden_size"]),
             vocab_size=int(cfg["vocab_size"]),
@@ -134,9 +139,22 @@ def even_counts(num_layers: int, n: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n)]
 
 
-async def open_pipeline(plan: Plan, model: ModelInfo, show_progress: bool = True) -> Pipeline:
-    """Load every stage of the plan (progress on the terminal) and open its streams."""
+async def open_pipeline(
+    plan: Plan, model: ModelInfo, show_progress: bool = True, ship: bool = True
+) -> Pipeline:
+    """Ship each node the tensors of its stages it lacks (`ship`), load every stage of the
+    plan (progress on the terminal) and open its streams."""
     pipeline = Pipeline(plan, str(model.path))
+    if ship:
+        from coordinator.shipping import ShipError, ship_plan
+
+        try:
+            shipped = await ship_plan(
+                plan, model.path, model.name, model.num_layers, model.config, show_progress
+            )
+        except ShipError as e:
+            raise SessionError(str(e)) from None
+        pipeline.weights_ids = {s.stage_index: s.weights_id for s in shipped if s.weights_id}
     if show_progress:
         from rich.progress import Progress
 

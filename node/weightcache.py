@@ -321,6 +321,10 @@ class WeightCache:
             self._lock = open(self.root / "lock", "a+")  # noqa: SIM115 - held while open
             fcntl.flock(self._lock, fcntl.LOCK_SH)
             db = sqlite3.connect(self.root / "index.sqlite", timeout=30.0, check_same_thread=False)
+            # WAL without a sync per transaction: the index is a cache of what the blob files
+            # say (a lost row only costs a re-hash).
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(
                 """
                 CREATE TABLE IF NOT EXISTS blobs (
@@ -637,7 +641,7 @@ def clear(root: Path) -> int:
             if d.is_dir():
                 freed += sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
                 shutil.rmtree(d)
-        for name in ("index.sqlite", "index.sqlite-journal"):
+        for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
             with contextlib.suppress(FileNotFoundError):
                 (root / name).unlink()
     return freed
