@@ -98,6 +98,7 @@ class Pipeline:
         self._from_last: datapath.Link | None = None
         self._failed: str | None = None
         self.loaded = False
+        self._closed = False
         self.in_flight = 0
 
     # ----- set-up --------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class Pipeline:
     def _route(self, event: pb.StageEvent) -> None:
         if not event.request_id:
             if event.code != 0:
-                self._fail(f"stage {event.stage_index}: {event.message}")
+                self.fail(f"stage {event.stage_index}: {event.message}")
             return
         waiter = self._waiters.get(event.request_id)
         if waiter is not None:
@@ -204,7 +205,7 @@ class Pipeline:
             return
         except (ConnectionError, OSError, datapath.FrameError) as e:
             last = self.plan.stages[-1]
-            self._fail(f"last stage on {last.node_name} ({last.address}): {e}")
+            self.fail(f"last stage on {last.node_name} ({last.address}): {e}")
 
     async def _pump_control_events(
         self, index: int, call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.StageEvent]
@@ -219,9 +220,15 @@ class Pipeline:
             reason = f"{e.code().name}: {e.details()}"
         except asyncio.CancelledError:
             return
-        self._fail(f"stage {index} on {stage.node_name} ({stage.address}) {reason}")
+        self.fail(f"stage {index} on {stage.node_name} ({stage.address}) {reason}")
 
-    def _fail(self, reason: str) -> None:
+    @property
+    def failed(self) -> str | None:
+        """Why this pipeline can no longer serve (None while it can)."""
+        return self._failed
+
+    def fail(self, reason: str) -> None:
+        """Mark the pipeline broken and end every waiting request with `reason`."""
         if self._failed is None:
             log.error("pipeline failed: %s", reason)
         self._failed = reason
@@ -231,7 +238,12 @@ class Pipeline:
                 pb.StageEvent(request_id=rid, token=-1, code=code, message=reason)
             )
 
-    async def close(self, unload: bool = True) -> None:
+    async def close(self, unload: bool = True, skip: frozenset[str] = frozenset()) -> None:
+        """Stop streaming; unload the plan's stages (except on nodes in `skip`, e.g. dead).
+        Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
         for t in self._tasks:
             t.cancel()
         for link in (self._to_first, self._from_last):
@@ -239,8 +251,10 @@ class Pipeline:
                 await link.close()
         if unload and self.loaded:
             for s in self.plan.stages:
+                if s.address in skip:
+                    continue
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self.clients[s.address].unload_stage(self.plan.plan_id)
+                    await self.clients[s.address].unload_stage(self.plan.plan_id, timeout=5.0)
         for c in self.clients.values():
             await c.close()
 
@@ -252,7 +266,7 @@ class Pipeline:
         try:
             self._to_first.send(datapath.FORWARD, msg)
         except ConnectionError as e:
-            self._fail(str(e))
+            self.fail(str(e))
             raise PipelineError(str(e)) from None
 
     async def stream(
@@ -330,23 +344,30 @@ class Pipeline:
                 return msg
 
     async def generate(self, prompt: list[int], params: GenerationParams) -> GenerationResult:
-        t0 = time.perf_counter()
-        tokens: list[int] = []
-        logits: list[np.ndarray] = []
-        t_first = 0.0
-        async for ev in self.stream(prompt, params):
-            if not tokens:
-                t_first = time.perf_counter()
-            tokens.append(ev.token)
-            if ev.logits is not None:
-                logits.append(ev.logits)
-        t_end = time.perf_counter()
-        finish = "stop" if tokens and tokens[-1] in params.stop_token_ids else "length"
-        return GenerationResult(
-            prompt_tokens=len(prompt),
-            tokens=tuple(tokens),
-            finish_reason=finish,
-            ttft_s=t_first - t0,
-            decode_s=t_end - t_first,
-            logits=tuple(logits),
-        )
+        return await collect(self.stream(prompt, params), prompt, params)
+
+
+async def collect(
+    events: AsyncIterator[TokenEvent], prompt: list[int], params: GenerationParams
+) -> GenerationResult:
+    """Drain a token stream into a GenerationResult with its timings."""
+    t0 = time.perf_counter()
+    tokens: list[int] = []
+    logits: list[np.ndarray] = []
+    t_first = 0.0
+    async for ev in events:
+        if not tokens:
+            t_first = time.perf_counter()
+        tokens.append(ev.token)
+        if ev.logits is not None:
+            logits.append(ev.logits)
+    t_end = time.perf_counter()
+    finish = "stop" if tokens and tokens[-1] in params.stop_token_ids else "length"
+    return GenerationResult(
+        prompt_tokens=len(prompt),
+        tokens=tuple(tokens),
+        finish_reason=finish,
+        ttft_s=t_first - t0,
+        decode_s=t_end - t_first,
+        logits=tuple(logits),
+    )

@@ -138,6 +138,9 @@ class DataServer:
             self._conns.add(task)
         peer = writer.get_extra_info("peername")
         unsubscribe: list[Callable[[], None]] = []
+        # Requests this client started here: freed (RELEASE down the pipeline) if the client
+        # goes away without finishing them, e.g. a coordinator that crashed.
+        started: dict[str, str] = {}
 
         def push(event: pb.StageEvent) -> None:
             if not writer.is_closing():
@@ -151,6 +154,10 @@ class DataServer:
                 kind, msg = frame
                 if kind == FORWARD:
                     assert isinstance(msg, pb.ForwardRequest)
+                    if msg.phase == pb.PHASE_PREFILL and msg.position == 0:
+                        started[msg.request_id] = msg.plan_id
+                    elif msg.phase == pb.PHASE_RELEASE:
+                        started.pop(msg.request_id, None)
                     self.on_forward(msg)
                 elif kind == SUBSCRIBE:
                     assert isinstance(msg, pb.SubscribeRequest)
@@ -166,6 +173,11 @@ class DataServer:
         finally:
             for undo in unsubscribe:
                 undo()
+            for rid, plan_id in started.items():
+                log.info("client %s went away: releasing request %s", peer, rid)
+                self.on_forward(
+                    pb.ForwardRequest(request_id=rid, plan_id=plan_id, phase=pb.PHASE_RELEASE)
+                )
             writer.close()
             if task is not None:
                 self._conns.discard(task)
