@@ -121,3 +121,37 @@ def test_node_frees_requests_of_a_vanished_coordinator(tiny_llama: Path, local_c
             await pipe.close()
 
     assert asyncio.run(go()) == [0, 0, 0]
+
+
+@pytest.mark.netns
+def test_stream_survives_a_cut_link(tiny_llama: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.lan import Lan, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    ref, _ = reference_generate(tiny_llama, PROMPT, N)
+    with Lan(3) as lan:
+        procs = [lan.start_node(k) for k in range(3)]
+        lan.wait_ready(procs)
+        argv = [sys.executable, "-m", "tests.fault_driver", "--model", str(tiny_llama),
+                "--prompt", ",".join(map(str, PROMPT)), "--max-tokens", str(N), "--after", "20",
+                *[a for p in procs for a in ("--node", p.address)]]  # fmt: skip
+        driver = subprocess.Popen(lan.hub_cmd(argv), stdout=subprocess.PIPE, text=True,
+                                  cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        assert driver.stdout is not None
+        result = None
+        for line in driver.stdout:
+            if line.startswith("FAULT_NOW"):
+                # Unplug the middle node: its bridge port goes down, no packet gets through.
+                subprocess.run(["ip", "-n", lan.hub, "link", "set", "v1", "down"], check=True)
+            elif line.startswith("RESULT "):
+                result = json.loads(line.split(" ", 1)[1])
+        assert driver.wait(120) == 0
+    assert result is not None
+    assert result["tokens"] == ref
+    assert len(result["recoveries"]) == 1 and result["recoveries"][0]["stages"] == 2
