@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from coordinator.pipeline import GenerationParams
 from coordinator.discovery import resolve_static
+from coordinator.pipeline import GenerationParams
 from coordinator.session import even_counts, fixed_plan, open_pipeline, read_model
 from coordinator.supervisor import Supervisor
 
