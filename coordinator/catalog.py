@@ -33,6 +33,7 @@ __all__ = [
     "HardwareEntry",
     "Measurement",
     "calibration",
+    "clear_cache",
     "factors_markdown",
     "family_of",
     "find",
@@ -164,6 +165,11 @@ def _calibration() -> dict[str, tuple[float, str]]:
         for r in csv.DictReader(f):
             out[r["key"]] = (float(r["value"]), f"{r['status']}: {r['source']}")
     return out
+
+
+def clear_cache() -> None:
+    """Forget the CSV files read so far (after `coordinator.calibrate` rewrote one)."""
+    _calibration.cache_clear()
 
 
 def calibration(key: str) -> float:

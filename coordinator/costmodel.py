@@ -15,7 +15,9 @@ Decode, one request (design.md, "Cost model"):
               bandwidth + layers x per-layer overhead)
             + last stage: (final norm + lm_head bytes) / stream bandwidth + sampling
             + sum over hops (latency + per-message overhead + hidden x dtype bytes / bandwidth)
-            + the ring-closing hop (last stage -> first stage, a 4-byte token id) when split.
+            + the ring-closing hop (last stage -> first stage, a 4-byte token id) when split
+              (Workload.ring_hop; without it the token returns through the coordinator, a
+              per-token cost in Workload.sample_s).
 
 Prefill (TTFT) runs the prompt in chunks through the stages as a flow shop; each stage-chunk
 costs max(FLOPs / matmul throughput, weight bytes / stream bandwidth) + per-layer overhead, each
@@ -458,6 +460,10 @@ class Workload:
     prefill_chunk: int = 512  # prompt tokens per prefill message
     sample_s: float = 1e-4  # sampling and token bookkeeping on the last stage
     pipelined_prefill: bool = True  # chunks overlap across stages (flow shop)
+    # How the sampled token reaches stage 0 again. True: the last stage sends it straight
+    # there (issue 9's ring), one hop when split, none for one stage. False: it goes back
+    # through the coordinator, for every plan alike; that cost is then part of sample_s.
+    ring_hop: bool = True
 
     def __post_init__(self) -> None:
         if self.context < 1 or self.prompt_tokens < 1 or self.prefill_chunk < 1:
@@ -747,7 +753,7 @@ def predict(
         hop_cost(lk, model.hop_bytes_per_token, a, b)
         for lk, a, b in zip(links, ids, ids[1:], strict=False)
     ]
-    if len(ids) > 1:
+    if len(ids) > 1 and workload.ring_hop:
         ring = cluster.link(ids[-1], ids[0])
         hops.append(hop_cost(ring, TOKEN_ID_BYTES, ids[-1], ids[0]))
     ttft, prefill = _ttft(model, cluster, placements, workload, links)

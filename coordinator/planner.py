@@ -170,12 +170,15 @@ def _tables(model: ModelSpec, cluster: Cluster, workload: Workload) -> _Tables:
         for j, b in enumerate(cluster.devices):
             if i == j:
                 continue
+            if not workload.ring_hop:
+                ring[i, j] = 0.0  # the token returns through the coordinator: in sample_s
             try:
                 lk = cluster.link(a.id, b.id)
             except KeyError:
                 continue
             hop[i, j] = lk.latency_s + model.hop_bytes_per_token / lk.bandwidth_Bps + lk.overhead_s
-            ring[i, j] = lk.latency_s + TOKEN_ID_BYTES / lk.bandwidth_Bps + lk.overhead_s
+            if workload.ring_hop:
+                ring[i, j] = lk.latency_s + TOKEN_ID_BYTES / lk.bandwidth_Bps + lk.overhead_s
     return _Tables(tuple(cluster.devices), L, stage, hop, ring)
 
 

@@ -213,18 +213,22 @@ async def measured_plan(
 ) -> MeasuredPlan:
     """Probe the nodes and links, then let the planner choose devices, order and ranges."""
     from coordinator import planner
-    from coordinator.costmodel import Cluster, ModelSpec, Workload
+    from coordinator.calibrate import LiveCalibration, live_cluster, live_workload, stream_dtype
+    from coordinator.costmodel import ModelSpec
     from coordinator.probe import probe_cluster
 
-    probe = await probe_cluster(records)
+    # Devices are timed in the dtype the model's weights stream in; the fitted constants
+    # (coordinator/data/calibration.csv, `coordinator validate-planner --calibrate`) add what
+    # the probe cannot see: achieved-vs-probed factors and per-layer/hop/token overheads.
+    dtype = stream_dtype(model.config)
+    probe = await probe_cluster(records, dtypes=[dtype])
     probe_json = probe.to_json()
-    cluster = Cluster.from_probe_json(probe_json)
+    cal = LiveCalibration.load()
+    cluster = live_cluster(probe_json, dtype, cal)
     if not cluster.devices:
         raise SessionError("the probe could not time any device: " + "; ".join(probe.errors))
     spec = ModelSpec.from_config_dir(model.path)
-    workload = Workload(
-        context=context, prompt_tokens=min(512, context // 2), concurrency=concurrency
-    )
+    workload = live_workload(cal, context, min(512, context // 2), concurrency)
     choice = planner.plan(spec, cluster, workload, objective)
     if not choice.fits:
         raise SessionError(f"the model does not fit on the cluster: {choice.explanation}")
@@ -244,11 +248,25 @@ async def choose_plan(
     context: int = 2048,
 ) -> Plan:
     """The plan for `coordinator up`/`run`: measured and planned (default), or a naive split."""
+    return (await select_plan(model, records, placement, objective, concurrency, context))[0]
+
+
+async def select_plan(
+    model: ModelInfo,
+    records: list[NodeRecord],
+    placement: str,
+    objective: str = "latency",
+    concurrency: int = 1,
+    context: int = 2048,
+) -> tuple[Plan, Any]:
+    """`choose_plan`, with the probe result it planned from (a coordinator.probe.ProbeResult;
+    None for the naive splits, which measure nothing)."""
     if placement == "planned":
-        return (await measured_plan(model, records, objective, concurrency, context)).plan
+        m = await measured_plan(model, records, objective, concurrency, context)
+        return m.plan, m.probe
     if placement == "memory":
-        return await memory_plan(model, records)
+        return await memory_plan(model, records), None
     if placement == "even":
         recs = sorted(records, key=lambda r: (r.name, r.node_id))[: model.num_layers]
-        return fixed_plan(model, recs, even_counts(model.num_layers, len(recs)))
+        return fixed_plan(model, recs, even_counts(model.num_layers, len(recs))), None
     raise SessionError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")

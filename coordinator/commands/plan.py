@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from coordinator import console
+from coordinator.calibrate import LiveCalibration
 from coordinator.commands._common import add_discovery_args
 from coordinator.costmodel import GIB, Cluster, ModelSpec, Workload
 from coordinator.errors import UserError
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from e
         cluster, _ = live_cluster(args)
-        workload = Workload()
+        cal = LiveCalibration.load()
+        workload = replace(Workload(), sample_s=cal.token_overhead_s, ring_hop=cal.ring_hop)
 
     try:
         workload = replace(
@@ -97,21 +99,30 @@ def plan_cluster(
 def live_cluster(
     args: argparse.Namespace,
 ) -> tuple[Cluster, Mapping[str, tuple[str, str, str, str]]]:
-    """Discovery + probe: the measured Cluster and, per device id, (node_id, node_name,
-    address, device label) for `planner.to_plan`."""
+    """Discovery + probe (devices timed in the model's dtype): the measured Cluster with the
+    fitted live constants applied (coordinator/calibrate.py) and, per device id, (node_id,
+    node_name, address, device label) for `planner.to_plan`."""
     import asyncio
 
+    from coordinator.calibrate import live_cluster as calibrated
+    from coordinator.calibrate import stream_dtype
     from coordinator.commands._common import discover
     from coordinator.probe import probe_cluster
-    from coordinator.session import device_map
+    from coordinator.session import SessionError, device_map, read_model
+
+    try:
+        dtype = stream_dtype(read_model(args.model).config)
+    except SessionError as e:
+        raise UserError(str(e)) from None
 
     async def measure() -> tuple[list[Any], dict[str, Any]]:
         records = await discover(args)
-        probe = await probe_cluster(records)
+        probe = await probe_cluster(records, dtypes=[dtype])
         return records, probe.to_json()
 
     records, probe_json = asyncio.run(measure())
-    return Cluster.from_probe_json(probe_json), device_map(probe_json, records)
+    cluster = calibrated(probe_json, dtype, LiveCalibration.load())
+    return cluster, device_map(probe_json, records)
 
 
 def show(choice: PlanChoice, cluster: Cluster) -> None:
