@@ -10,7 +10,7 @@ LLAMA_STAMP := $(VENV)/.llama-rpc
 LLAMA_VERSION := 0.3.36
 export CMAKE_ARGS := -DGGML_RPC=ON
 
-.PHONY: install proto test test-deps test-fast demo bench lint clean
+.PHONY: install proto test test-deps test-fast demo bench validate-planner lint clean
 
 install: $(STAMP) $(LLAMA_STAMP)
 
@@ -48,6 +48,12 @@ demo: install
 
 bench: install
 	$(VENV)/bin/coordinator bench-suite --out bench/results/latest.json
+
+# Refit the planner's live constants (coordinator/data/calibration.csv) from calibration plans,
+# then compare predicted with measured decode time and TTFT over the validation plans
+# (docs/planning.md, bench/results/planner-validation.json). Namespace-LAN plans need root.
+validate-planner: install
+	$(VENV)/bin/coordinator validate-planner --calibrate
 
 lint: install
 	$(VENV)/bin/ruff check node coordinator tests

@@ -22,7 +22,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -154,8 +154,11 @@ def synthesize(
     dtype: str = "float32",
     quant_bits: int | None = None,
     gguf: bool = False,
+    layers: int | None = None,
 ) -> Path:
     """Write a random-weight model folder to `out_dir` and return its path.
+
+    `layers` overrides the preset's layer count (the same shapes, more or fewer layers).
 
     With `quant_bits` (4 or 8) the weights are quantized the MLX way after writing; with
     `gguf` the folder also gets `model.gguf` (f32; from the dequantized weights when
@@ -170,6 +173,10 @@ def synthesize(
     if quant_bits is not None and quant_bits not in QUANT_BITS:
         raise ValueError(f"quant_bits must be one of {list(QUANT_BITS)}, got {quant_bits}")
     shape = PRESETS[preset]
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        shape = replace(shape, num_hidden_layers=layers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,137 @@
+"""`coordinator validate-planner`: predicted against measured decode time and TTFT over many
+plans on this machine's clusters (coordinator/validation.py); `--calibrate` refits the live
+constants in coordinator/data/calibration.csv first."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from coordinator import console
+from coordinator.bench import BenchError
+from coordinator.errors import UserError
+from coordinator.validation import (
+    ACCEPT_MEDIAN,
+    ACCEPT_WORST,
+    DEFAULT_DOCS,
+    DEFAULT_JSON,
+    ValidationResult,
+    ValidationSettings,
+    run_validation,
+)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "validate-planner",
+        help="run many plans on local clusters and compare the cost model's predictions",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="first fit the live constants from calibration plans (other models) and write "
+        "them to coordinator/data/calibration.csv",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["tiny", "small"],
+        metavar="NAME",
+        help="validation models (default: tiny small)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default: 5)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default: 32)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens per run (default: 64)")
+    p.add_argument(
+        "--no-netns", action="store_true", help="skip the namespace-LAN plans (they need root)"
+    )
+    p.add_argument(
+        "--model-root", type=Path, default=None, help="where the synthetic models are kept"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_JSON,
+        help=f"JSON report (default: {DEFAULT_JSON.relative_to(DEFAULT_JSON.parents[2])})",
+    )
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=DEFAULT_DOCS,
+        help="markdown file whose generated section gets the table (default: docs/planning.md)",
+    )
+    p.add_argument("--no-docs", action="store_true", help="do not touch the docs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = ValidationSettings(
+        calibrate=args.calibrate,
+        models=tuple(args.models),
+        repeats=args.repeats,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        netns=not args.no_netns,
+        model_root=args.model_root,
+        out_json=args.out,
+        docs=None if args.no_docs else args.docs,
+        command="coordinator " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if sys.argv[1:2] == ["validate-planner"]
+        else "coordinator validate-planner",
+    )
+    try:
+        settings.check()
+        result = run_validation(settings, on_event=console.info)
+    except (ValueError, BenchError) as e:
+        raise UserError(str(e)) from None
+    show(result)
+    return 1 if any(not r.run.ok for r in result.rows) else 0
+
+
+def show(result: ValidationResult) -> None:
+    if result.fit is not None:
+        console.info(f"calibration: {result.fit.summary()}")
+    console.info(f"constants: {result.calibration.describe()}")
+    console.table(
+        "predicted vs measured",
+        ["model", "cluster", "plan", "pred ms/tok", "meas ms/tok", "err", "pred TTFT", "meas TTFT", "err"],
+        [
+            [
+                r.case.model,
+                r.case.condition,
+                r.plan,
+                _f(r.predicted_ms),
+                _f(r.measured_ms) if r.run.ok else f"failed: {r.run.error[:60]}",
+                _p(r.decode_error),
+                _f(r.predicted_ttft_ms, 1),
+                _f(r.measured_ttft_ms, 1),
+                _p(r.ttft_error),
+            ]
+            for r in result.rows
+        ],
+    )  # fmt: skip
+    d = result.decode
+    verdict = {True: "met", False: "NOT met", None: "not judged (no plan measured)"}[result.met]
+    console.text(
+        f"decode time per token: median |error| {_p(d.median_abs, sign=False)}, worst "
+        f"{_p(d.worst_abs, sign=False)} ({d.worst_label}) over {d.n} plans; target median <= "
+        f"{ACCEPT_MEDIAN:.0%}, worst <= {ACCEPT_WORST:.0%}: {verdict}"
+    )
+    t = result.ttft
+    console.text(
+        f"TTFT: median |error| {_p(t.median_abs, sign=False)}, worst {_p(t.worst_abs, sign=False)}"
+    )
+    for note in result.notes:
+        console.info(f"note: {note}")
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _p(x: float | None, sign: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 100:+.1f}%" if sign else f"{x * 100:.1f}%"
