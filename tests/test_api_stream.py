@@ -26,8 +26,9 @@ def server(
     local_cluster: Any, tiny_llama: Path, tmp_path_factory: Any
 ) -> Iterator[CoordinatorProcess]:
     log = tmp_path_factory.mktemp("coordinator-stream") / "coordinator.log"
-    # Three stages, one per node: the plan splits the 8 layers over all of them.
-    proc = CoordinatorProcess(tiny_llama, local_cluster.nodes, log)
+    # Three stages, one per node: the memory split puts the 8 layers over all of them (the
+    # planner would keep them on one CPU node).
+    proc = CoordinatorProcess(tiny_llama, local_cluster.nodes, log, ["--placement", "memory"])
     try:
         yield proc
     finally:

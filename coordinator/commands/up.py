@@ -7,14 +7,28 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from coordinator import console
-from coordinator.commands._common import add_discovery_args, add_model_args, discover
+from coordinator.commands._common import (
+    add_discovery_args,
+    add_model_args,
+    add_placement_args,
+    discover,
+)
 from coordinator.errors import UserError
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError
-from coordinator.session import SessionError, load_tokenizer, memory_plan, open_pipeline, read_model
+from coordinator.plan import Plan
+from coordinator.session import (
+    ModelInfo,
+    SessionError,
+    load_tokenizer,
+    open_pipeline,
+    read_model,
+    select_plan,
+)
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "LAYERLINK_COORDINATOR_READY"
@@ -58,9 +72,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--probe-json",
         metavar="FILE",
-        help="a `coordinator probe --json` result to show as the dashboard's link matrix",
+        help="a `coordinator probe --json` result to show as the dashboard's link matrix "
+        "until the coordinator measures the cluster itself",
+    )
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="after loading, generate N tokens and print measured next to predicted "
+        "tokens/s (default: 32; 0: skip)",
+    )
+    p.add_argument(
+        "--reprobe-debounce",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="re-probe the cluster this long after its mDNS membership last changed (default: 2)",
     )
     add_discovery_args(p)
+    add_placement_args(p)
     p.set_defaults(func=run)
 
 
@@ -78,6 +109,8 @@ async def serve(args: argparse.Namespace) -> int:
         ("--max-tokens", args.max_tokens, 1),
         ("--max-concurrent", args.max_concurrent, 1),
         ("--max-queue", args.max_queue, 0),
+        ("--concurrency", args.concurrency, 1),
+        ("--check-tokens", args.check_tokens, 0),
     ):
         if value < least:
             raise UserError(f"{flag} must be at least {least}")
@@ -89,20 +122,22 @@ async def serve(args: argparse.Namespace) -> int:
     records = await discover(args)
     tokenizer = load_tokenizer(model)
     try:
-        plan = await memory_plan(model, records)
+        plan, measured = await select_plan(
+            model, records, args.placement, args.objective, args.concurrency, args.context
+        )
+        show_plan(plan)
         pipeline = await open_pipeline(plan, model)
     except (SessionError, PipelineError) as e:
         raise UserError(str(e)) from None
     try:
         await warm_up(pipeline, tokenizer)
+        if args.check_tokens:
+            await check_speed(pipeline, tokenizer, plan, args.check_tokens)
     except UserError:
         await pipeline.close()
         raise
-    console.table(
-        f"plan {plan.plan_id}",
-        ["stage", "node", "address", "layers"],
-        [[i, s.node_name, s.address, f"[{s.start}, {s.end})"] for i, s in enumerate(plan.stages)],
-    )
+    if measured is not None:
+        probe = {**measured.to_json(), "measured_at": time.time()}
     metrics = ServingMetrics()
     state = ApiState(
         model_name=model.name,
@@ -117,6 +152,7 @@ async def serve(args: argparse.Namespace) -> int:
         probe=probe,
         api_key=args.api_key,
     )
+    prober = membership_prober(args, model, records, state)
     app = create_app(state)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -136,10 +172,96 @@ async def serve(args: argparse.Namespace) -> int:
     )
     console.text(f"{READY_PREFIX} http://{args.host}:{port}")
     try:
+        if prober is not None:
+            await prober.start()
         await server.serve(sockets=[sock])
     finally:
+        if prober is not None:
+            await prober.close()
         await pipeline.close()
+        served_summary(plan, metrics)
     return 0
+
+
+def show_plan(plan: Plan) -> None:
+    """The plan as a table, and what the cost model expects of it (when it was planned)."""
+    console.table(
+        f"plan {plan.plan_id}",
+        ["stage", "node", "address", "layers"],
+        [[i, s.node_name, s.address, f"[{s.start}, {s.end})"] for i, s in enumerate(plan.stages)],
+    )
+    p = plan.predicted
+    if p is None:
+        console.info(f"{plan.explanation} (not planned from measurements: no prediction)")
+        return
+    console.info(
+        f"predicted: decode {p.decode_tps:.1f} tokens/s per stream, TTFT {p.ttft_s * 1e3:.0f} ms, "
+        f"{p.throughput_tps:.1f} tokens/s in all; bottleneck: {p.bottleneck}"
+    )
+    console.info(f"why: {plan.explanation}")
+
+
+async def check_speed(pipeline: Pipeline, tokenizer: Any, plan: Plan, tokens: int) -> float:
+    """One greedy generation of `tokens` tokens after the warm-up: measured decode tokens/s,
+    printed next to the prediction."""
+    prompt = list(tokenizer.encode("How fast is this cluster?")) or [0]
+    params = GenerationParams(max_tokens=tokens, temperature=0.0, step_timeout_s=30.0)
+    try:
+        result = await pipeline.generate(prompt, params)
+    except PipelineError as e:
+        raise UserError(f"the speed check failed: {e}") from None
+    measured = result.decode_tps
+    text = f"measured: decode {measured:.1f} tokens/s over {len(result.tokens)} tokens"
+    if plan.predicted is not None and measured > 0:
+        pred = plan.predicted.decode_tps
+        text += f" (predicted {pred:.1f}: {100.0 * (pred / measured - 1.0):+.0f}%)"
+    console.info(text)
+    log.info("speed check: %s", text)
+    return measured
+
+
+def served_summary(plan: Plan, metrics: Any) -> None:
+    """At shutdown: the decode speed requests saw, next to the prediction."""
+    speeds = sorted(r.decode_tps for r in metrics.recent if r.decode_tps > 0)
+    if not speeds:
+        return
+    median = speeds[len(speeds) // 2]
+    text = f"served {len(speeds)} request(s): median decode {median:.1f} tokens/s"
+    if plan.predicted is not None:
+        text += f", predicted {plan.predicted.decode_tps:.1f} per stream"
+    console.info(text)
+    log.info("%s", text)
+
+
+def membership_prober(
+    args: argparse.Namespace, model: ModelInfo, records: list[Any], state: Any
+) -> Any:
+    """Re-probe when the mDNS membership changes (not with a static --node list: there is
+    nothing to watch); results go to the API state's `probe`."""
+    if args.node:
+        return None
+    from coordinator.calibrate import stream_dtype
+    from coordinator.discovery import Browser
+    from coordinator.probe import probe_cluster
+    from coordinator.reprobe import MembershipProber
+
+    dtype = stream_dtype(model.config)
+
+    def store(doc: dict[str, Any]) -> None:
+        state.probe = doc
+        names = ", ".join(str(n.get("name")) for n in doc.get("nodes", []))
+        console.info(f"re-probed the cluster after a membership change: {names}")
+
+    async def probe(nodes: Any) -> Any:
+        return await probe_cluster(nodes, dtypes=[dtype])
+
+    return MembershipProber(
+        Browser(args.cluster, args.mdns_interface),
+        probe,
+        store,
+        known=records if state.probe is not None else [],
+        debounce_s=args.reprobe_debounce,
+    )
 
 
 async def warm_up(pipeline: Pipeline, tokenizer: Any, attempts: int = 3) -> None:

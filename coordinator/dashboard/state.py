@@ -227,6 +227,14 @@ def plan_json(plan: Plan) -> dict[str, object]:
         "num_layers": plan.num_layers,
         "version": plan.version,
         "explanation": plan.explanation,
+        "predicted": None
+        if plan.predicted is None
+        else {
+            "decode_tps": plan.predicted.decode_tps,
+            "ttft_s": plan.predicted.ttft_s,
+            "throughput_tps": plan.predicted.throughput_tps,
+            "bottleneck": plan.predicted.bottleneck,
+        },
         "stages": [
             {
                 "index": i,
@@ -295,6 +303,22 @@ def links_of(probe: Mapping[str, Any] | None) -> tuple[LinkView, ...] | None:
     return tuple(out)
 
 
+def probe_summary(probe: Mapping[str, Any] | None) -> dict[str, object] | None:
+    """Which nodes the last probe measured, when, and what failed; None without a probe."""
+    if not probe:
+        return None
+    nodes = [n for n in probe.get("nodes", []) or [] if isinstance(n, Mapping)]
+    at = probe.get("measured_at")
+    return {
+        "nodes": [str(n.get("name") or n.get("id")) for n in nodes],
+        "node_ids": [str(n.get("id")) for n in nodes],
+        "links": len(probe.get("links", []) or []),
+        "seconds": probe.get("seconds"),
+        "measured_at": float(at) if isinstance(at, (int, float)) else None,
+        "errors": [str(e) for e in probe.get("errors", []) or []],
+    }
+
+
 def build_state(
     model_name: str,
     plan: Plan | None,
@@ -310,5 +334,6 @@ def build_state(
         "live": metrics.live().to_json(),
         "recent": [r.to_json() for r in metrics.recent],
         "links": None if links is None else [lk.to_json() for lk in links],
+        "probe": probe_summary(probe),
         "time": time.time(),
     }

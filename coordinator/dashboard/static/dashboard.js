@@ -74,10 +74,15 @@ function renderPlan(plan) {
   if (!plan) {
     setText("plan-id", "no plan loaded");
     setText("plan-explanation", "");
+    setText("tps-predicted", "");
     return;
   }
   setText("plan-id", `${plan.plan_id} · ${plan.num_layers} layers · ${plan.stages.length} stage(s)`);
   setText("plan-explanation", plan.explanation || "");
+  const p = plan.predicted;
+  setText("tps-predicted", p
+    ? `predicted ${p.decode_tps.toFixed(1)} per stream, ${p.throughput_tps.toFixed(1)} in all`
+    : "");
   for (const s of plan.stages) {
     const [a, b] = s.layers;
     const seg = el("div", {
@@ -176,6 +181,8 @@ async function poll() {
     renderPlan(state.plan);
     renderNodes(state.nodes, state.plan);
     renderLinks(state.links);
+    setText("probe-time", state.probe && state.probe.measured_at
+      ? `at ${new Date(state.probe.measured_at * 1000).toLocaleTimeString()}` : "");
     renderRecent(state.recent);
     status.className = "status";
     status.textContent = `updated ${new Date(state.time * 1000).toLocaleTimeString()}`;
