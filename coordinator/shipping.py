@@ -38,6 +38,9 @@ from node.tensorfiles import HashCache, HashedTensor, TensorFileError, folder_te
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20
+# Concurrent PushTensors streams per node: one stream leaves the link idle while a message
+# is handed over; two keep it busy.
+PUSH_STREAMS = 1
 PREPARE_TIMEOUT_S = 600.0  # a node may hash its own copy of the stage first
 # Pushes get a deadline sized for a slow link (>= 5 MB/s) plus slack.
 PUSH_MIN_RATE = 5e6
@@ -209,6 +212,7 @@ class Shipper:
         verify: bool = False,
         resume_timeout_s: float = RESUME_TIMEOUT_S,
         client_factory: Callable[[str], NodeClient] = NodeClient,
+        streams: int = PUSH_STREAMS,
     ) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
@@ -218,6 +222,7 @@ class Shipper:
         self.verify = verify
         self.resume_timeout_s = resume_timeout_s
         self.client_factory = client_factory
+        self.streams = streams
 
     async def ship(self, plan: Plan) -> tuple[StageShipment, ...]:
         """Every stage of the plan; stages on one node one after the other, nodes in
@@ -325,9 +330,31 @@ class Shipper:
         if len(todo) != len(reply.missing):
             raise ShipError(f"node {run.stage.node_name} asked for tensors the stage does not have")
         deadline = PUSH_SLACK_S + reply.missing_bytes / PUSH_MIN_RATE
+        # Tensors dealt to the streams largest first, each to the least loaded one.
+        lanes: list[list[HashedTensor]] = [[] for _ in range(max(1, min(self.streams, len(todo))))]
+        loads = [0] * len(lanes)
+        for t in sorted(todo, key=lambda t: -t.entry.nbytes):
+            k = loads.index(min(loads))
+            lanes[k].append(t)
+            loads[k] += t.entry.nbytes - offsets.get(t.sha256, 0)
+        refused: list[str] = []
+        await asyncio.gather(
+            *(self._push_stream(client, run, lane, offsets, deadline, refused) for lane in lanes)
+        )
+        if refused:
+            raise _Again(f"the node refused a piece: {refused[0]}")
+
+    async def _push_stream(
+        self,
+        client: NodeClient,
+        run: _StageRun,
+        todo: list[HashedTensor],
+        offsets: dict[str, int],
+        deadline: float,
+        refused: list[str],
+    ) -> None:
         call = client.stub.PushTensors(timeout=deadline)
         stream_received = 0
-        refused: list[str] = []
 
         async def read_acks() -> None:
             nonlocal stream_received
@@ -359,8 +386,6 @@ class Shipper:
             if not reader.done():
                 reader.cancel()
             run.received += stream_received
-        if refused:
-            raise _Again(f"the node refused a piece: {refused[0]}")
 
     async def _write_all(
         self,

@@ -36,6 +36,9 @@ from node.weightcache import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Pieces received ahead of the one being written: the network keeps flowing while the
+# weights thread writes and hashes.
+READ_AHEAD_CHUNKS = 4
 
 
 _KINDS = {
@@ -166,7 +169,7 @@ class WeightService:
         writer: TensorWriter | None = None
         failed: str | None = None  # a tensor already answered with an error
         try:
-            async for chunk in chunks:
+            async for chunk in _read_ahead(chunks, READ_AHEAD_CHUNKS):
                 received += len(chunk.data)
                 sha = chunk.sha256
                 if sha == failed:
@@ -209,3 +212,30 @@ class WeightService:
         finally:
             if writer is not None:
                 await self._run(writer.close)
+
+
+async def _read_ahead(chunks: AsyncIterator[T], depth: int) -> AsyncIterator[T]:
+    """Iterate `chunks` with up to `depth` items pulled ahead by a background task; an error
+    of the source is raised here, in order."""
+    queue: asyncio.Queue[tuple[T | None, Exception | None]] = asyncio.Queue(depth)
+
+    async def pump() -> None:
+        try:
+            async for item in chunks:
+                await queue.put((item, None))
+        except Exception as e:  # handed over to the consumer, which raises it
+            await queue.put((None, e))
+            return
+        await queue.put((None, None))
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is None:
+                return
+            yield item
+    finally:
+        task.cancel()
