@@ -38,6 +38,7 @@ from coordinator.dashboard import STATIC_DIR
 from coordinator.dashboard.state import NodeMonitor, build_state, links_of
 from coordinator.metrics import CONTENT_TYPE, RequestTrace, ServingMetrics
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError, TokenEvent
+from coordinator.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,8 @@ class ApiState:
 
     model_name: str
     tokenizer: Any
-    pipeline: Pipeline | None
+    # The serving pipeline; a Supervisor (re-plans when a stage dies) under `coordinator up`.
+    pipeline: Pipeline | Supervisor | None
     context_length: int = 2048
     default_max_tokens: int = 256
     vocab_size: int | None = None
@@ -546,7 +548,7 @@ def create_app(state: ApiState) -> FastAPI:
             ),
         )
 
-    def require_pipeline() -> Pipeline:
+    def require_pipeline() -> Pipeline | Supervisor:
         if state.pipeline is None:
             metrics.rejected.inc(reason="no_plan")
             raise ApiError(
@@ -558,7 +560,7 @@ def create_app(state: ApiState) -> FastAPI:
         return state.pipeline
 
     async def generate(
-        pipeline: Pipeline, job: Job, trace: RequestTrace
+        pipeline: Pipeline | Supervisor, job: Job, trace: RequestTrace
     ) -> AsyncGenerator[Piece, None]:
         """Pieces of text, one per token; the last one has the finish reason. Owns the
         request's admission slot and trace from its first step on."""

@@ -68,8 +68,9 @@ class Supervisor:
     def in_flight(self) -> int:
         return self.pipeline.in_flight if self.pipeline is not None else 0
 
-    async def start(self) -> None:
-        self.pipeline = await self.opener(await self.planner(self.records))
+    async def start(self, pipeline: Pipeline | None = None) -> None:
+        """Plan and open the first pipeline (or adopt one already open), then watch it."""
+        self.pipeline = pipeline or await self.opener(await self.planner(self.records))
         self._watch = asyncio.create_task(self._heartbeat())
 
     async def close(self) -> None:

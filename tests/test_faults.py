@@ -155,3 +155,30 @@ def test_stream_survives_a_cut_link(tiny_llama: Path) -> None:
     assert result is not None
     assert result["tokens"] == ref
     assert len(result["recoveries"]) == 1 and result["recoveries"][0]["stages"] == 2
+
+
+def test_http_stream_survives_sigkill_of_the_middle_node(tiny_llama: Path, session_dir: Path) -> None:
+    """End to end: `coordinator up`, a streaming completion over HTTP, the middle node killed
+    mid-answer: one uninterrupted answer with the tokens of an uninterrupted run."""
+    import openai
+
+    from tests.test_api import CoordinatorProcess
+
+    with LocalCluster(3, "fault-http", log_dir=session_dir, name_prefix="fh") as cluster:
+        up = CoordinatorProcess(tiny_llama, cluster.nodes, session_dir / "fault-http.log",
+                                extra_args=["--placement", "even"])  # fmt: skip
+        try:
+            client = openai.OpenAI(base_url=up.url + "/v1", api_key="x", max_retries=0)
+            kwargs = {"model": tiny_llama.name, "prompt": [PROMPT], "max_tokens": N,
+                      "temperature": 0}  # fmt: skip
+            calm = client.completions.create(**kwargs)  # type: ignore[call-overload]
+            pieces: list[str] = []
+            for chunk in client.completions.create(stream=True, **kwargs):  # type: ignore[call-overload]
+                pieces.append(chunk.choices[0].text if chunk.choices else "")
+                if len(pieces) == 20:
+                    os.kill(cluster.procs[cluster.nodes[1].name].pid, signal.SIGKILL)
+            client.close()
+        finally:
+            up.stop()
+    assert "".join(pieces) == calm.choices[0].text
+    assert "re-planning over 2 node(s)" in (session_dir / "fault-http.log").read_text()

@@ -29,6 +29,8 @@ from coordinator.session import (
     read_model,
     select_plan,
 )
+from coordinator.supervisor import Supervisor
+from node.mdns import NodeRecord
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "LAYERLINK_COORDINATOR_READY"
@@ -138,11 +140,25 @@ async def serve(args: argparse.Namespace) -> int:
         raise
     if measured is not None:
         probe = {**measured.to_json(), "measured_at": time.time()}
+
+    async def replan(remaining: list[NodeRecord]) -> Plan:
+        new_plan, _ = await select_plan(
+            model, remaining, args.placement, args.objective, args.concurrency, args.context
+        )
+        show_plan(new_plan)
+        return new_plan
+
+    async def reopen(new_plan: Plan) -> Pipeline:
+        return await open_pipeline(new_plan, model, show_progress=False)
+
+    # Serves on the pipeline; when a stage dies it re-plans over the rest and resumes requests.
+    supervisor = Supervisor(records, replan, reopen)
+    await supervisor.start(pipeline)
     metrics = ServingMetrics()
     state = ApiState(
         model_name=model.name,
         tokenizer=tokenizer,
-        pipeline=pipeline,
+        pipeline=supervisor,
         context_length=args.context,
         default_max_tokens=args.max_tokens,
         vocab_size=model.vocab_size,
@@ -178,7 +194,7 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         if prober is not None:
             await prober.close()
-        await pipeline.close()
+        await supervisor.close()
         served_summary(plan, metrics)
     return 0
 
