@@ -55,6 +55,7 @@ class Supervisor:
         self.pipeline: Pipeline | None = None
         self.fatal: str | None = None
         self.recoveries: list[dict[str, object]] = []
+        self.replans: list[dict[str, object]] = []
         self._changed = asyncio.Event()
         self._recovering: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -150,6 +151,53 @@ class Supervisor:
             self._recovering = None
             self._changed.set()
             self._changed = asyncio.Event()
+
+    async def consider(self, records: list[NodeRecord], gain: float = 1.1) -> bool:
+        """Membership changed (a node joined or came back): re-plan over `records` and switch
+        when the new plan predicts at least `gain` x the current decode speed. Requests in
+        flight finish on the old pipeline, which is closed once they are done."""
+        current = self.pipeline
+        if current is None or self._recovering is not None or self.fatal is not None:
+            return False
+        known = {r.address for r in self.records}
+        self.records = list(records)
+        if {r.address for r in records} <= known:
+            return False
+        plan = await self.planner(list(records))
+        now = current.plan.predicted.decode_tps if current.plan.predicted else 0.0
+        new = plan.predicted.decode_tps if plan.predicted else 0.0
+        if new < gain * now or new <= 0.0:
+            log.info(
+                "membership changed; keeping plan %s (predicted %.1f vs %.1f tokens/s)",
+                current.plan.plan_id,
+                now,
+                new,
+            )
+            return False
+        plan = replace(plan, version=current.plan.version + 1, plan_id="")
+        self.pipeline = await self.opener(plan)
+        self.replans.append(
+            {
+                "plan_id": plan.plan_id,
+                "stages": len(plan.stages),
+                "predicted_tps": new,
+                "previous_tps": now,
+            }
+        )
+        log.warning(
+            "switched to plan %s: predicted %.1f tokens/s (was %.1f)", plan.plan_id, new, now
+        )
+        retire = asyncio.create_task(self._drain_and_close(current))
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
+        return True
+
+    @staticmethod
+    async def _drain_and_close(old: Pipeline, limit_s: float = 600.0) -> None:
+        deadline = time.monotonic() + limit_s
+        while old.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await old.close()
 
     async def _wait_replaced(self, broken: Pipeline, timeout: float) -> Pipeline:
         deadline = time.monotonic() + timeout

@@ -182,3 +182,43 @@ def test_http_stream_survives_sigkill_of_the_middle_node(tiny_llama: Path, sessi
             up.stop()
     assert "".join(pieces) == calm.choices[0].text
     assert "re-planning over 2 node(s)" in (session_dir / "fault-http.log").read_text()
+
+
+def test_a_node_that_joins_is_used_when_predicted_faster(tiny_llama: Path, session_dir: Path) -> None:
+    from coordinator.plan import Prediction
+
+    model = read_model(tiny_llama)
+    ref, _ = reference_generate(tiny_llama, PROMPT, 24)
+
+    async def planner(records):  # type: ignore[no-untyped-def]
+        nodes = sorted(records, key=lambda r: r.name)
+        plan = fixed_plan(model, nodes, even_counts(model.num_layers, len(nodes)))
+        # A stand-in cost model: more nodes, faster (the real one needs real hardware).
+        from dataclasses import replace
+
+        return replace(plan, predicted=Prediction(decode_tps=10.0 * len(nodes), ttft_s=0.1,
+                                                  throughput_tps=10.0 * len(nodes)))  # fmt: skip
+
+    async def opener(plan):  # type: ignore[no-untyped-def]
+        return await open_pipeline(plan, model, show_progress=False)
+
+    async def go(cluster: LocalCluster) -> tuple[bool, bool, int, list[int], list[int]]:
+        sup = Supervisor([cluster.nodes[0]], planner, opener)
+        await sup.start()
+        try:
+            old = sup.pipeline
+            running = sup.stream(PROMPT, GenerationParams(max_tokens=24))
+            first = [ev.token async for ev in running]  # finishes on the 1-stage plan
+            same = await sup.consider([cluster.nodes[0]])  # nothing new: no re-plan
+            switched = await sup.consider(list(cluster.nodes))
+            assert sup.pipeline is not old
+            second = [ev.token async for ev in sup.stream(PROMPT, GenerationParams(max_tokens=24))]
+            await asyncio.sleep(0.5)  # the old pipeline drains and closes in the background
+            return same, switched, len(sup.pipeline.plan.stages), first, second
+        finally:
+            await sup.close()
+
+    with LocalCluster(2, "rejoin", log_dir=session_dir, name_prefix="rj") as cluster:
+        same, switched, stages, first, second = asyncio.run(go(cluster))
+    assert not same and switched and stages == 2
+    assert first == ref and second == ref

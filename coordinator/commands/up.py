@@ -168,7 +168,7 @@ async def serve(args: argparse.Namespace) -> int:
         probe=probe,
         api_key=args.api_key,
     )
-    prober = membership_prober(args, model, records, state)
+    prober = membership_prober(args, model, records, state, supervisor)
     app = create_app(state)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -250,7 +250,11 @@ def served_summary(plan: Plan, metrics: Any) -> None:
 
 
 def membership_prober(
-    args: argparse.Namespace, model: ModelInfo, records: list[Any], state: Any
+    args: argparse.Namespace,
+    model: ModelInfo,
+    records: list[Any],
+    state: Any,
+    supervisor: Supervisor | None = None,
 ) -> Any:
     """Re-probe when the mDNS membership changes (not with a static --node list: there is
     nothing to watch); results go to the API state's `probe`."""
@@ -269,7 +273,14 @@ def membership_prober(
         console.info(f"re-probed the cluster after a membership change: {names}")
 
     async def probe(nodes: Any) -> Any:
-        return await probe_cluster(nodes, dtypes=[dtype])
+        result = await probe_cluster(nodes, dtypes=[dtype])
+        if supervisor is not None:
+            # A node that joined (or came back) is used when the new plan predicts faster.
+            try:
+                await supervisor.consider(list(nodes))
+            except Exception as e:  # re-planning is an optimisation: serving goes on
+                log.warning("re-planning after a membership change failed: %s", e)
+        return result
 
     return MembershipProber(
         Browser(args.cluster, args.mdns_interface),
