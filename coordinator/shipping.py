@@ -96,6 +96,7 @@ class StageShipment:
     sent_bytes: int  # tensor bytes written to the node by this session
     received_bytes: int  # tensor bytes the node acknowledged receiving
     tensors_sent: tuple[str, ...]  # sha256 of tensors completed by this session, in order
+    pushes: tuple[PushRecord, ...]  # one per connection that sent tensors (resumes add more)
     resumes: int
     seconds: float
 
@@ -166,6 +167,29 @@ def stage_tensors(manifest: ModelManifest, start: int, end: int) -> list[HashedT
     return out
 
 
+def prepare_request(
+    manifest: ModelManifest, start: int, end: int, verify: bool = False
+) -> pb.PrepareWeightsRequest:
+    """PrepareWeights for the stage holding layers [start, end)."""
+    return pb.PrepareWeightsRequest(
+        model=manifest.name,
+        model_path=str(manifest.path),
+        config_json=manifest.config_json,
+        tensors=[
+            pb.TensorRef(
+                name=t.entry.name,
+                sha256=t.sha256,
+                dtype=t.entry.dtype,
+                shape=list(t.entry.shape),
+                nbytes=t.entry.nbytes,
+            )
+            for t in stage_tensors(manifest, start, end)
+        ],
+        verify=verify,
+        label=stage_label(start, end, manifest.num_layers),
+    )
+
+
 def stage_label(start: int, end: int, num_layers: int) -> str:
     extra = [" + embedding" if start == 0 else "", " + head" if end == num_layers else ""]
     return f"layers [{start}, {end}){''.join(extra)}"
@@ -186,6 +210,21 @@ def _read(path: Path, offset: int, n: int) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class PushRecord:
+    """One push: the tensors it began sending (sha256, from which offset) and the tensors
+    the node acknowledged on it."""
+
+    started: tuple[tuple[str, int], ...]
+    completed: tuple[str, ...]
+
+
+@dataclass
+class _Push:
+    started: list[tuple[str, int]] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+
+
 @dataclass
 class _StageRun:
     """Mutable bookkeeping of one stage's shipment."""
@@ -197,6 +236,7 @@ class _StageRun:
     received: int = 0
     completed: list[str] = field(default_factory=list)
     corrupt: dict[str, int] = field(default_factory=dict)
+    pushes: list[_Push] = field(default_factory=list)
     resumes: int = 0
     last_progress: float = field(default_factory=time.monotonic)
 
@@ -242,31 +282,23 @@ class Shipper:
     async def ship_stage(self, stage: Stage, index: int) -> StageShipment:
         m = self.manifest
         run = _StageRun(stage, index, stage_tensors(m, stage.start, stage.end))
-        request = pb.PrepareWeightsRequest(
-            model=m.name,
-            model_path=str(m.path),
-            config_json=m.config_json,
-            tensors=[
-                pb.TensorRef(
-                    name=t.entry.name,
-                    sha256=t.sha256,
-                    dtype=t.entry.dtype,
-                    shape=list(t.entry.shape),
-                    nbytes=t.entry.nbytes,
-                )
-                for t in run.tensors
-            ],
-            verify=self.verify,
-            label=stage_label(stage.start, stage.end, m.num_layers),
-        )
+        request = prepare_request(m, stage.start, stage.end, self.verify)
         key = f"{index}"
         t0 = time.perf_counter()
         started = False
         while True:
             try:
                 async with self.client_factory(stage.address) as client:
+                    # Wait for the node (it may be restarting) no longer than the resume
+                    # window; then give it time to hash its own copy of the stage.
+                    left = self.resume_timeout_s - (time.monotonic() - run.last_progress)
+                    try:
+                        await asyncio.wait_for(client.channel.channel_ready(), max(0.1, left))
+                    except asyncio.TimeoutError:
+                        self._resume_or_fail(run, "the node does not answer")
+                        continue
                     reply: pb.PrepareWeightsReply = await client.stub.PrepareWeights(
-                        request, timeout=PREPARE_TIMEOUT_S, wait_for_ready=True
+                        request, timeout=PREPARE_TIMEOUT_S
                     )
                     if not started and self.progress is not None:
                         total = 0 if reply.local else reply.missing_bytes
@@ -286,6 +318,7 @@ class Shipper:
                 await asyncio.sleep(min(2.0, 0.25 * run.resumes))
             except _Again as e:
                 self._resume_or_fail(run, str(e))
+                await asyncio.sleep(min(2.0, 0.25 * run.resumes))
 
     def _resume_or_fail(self, run: _StageRun, why: str) -> None:
         s = run.stage
@@ -317,6 +350,7 @@ class Shipper:
             sent_bytes=run.sent,
             received_bytes=run.received,
             tensors_sent=tuple(run.completed),
+            pushes=tuple(PushRecord(tuple(p.started), tuple(p.completed)) for p in run.pushes),
             resumes=run.resumes,
             seconds=seconds,
         )
@@ -330,6 +364,7 @@ class Shipper:
         if len(todo) != len(reply.missing):
             raise ShipError(f"node {run.stage.node_name} asked for tensors the stage does not have")
         deadline = PUSH_SLACK_S + reply.missing_bytes / PUSH_MIN_RATE
+        run.pushes.append(_Push())
         # Tensors dealt to the streams largest first, each to the least loaded one.
         lanes: list[list[HashedTensor]] = [[] for _ in range(max(1, min(self.streams, len(todo))))]
         loads = [0] * len(lanes)
@@ -362,6 +397,7 @@ class Shipper:
                 stream_received = max(stream_received, ack.bytes_received)
                 if ack.code == 0:
                     run.completed.append(ack.sha256)
+                    run.pushes[-1].completed.append(ack.sha256)
                     run.last_progress = time.monotonic()
                 elif ack.code == grpc.StatusCode.DATA_LOSS.value[0]:
                     n = run.corrupt.get(ack.sha256, 0) + 1
@@ -396,10 +432,16 @@ class Shipper:
         reader: asyncio.Task[None],
     ) -> None:
         key = f"{run.index}"
+        # At least one piece per tensor: an empty one for a 0-byte tensor, or for one that
+        # arrived whole before the connection dropped (the node then verifies and files it).
         pieces = [
             (t, off, min(self.chunk_bytes, t.entry.nbytes - off))
             for t in todo
-            for off in range(offsets.get(t.sha256, 0), max(t.entry.nbytes, 1), self.chunk_bytes)
+            for off in range(
+                offsets.get(t.sha256, 0),
+                max(t.entry.nbytes, offsets.get(t.sha256, 0) + 1),
+                self.chunk_bytes,
+            )
         ]
         if not pieces:
             return
@@ -415,6 +457,8 @@ class Shipper:
                 ahead = asyncio.ensure_future(asyncio.to_thread(read, i + 1))
             if reader.done():  # the ack reader failed (corrupted too often) or ended early
                 break
+            if off == offsets.get(t.sha256, 0):
+                run.pushes[-1].started.append((t.sha256, off))
             await call.write(pb.TensorChunk(sha256=t.sha256, offset=off, data=data))
             run.sent += n
             if self.progress is not None:
