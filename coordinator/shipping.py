@@ -33,7 +33,14 @@ from coordinator.nodeclient import NodeClient
 from coordinator.plan import Plan, Stage
 from node import identity
 from node._proto.layerlink.v1 import node_pb2 as pb
-from node.tensorfiles import HashCache, HashedTensor, TensorFileError, folder_tensors, hash_tensors
+from node.tensorfiles import (
+    HashCache,
+    HashedTensor,
+    TensorFileError,
+    folder_tensors,
+    hash_tensors,
+    pending_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -508,6 +515,35 @@ class RichShipProgress:
             self.bar.advance(self.tasks[key], nbytes)
 
 
+async def _manifest_with_progress(
+    path: Path, name: str, num_layers: int, config: dict[str, Any], show_progress: bool
+) -> ModelManifest:
+    """model_manifest, with a progress bar when it has to hash (the first use of a model)."""
+    cache = HashCache(identity.cache_dir() / "hashes")
+    try:
+        pending = await asyncio.to_thread(pending_bytes, folder_tensors(path), cache)
+    except (TensorFileError, OSError) as e:
+        raise ShipError(f"cannot read the model {path}: {e}") from None
+    if not show_progress or not pending:
+        return await asyncio.to_thread(model_manifest, path, name, num_layers, config)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from coordinator.console import err_console
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"hashing {name} (once: cached by file size and mtime)", total=pending)
+        return await asyncio.to_thread(
+            model_manifest, path, name, num_layers, config, lambda n: bar.advance(task, n)
+        )
+
+
 async def ship_plan(
     plan: Plan,
     path: Path,
@@ -518,7 +554,7 @@ async def ship_plan(
     verify: bool = False,
 ) -> tuple[StageShipment, ...]:
     """Hash the model (once; cached) and ship every stage's missing tensors."""
-    manifest = await asyncio.to_thread(model_manifest, path, name, num_layers, config)
+    manifest = await _manifest_with_progress(path, name, num_layers, config, show_progress)
     if not show_progress:
         return await Shipper(manifest, verify=verify).ship(plan)
     with RichShipProgress() as progress:

@@ -196,6 +196,18 @@ class HashCache:
         os.replace(tmp, record)
 
 
+def pending_bytes(entries: Iterable[TensorEntry], cache: HashCache) -> int:
+    """Data bytes of the entries whose hashes are not cached (what hash_tensors will read)."""
+    known: dict[Path, dict[str, str]] = {}
+    total = 0
+    for e in entries:
+        if e.file not in known:
+            known[e.file] = cache.load(e.file)
+        if e.name not in known[e.file]:
+            total += e.nbytes
+    return total
+
+
 def hash_tensors(
     entries: Iterable[TensorEntry],
     cache: HashCache | None,

@@ -51,8 +51,9 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument(
         "--model",
         required=required,
-        metavar="PATH",
-        help="model folder (HF/MLX safetensors layout); the same path must exist on every node",
+        metavar="PATH|ORG/NAME",
+        help="model folder (HF/MLX safetensors layout) or Hugging Face repo id (org/name[@rev], "
+        "fetched into the HF cache here); nodes that lack it receive their stages' tensors",
     )
 
 
