@@ -432,11 +432,19 @@ def create_app(state: ApiState) -> FastAPI:
     async def dashboard() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    reported_alerts: list[str] = []
+
     @app.get("/api/state")
     async def api_state() -> dict[str, object]:
         plan = state.pipeline.plan if state.pipeline is not None else None
         nodes = state.monitor.views() if state.monitor is not None else ()
-        return build_state(state.model_name, plan, metrics, nodes, state.probe)
+        doc = build_state(state.model_name, plan, metrics, nodes, state.probe)
+        alerts = [str(a) for a in doc["alerts"]]  # type: ignore[attr-defined]
+        if alerts and alerts != reported_alerts:
+            for a in alerts:
+                log.warning("%s", a)
+        reported_alerts[:] = alerts
+        return doc
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> PlainTextResponse:

@@ -496,3 +496,21 @@ def test_chat_command_reports_an_unreachable_coordinator() -> None:
     )
     assert out.returncode == 2
     assert "cannot reach the coordinator" in out.stderr
+
+
+def test_speed_alert_when_three_times_slower_than_predicted() -> None:
+    from types import SimpleNamespace
+
+    from coordinator.dashboard.state import speed_alerts
+    from coordinator.plan import Plan, Prediction, Stage
+
+    plan = Plan(model="m", num_layers=2, stages=(Stage("a", "a", "h:1", 0, 2),),
+                predicted=Prediction(decode_tps=90.0, ttft_s=0.1, throughput_tps=90.0))  # fmt: skip
+
+    def rec(tps: float, n: int = 20) -> object:
+        return SimpleNamespace(decode_tps=tps, completion_tokens=n)
+
+    assert speed_alerts(plan, [rec(80.0), rec(85.0)]) == []
+    assert speed_alerts(plan, [rec(29.0), rec(25.0), rec(28.0)])[0].startswith("decoding at 28.0")
+    assert speed_alerts(plan, [rec(5.0, n=3)]) == []  # too short to time
+    assert speed_alerts(None, [rec(1.0)]) == []

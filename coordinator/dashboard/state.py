@@ -319,6 +319,30 @@ def probe_summary(probe: Mapping[str, Any] | None) -> dict[str, object] | None:
     }
 
 
+SLOW_FACTOR = 3.0
+SLOW_MIN_TOKENS = 8
+
+
+def speed_alerts(plan: Plan | None, recent: Sequence[Any]) -> list[str]:
+    """A warning when requests decode SLOW_FACTOR x slower than the plan predicted (median of
+    the last five finished requests long enough to time): a stage has become slow."""
+    if plan is None or plan.predicted is None or plan.predicted.decode_tps <= 0:
+        return []
+    timed = [r.decode_tps for r in list(recent)[-5:]
+             if r.completion_tokens >= SLOW_MIN_TOKENS and r.decode_tps > 0]  # fmt: skip
+    if not timed:
+        return []
+    timed.sort()
+    measured = timed[len(timed) // 2]
+    predicted = plan.predicted.decode_tps
+    if measured * SLOW_FACTOR > predicted:
+        return []
+    return [
+        f"decoding at {measured:.1f} tokens/s per stream, {predicted / measured:.1f}x slower "
+        f"than the {predicted:.1f} predicted for plan {plan.plan_id}: a stage has slowed down"
+    ]
+
+
 def build_state(
     model_name: str,
     plan: Plan | None,
@@ -335,5 +359,6 @@ def build_state(
         "recent": [r.to_json() for r in metrics.recent],
         "links": None if links is None else [lk.to_json() for lk in links],
         "probe": probe_summary(probe),
+        "alerts": speed_alerts(plan, list(metrics.recent)),
         "time": time.time(),
     }

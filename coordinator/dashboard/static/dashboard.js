@@ -179,6 +179,7 @@ async function poll() {
     setText("model", state.model);
     renderLive(state.live);
     renderPlan(state.plan);
+    setText("alerts", (state.alerts || []).join(" · "));
     renderNodes(state.nodes, state.plan);
     renderLinks(state.links);
     setText("probe-time", state.probe && state.probe.measured_at
