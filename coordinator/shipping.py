@@ -422,8 +422,13 @@ class Shipper:
 
         reader = asyncio.create_task(read_acks())
         try:
-            await self._write_all(call, run, todo, offsets, reader)
-            await call.done_writing()
+            try:
+                await self._write_all(call, run, todo, offsets, reader)
+                await call.done_writing()
+            except asyncio.InvalidStateError:
+                # The call ended under us (node gone): its status comes from the reader.
+                await reader
+                raise _Again("the push stream ended early") from None
             await reader
         finally:
             if not reader.done():

@@ -68,6 +68,8 @@ class WeightService:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
         # Tensors announced by PrepareWeights, which PushTensors may receive.
         self._expected: dict[str, TensorMeta] = {}
+        # The open writer of each tensor being received.
+        self._writers: dict[str, TensorWriter] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
@@ -160,6 +162,14 @@ class WeightService:
             log.info("%s differs from the coordinator's model: shipping", folder)
         return same
 
+    def _forget(self, writer: TensorWriter) -> None:
+        if self._writers.get(writer.meta.sha256) is writer:
+            del self._writers[writer.meta.sha256]
+
+    async def _release(self, writer: TensorWriter) -> None:
+        self._forget(writer)
+        await self._run(writer.close)
+
     async def stage(self, weights_id: str) -> CachedStage:
         return await self._run(self.cache.stage, weights_id)
 
@@ -177,7 +187,7 @@ class WeightService:
                 failed = None
                 try:
                     if writer is not None and writer.meta.sha256 != sha:
-                        await self._run(writer.close)  # cut short: its partial file stays
+                        await self._release(writer)  # cut short: its partial file stays
                         writer = None
                     if writer is None:
                         meta = self._expected.get(sha)
@@ -186,11 +196,18 @@ class WeightService:
                                 grpc.StatusCode.FAILED_PRECONDITION,
                                 f"tensor {sha[:12]} was not prepared on this node",
                             )
+                        # A writer left open by an earlier stream of this tensor (a client
+                        # that vanished without its stream ending here) yields to this one.
+                        stale = self._writers.pop(sha, None)
+                        if stale is not None:
+                            await self._run(stale.close)
                         writer = await self._run(self.cache.open_writer, meta, chunk.offset)
+                        self._writers[sha] = writer
                     await self._run(writer.write, chunk.data, chunk.offset)
                     if not writer.complete:
                         continue
                     done, writer = writer, None
+                    self._forget(done)
                     if await self._run(done.commit):
                         self._expected.pop(sha, None)
                         yield pb.TensorAck(sha256=sha, bytes_received=received)
@@ -203,7 +220,7 @@ class WeightService:
                         )
                 except CacheError as e:
                     if writer is not None:
-                        await self._run(writer.close)
+                        await self._release(writer)
                         writer = None
                     failed = sha
                     yield pb.TensorAck(
@@ -211,7 +228,7 @@ class WeightService:
                     )
         finally:
             if writer is not None:
-                await self._run(writer.close)
+                await self._release(writer)
 
 
 async def _read_ahead(chunks: AsyncIterator[T], depth: int) -> AsyncIterator[T]:

@@ -269,6 +269,11 @@ class TensorWriter:
         return self.have == self.meta.nbytes
 
     def write(self, data: bytes, offset: int) -> None:
+        if self._fd < 0:
+            raise CacheError(
+                grpc.StatusCode.ABORTED,
+                f"tensor {self.meta.sha256[:12]}: a newer stream took over its reception",
+            )
         if offset != self.have:
             raise CacheError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -307,6 +312,11 @@ class TensorWriter:
     def commit(self) -> bool:
         """Verify the received bytes and move them into the cache; False (and the bytes
         dropped) when they do not hash to the tensor's name."""
+        if self._fd < 0:
+            raise CacheError(
+                grpc.StatusCode.ABORTED,
+                f"tensor {self.meta.sha256[:12]}: a newer stream took over its reception",
+            )
         digest = self._hash.hexdigest()
         if digest != self.meta.sha256:
             log.warning(

@@ -350,6 +350,56 @@ def test_node_with_a_different_copy_of_the_folder_gets_shipped(
     assert not differs.local and len(differs.missing) == len({t.sha256 for t in tensors})
 
 
+def test_a_stream_that_hangs_mid_tensor_does_not_block_the_next(tmp_path: Path) -> None:
+    """A client that vanished mid-tensor without its stream ending on the node: the next
+    stream for that tensor takes over at the bytes already written."""
+    from node._proto.layerlink.v1 import node_pb2 as pb
+
+    data = os.urandom(3 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    request = pb.PrepareWeightsRequest(
+        model="m",
+        config_json=b"{}",
+        tensors=[pb.TensorRef(name="t", sha256=sha, dtype="U8", shape=[len(data)],
+                              nbytes=len(data))],  # fmt: skip
+    )
+
+    async def run() -> list[Any]:
+        service = WeightService(tmp_path / "c")
+        never = asyncio.Event()
+
+        async def vanishing() -> Any:
+            yield pb.TensorChunk(sha256=sha, offset=0, data=data[: 1 << 20])
+            await never.wait()  # no more pieces, no end, no error
+
+        async def consume(stream: Any) -> None:
+            async for _ in stream:
+                pass
+
+        await service.prepare(request, lambda raw: Path(raw), frozenset())
+        hung = asyncio.create_task(consume(service.push(vanishing())))
+        deadline = time.monotonic() + 20
+        while True:
+            reply = await service.prepare(request, lambda raw: Path(raw), frozenset())
+            if reply.partial:
+                break
+            assert time.monotonic() < deadline, "the first piece was never written"
+            await asyncio.sleep(0.02)
+        assert reply.partial[0].have_bytes == 1 << 20
+
+        async def rest() -> Any:
+            yield pb.TensorChunk(sha256=sha, offset=1 << 20, data=data[1 << 20 :])
+
+        acks = [a async for a in service.push(rest())]
+        hung.cancel()
+        service.close()
+        return acks
+
+    acks = asyncio.run(run())
+    assert [(a.sha256, a.code) for a in acks] == [(sha, 0)]
+    assert blobs_intact(tmp_path / "c") == 1
+
+
 # ----- shipping to real nodes --------------------------------------------------------------------
 
 
