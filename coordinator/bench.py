@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -520,10 +520,13 @@ async def measure(
     repeats: int,
     on_event: Events | None = None,
     sample_timeout_s: float = DEFAULT_SAMPLE_TIMEOUT_S,
+    between_rounds: Callable[[int], Awaitable[None]] | None = None,
 ) -> list[RunResult]:
     """Set up every runner, then sample them round-robin `repeats` times; close them all.
 
-    A runner that fails keeps its samples so far and its error; the others go on."""
+    `between_rounds(r)` runs before round r (e.g. to measure something under the same load
+    as the samples). A runner that fails keeps its samples so far and its error; the others
+    go on."""
     say = on_event or (lambda _m: None)
     samples: dict[int, list[Sample]] = {i: [] for i in range(len(runners))}
     errors: dict[int, str] = {}
@@ -537,6 +540,8 @@ async def measure(
             except asyncio.TimeoutError:
                 errors[i] = f"set-up did not finish within {sample_timeout_s * 2:.0f}s"
         for rep in range(repeats):
+            if between_rounds is not None:
+                await between_rounds(rep)
             for i, r in enumerate(runners):
                 if i in errors:
                     continue

@@ -259,8 +259,69 @@ async def measure_cases(request: Mapping[str, Any]) -> dict[str, Any]:
     def say(msg: str) -> None:
         log.info("%s", msg)
 
-    results = await bench.measure(runners, int(request["repeats"]), say, timeout)
-    return {"probe": probe.to_json(), "runs": [r.to_json() for r in results]}
+    rounds: list[dict[str, list[dict[str, float]]]] = []
+
+    async def remeasure(_round: int) -> None:
+        rounds.append(await device_figures(records, request["dtype"]))
+
+    results = await bench.measure(
+        runners, int(request["repeats"]), say, timeout, between_rounds=remeasure
+    )
+    return {
+        "probe": probe.to_json(),
+        "device_rounds": rounds,
+        "runs": [r.to_json() for r in results],
+    }
+
+
+async def device_figures(records: Sequence[Any], dtype: str) -> dict[str, list[dict[str, float]]]:
+    """Each node's devices timed once more (the probe's device benchmark), one node at a
+    time: node id -> [{index, stream_gbs, matmul_tflops}]. A node that fails is left out."""
+    import grpc
+
+    from coordinator.nodeclient import NodeClient
+    from coordinator.probe import DEVICES_TIMEOUT_S
+
+    out: dict[str, list[dict[str, float]]] = {}
+    for r in records:
+        async with NodeClient(r.address) as c:
+            try:
+                reply = await c.measure_devices([dtype], timeout=DEVICES_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                log.warning("devices of %s: %s", r.name, e.code().name)
+                continue
+        out[r.node_id] = [
+            {"index": d.index, "stream_gbs": d.stream_gbs, "matmul_tflops": d.matmul_tflops}
+            for d in reply.devices
+        ]
+    return out
+
+
+def session_probe(
+    probe: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]], dtype: str
+) -> dict[str, Any]:
+    """The probe with each device's streaming (in `dtype`) and matmul figures replaced by
+    their medians over the probe itself and the device timings taken before every round of
+    samples: inputs measured under the same machine load as the runs they predict."""
+    nodes = []
+    for node in probe.get("nodes", []):
+        devices = []
+        for i, d in enumerate(node.get("devices", [])):
+            index = d.get("index", i)
+            by_dtype = dict(d.get("stream_by_dtype") or {})
+            streams = [float(by_dtype.get(dtype) or d.get("stream_gbs") or 0.0)]
+            matmuls = [float(d.get("matmul_tflops") or 0.0)]
+            for rnd in rounds:
+                for m in rnd.get(str(node["id"]), []):
+                    if m.get("index") == index and m["stream_gbs"] > 0 and m["matmul_tflops"] > 0:
+                        streams.append(float(m["stream_gbs"]))
+                        matmuls.append(float(m["matmul_tflops"]))
+            stream, matmul = statistics.median(streams), statistics.median(matmuls)
+            by_dtype[dtype] = stream
+            devices.append({**d, "stream_by_dtype": by_dtype, "matmul_tflops": matmul,
+                            "timings": len(streams)})  # fmt: skip
+        nodes.append({**node, "devices": devices})
+    return {**probe, "nodes": nodes}
 
 
 def worker_main() -> int:
@@ -367,6 +428,9 @@ class Row:
     predicted_ttft_ms: float | None
     run: RunResult
     bottleneck: str = ""
+    # From the cluster's first probe alone (what a live `coordinator up` plans from), where
+    # predicted_ms uses the device figures timed during the session (`session_probe`).
+    predicted_single_ms: float | None = None
 
     @property
     def measured_ms(self) -> float | None:
@@ -383,6 +447,12 @@ class Row:
         if self.predicted_ms is None or not self.measured_ms:
             return None
         return self.predicted_ms / self.measured_ms - 1.0
+
+    @property
+    def single_probe_error(self) -> float | None:
+        if self.predicted_single_ms is None or not self.measured_ms:
+            return None
+        return self.predicted_single_ms / self.measured_ms - 1.0
 
     @property
     def ttft_error(self) -> float | None:
@@ -405,6 +475,8 @@ class Row:
             "measured_ms_per_token": _r(self.measured_ms, 3),
             "measured_ms_per_token_range": ms_range,
             "decode_error": _r(self.decode_error, 4),
+            "predicted_ms_per_token_first_probe": _r(self.predicted_single_ms, 3),
+            "decode_error_first_probe": _r(self.single_probe_error, 4),
             "predicted_ttft_ms": _r(self.predicted_ttft_ms, 2),
             "measured_ttft_ms": _r(self.measured_ttft_ms, 2),
             "ttft_error": _r(self.ttft_error, 4),
@@ -463,12 +535,14 @@ def make_rows(
     settings: ValidationSettings,
     cal: LiveCalibration,
 ) -> list[Row]:
-    probe = reply["probe"]
+    first = reply["probe"]
+    probe = session_probe(first, reply.get("device_rounds", []), dtype)
     runs = [RunResult.from_json(r) for r in reply["runs"]]
     rows = []
     for case, run in zip(cases, runs, strict=True):
         obs = observation(case, specs[case.model], probe, node_ids, dtype, settings, run)
         cost = obs.cost(cal)
+        single = observation(case, specs[case.model], first, node_ids, dtype, settings, run)
         plan = " + ".join(f"{p.device.split('/')[0]} [{p.start}, {p.end})" for p in obs.placements)
         cluster = calibrate.live_cluster(probe, dtype, cal)
         ids = [p.device for p in obs.placements]
@@ -488,6 +562,7 @@ def make_rows(
                 predicted_ttft_ms=cost.ttft_s * 1e3,
                 run=run,
                 bottleneck=cost.bottleneck,
+                predicted_single_ms=single.cost(cal).token_s * 1e3,
             )
         )
     return rows
@@ -538,6 +613,7 @@ class ValidationResult:
     settings: ValidationSettings
     decode: Stats = field(default_factory=lambda: Stats(0, None, None, ""))
     ttft: Stats = field(default_factory=lambda: Stats(0, None, None, ""))
+    decode_first_probe: Stats = field(default_factory=lambda: Stats(0, None, None, ""))
 
     @property
     def met(self) -> bool | None:
@@ -611,7 +687,12 @@ def run_validation(
                 notes.append(f"{cond.key} plans failed: {e}")
                 failed.append((cases, str(e)))
                 continue
-            probes[cond.key] = reply["probe"]
+            probes[cond.key] = {
+                "first": reply["probe"],
+                "session": session_probe(reply["probe"], reply.get("device_rounds", []), dtype),
+                "rounds": reply.get("device_rounds", []),
+                "dtype": dtype,
+            }
             measured.append((cases, reply, node_ids))
 
     fit_result: calibrate.FitResult | None = None
@@ -624,9 +705,8 @@ def run_validation(
                     continue
                 if not r.ok:
                     raise BenchError(f"calibration plan {c.label} failed: {r.error}")
-                obs.append(
-                    observation(c, specs[c.model], reply["probe"], node_ids, dtype, settings, r)
-                )
+                probe = session_probe(reply["probe"], reply.get("device_rounds", []), dtype)
+                obs.append(observation(c, specs[c.model], probe, node_ids, dtype, settings, r))
         fit_result = calibrate.fit(obs)
         cal_models = ", ".join(sorted({c.model for c in CALIBRATION_CASES}))
         clusters = ", ".join(sorted({o.label.split("/")[1] for o in obs}))
@@ -664,6 +744,7 @@ def run_validation(
         settings=settings,
         decode=stats(rows, lambda r: r.decode_error),
         ttft=stats(rows, lambda r: r.ttft_error),
+        decode_first_probe=stats(rows, lambda r: r.single_probe_error),
     )
     doc = report_json(result)
     if settings.out_json is not None:
@@ -682,16 +763,34 @@ def _spec(c: Case) -> RunSpec:
 # Reports
 
 
-def _probe_summary(probe: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "nodes": [
+def _probe_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A cluster's probe for the report: per node the first probe's device figures, the
+    session medians the predictions used and the spread of every timing; the links."""
+    first, dtype = entry["first"], entry["dtype"]
+    nodes = []
+    for node in first.get("nodes", []):
+        d = (node.get("devices") or [{}])[0]
+        streams = [float((d.get("stream_by_dtype") or {}).get(dtype) or d.get("stream_gbs") or 0)]
+        matmuls = [float(d.get("matmul_tflops") or 0.0)]
+        for rnd in entry["rounds"]:
+            for m in rnd.get(str(node["id"]), [])[:1]:
+                streams.append(float(m["stream_gbs"]))
+                matmuls.append(float(m["matmul_tflops"]))
+        nodes.append(
             {
-                "name": n.get("name"),
-                "stream_by_dtype": (n.get("devices") or [{}])[0].get("stream_by_dtype"),
-                "matmul_tflops": (n.get("devices") or [{}])[0].get("matmul_tflops"),
+                "name": node.get("name"),
+                "dtype": dtype,
+                "stream_gbs_first": _r(streams[0], 3),
+                "stream_gbs_median": _r(statistics.median(streams), 3),
+                "stream_gbs_range": [_r(min(streams), 3), _r(max(streams), 3)],
+                "matmul_tflops_first": _r(matmuls[0], 5),
+                "matmul_tflops_median": _r(statistics.median(matmuls), 5),
+                "matmul_tflops_range": [_r(min(matmuls), 5), _r(max(matmuls), 5)],
+                "timings": len(streams),
             }
-            for n in probe.get("nodes", [])
-        ],
+        )
+    return {
+        "nodes": nodes,
         "links": [
             {
                 "src": lk.get("src_name"),
@@ -699,10 +798,10 @@ def _probe_summary(probe: Mapping[str, Any]) -> dict[str, Any]:
                 "latency_us": _r(float(lk["latency_us"]), 1),
                 "bandwidth_gbs": _r(float(lk["bandwidth_gbs"]), 4),
             }
-            for lk in probe.get("links", [])
+            for lk in first.get("links", [])
         ],
-        "seconds": _r(float(probe.get("seconds", 0.0)), 2),
-        "errors": list(probe.get("errors", [])),
+        "seconds": _r(float(first.get("seconds", 0.0)), 2),
+        "errors": list(first.get("errors", [])),
     }
 
 
@@ -745,6 +844,7 @@ def report_json(result: ValidationResult) -> dict[str, Any]:
                 "met": result.met,
             },
             "ttft": result.ttft.to_json(),
+            "decode_ms_per_token_first_probe": result.decode_first_probe.to_json(),
         },
         "notes": list(result.notes),
     }
@@ -763,6 +863,7 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
     m = doc["machine"]
     summ = doc["summary"]["decode_ms_per_token"]
     ttft = doc["summary"]["ttft"]
+    first = doc["summary"]["decode_ms_per_token_first_probe"]
     cal = doc["calibration"]
     load = f"{(m.get('loadavg_start') or ['?'])[0]} -> {(m.get('loadavg_end') or ['?'])[0]}"
     lines = [
@@ -778,7 +879,12 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
         f"plans** (target: {summ['target']}: "
         + {True: "met", False: "**not met**", None: "not judged"}[summ["met"]]
         + f"). TTFT: median {_pct(ttft['median_abs_error'])[1:]}, worst "
-        f"{_pct(ttft['worst_abs_error'])[1:]}.",
+        f"{_pct(ttft['worst_abs_error'])[1:]}. The predictions use each device's streaming and "
+        f"matmul figures as medians of the cluster's probe and of the same device timing repeated "
+        f"before every round of samples (so inputs and runs see the same machine load); from the "
+        f"first probe's figures alone, what a live `coordinator up` plans from, decode errors "
+        f"were: median {_pct(first['median_abs_error'])[1:]}, worst "
+        f"{_pct(first['worst_abs_error'])[1:]}.",
         "",
         f"Constants ({'fitted in this run' if doc['settings']['calibrated_in_this_run'] else 'from calibration.csv'}): "
         f"CPU stream factor {cal['cpu_stream_factor']}, matmul factor {cal['cpu_matmul_factor']}, "
@@ -788,8 +894,9 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
         + (f"; {cal['fit']}." if cal["fit"] else "."),
         "",
         "| model | cluster | plan (node [layers)) | hops as probed | predicted ms/token | "
-        "measured ms/token [range] | error | predicted TTFT ms | measured TTFT ms | error |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "measured ms/token [range] | error | error from the first probe alone | "
+        "predicted TTFT ms | measured TTFT ms | error |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["runs"]:
         rng = r["measured_ms_per_token_range"]
@@ -801,7 +908,7 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['condition']} | {r['plan']} | {r['links']} | "
             f"{_num(r['predicted_ms_per_token'])} | {meas} | {_pct(r['decode_error'])} | "
-            f"{_num(r['predicted_ttft_ms'], 1)} | {_num(r['measured_ttft_ms'], 1)} | "
+            f"{_pct(r['decode_error_first_probe'])} | {_num(r['predicted_ttft_ms'], 1)} | {_num(r['measured_ttft_ms'], 1)} | "
             f"{_pct(r['ttft_error'])} |"
         )
     if cal["runs"]:
@@ -828,10 +935,17 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
             for lk in info["probe"]["links"]
         )
         streams = ", ".join(
-            f"{n['name']} {next(iter((n['stream_by_dtype'] or {}).values()), 0):.2f} GB/s"
+            f"{n['name']} {n['stream_gbs_median']:.2f} GB/s (first probe {n['stream_gbs_first']:.2f}, "
+            f"range {n['stream_gbs_range'][0]:.2f}-{n['stream_gbs_range'][1]:.2f} over "
+            f"{n['timings']} timings) and {n['matmul_tflops_median'] * 1e3:.1f} GFLOPS "
+            f"(first {n['matmul_tflops_first'] * 1e3:.1f})"
             for n in info["probe"]["nodes"]
         )
-        lines += ["", f"Probe of {cond} ({info['label']}): streaming {streams}; links {links}."]
+        lines += [
+            "",
+            f"Probe of {cond} ({info['label']}): {info['probe']['nodes'][0]['dtype'] if info['probe']['nodes'] else ''} "
+            f"streaming {streams}; links (first probe) {links}.",
+        ]
     for note in doc["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines)

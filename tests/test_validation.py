@@ -87,6 +87,23 @@ def test_rows_compare_the_prediction_with_the_measurement() -> None:
     assert s.met(0.15, 0.30) is True and s.met(0.15, 0.05) is False
 
 
+def test_session_probe_takes_medians_of_every_device_timing() -> None:
+    probe = probe_json(2)  # float32 streams 4.0 and 4.1, matmul 0.006
+    rounds = [
+        {"id0": [{"index": 0, "stream_gbs": 2.0, "matmul_tflops": 0.002}]},  # a busy moment
+        {"id0": [{"index": 0, "stream_gbs": 4.4, "matmul_tflops": 0.007}],
+         "id1": [{"index": 0, "stream_gbs": 3.9, "matmul_tflops": 0.005}]},
+        {"id0": [{"index": 0, "stream_gbs": 4.2, "matmul_tflops": 0.0065}]},
+    ]  # fmt: skip
+    out = validation.session_probe(probe, rounds, "float32")
+    d0, d1 = (n["devices"][0] for n in out["nodes"])
+    assert d0["stream_by_dtype"]["float32"] == pytest.approx(4.1)  # median of 4.0 2.0 4.4 4.2
+    assert d0["matmul_tflops"] == pytest.approx(0.00625)
+    assert d1["stream_by_dtype"]["float32"] == pytest.approx(4.0)  # median of 4.1 and 3.9
+    assert d0["stream_by_dtype"]["float16"] == 1.0  # other dtypes untouched
+    assert probe["nodes"][0]["devices"][0]["stream_by_dtype"]["float32"] == 4.0  # not mutated
+
+
 def test_docs_section_is_replaced_between_markers(tmp_path: Path) -> None:
     doc = tmp_path / "planning.md"
     doc.write_text("# Planning\n\nintro\n")

@@ -119,6 +119,11 @@ def show(result: ValidationResult) -> None:
         f"{_p(d.worst_abs, sign=False)} ({d.worst_label}) over {d.n} plans; target median <= "
         f"{ACCEPT_MEDIAN:.0%}, worst <= {ACCEPT_WORST:.0%}: {verdict}"
     )
+    f = result.decode_first_probe
+    console.text(
+        f"from the first probe's device figures alone: median |error| "
+        f"{_p(f.median_abs, sign=False)}, worst {_p(f.worst_abs, sign=False)}"
+    )
     t = result.ttft
     console.text(
         f"TTFT: median |error| {_p(t.median_abs, sign=False)}, worst {_p(t.worst_abs, sign=False)}"
