@@ -124,10 +124,15 @@ class LoadedStage:
         )
 
     async def close_links(self) -> None:
-        if self.downstream is not None:
-            await self.downstream.close()
-        if self.ring is not None and not isinstance(self.ring, str):
-            await self.ring.close()
+        """Close the hops and drop them: they hold `hop_failed`, a reference back to this
+        stage, and the cycle would keep the stage's weights alive until a GC pass."""
+        downstream, ring = self.downstream, self.ring
+        self.downstream = self.ring = None
+        self.subscribers.clear()
+        if downstream is not None:
+            await downstream.close()
+        if ring is not None and not isinstance(ring, str):
+            await ring.close()
 
     def status(self) -> pb.StageStatus:
         s = self.stage.spec
