@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    from node.memtune import keep_large_buffers
+
+    keep_large_buffers()  # weight shipping moves bulk bytes: no mmap churn per piece
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -132,6 +132,9 @@ async def serve(args: argparse.Namespace) -> int:
     if args.cache_max_gb < 0:
         log.error("--cache-max-gb must be >= 0")
         return 2
+    from node.memtune import keep_large_buffers
+
+    keep_large_buffers()  # weight shipping moves bulk bytes: no mmap churn per piece
     hw = hardware.probe()
     node_id = node_id_for(name)
     rpc_server = None

@@ -70,6 +70,9 @@ def main() -> int:
     if args.synth_layers:
         synth_weights(args.model, args.synth_layers, args.tensor_mib, args.per_layer)
     layers = int(json.loads((args.model / "config.json").read_text())["num_hidden_layers"])
+    from node.memtune import keep_large_buffers
+
+    keep_large_buffers()  # as the coordinator's main does
     out = asyncio.run(run(args.node, args.model, layers, args.streams))
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
