@@ -222,16 +222,17 @@ def _model_case(key: str) -> ModelCase:
 
 
 # --------------------------------------------------------------------------------------------
-# Measuring: one cluster, probed once, every plan's runner interleaved
+# Measuring: one cluster, probed once, every plan's runner interleaved, devices re-timed
 
 
 async def measure_cases(request: Mapping[str, Any]) -> dict[str, Any]:
-    """Probe the nodes (links and devices in `dtype`), then run every case.
+    """Probe the nodes (links and devices in `dtype`), then run every case, timing the
+    devices again before every round of samples.
 
     request: {nodes: [{name, address, node_id}], cases: [{model, counts, nodes}], models:
-    {key: path}, dtype, prompt_tokens, gen_tokens, repeats, sample_timeout_s}.
-    Returns {probe: ProbeResult.to_json(), runs: [RunResult.to_json(), ...]} (runs in the order
-    of the cases)."""
+    {key: path}, dtype, deployment, prompt_tokens, gen_tokens, repeats, sample_timeout_s}.
+    Returns {probe: ProbeResult.to_json(), device_rounds: [device_figures(), ...], runs:
+    [RunResult.to_json(), ...]} (runs in the order of the cases)."""
     from coordinator.discovery import resolve_static
     from coordinator.probe import probe_cluster
 
@@ -871,8 +872,9 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
         f"{m.get('cpu')} ({m.get('logical_cpus')} logical CPUs), mlx {m.get('mlx')}, load "
         f"average {load}; {doc['settings']['repeats']} interleaved repeats of "
         f"{doc['settings']['gen_tokens']} tokens after a {doc['settings']['prompt_tokens']}-token "
-        f"prompt, medians, warm-up excluded. Every prediction was made from the cluster's probe "
-        f"before the plan ran. JSON with every sample: `bench/results/planner-validation.json`.",
+        f"prompt, medians, warm-up excluded. Predictions come from the cost model, the live "
+        f"constants and the cluster's measurements (probe and device timings), never from the "
+        f"runs' own times. JSON with every sample: `bench/results/planner-validation.json`.",
         "",
         f"**Decode time per token: median absolute error {_pct(summ['median_abs_error'])[1:]}, "
         f"worst {_pct(summ['worst_abs_error'])[1:]} ({summ['worst_plan']}) over {summ['plans']} "
