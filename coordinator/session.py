@@ -210,8 +210,10 @@ async def measured_plan(
     objective: str = "latency",
     concurrency: int = 1,
     context: int = 2048,
+    prompt_tokens: int | None = None,
 ) -> MeasuredPlan:
-    """Probe the nodes and links, then let the planner choose devices, order and ranges."""
+    """Probe the nodes and links, then let the planner choose devices, order and ranges.
+    `prompt_tokens` (default: min(512, context / 2)) is the prompt the TTFT is predicted for."""
     from coordinator import planner
     from coordinator.calibrate import LiveCalibration, live_cluster, live_workload, stream_dtype
     from coordinator.costmodel import ModelSpec
@@ -228,7 +230,8 @@ async def measured_plan(
     if not cluster.devices:
         raise SessionError("the probe could not time any device: " + "; ".join(probe.errors))
     spec = ModelSpec.from_config_dir(model.path)
-    workload = live_workload(cal, context, min(512, context // 2), concurrency)
+    prompt = min(context, prompt_tokens) if prompt_tokens else min(512, context // 2)
+    workload = live_workload(cal, context, max(1, prompt), concurrency)
     choice = planner.plan(spec, cluster, workload, objective)
     if not choice.fits:
         raise SessionError(f"the model does not fit on the cluster: {choice.explanation}")
@@ -246,9 +249,13 @@ async def choose_plan(
     objective: str = "latency",
     concurrency: int = 1,
     context: int = 2048,
+    prompt_tokens: int | None = None,
 ) -> Plan:
     """The plan for `coordinator up`/`run`: measured and planned (default), or a naive split."""
-    return (await select_plan(model, records, placement, objective, concurrency, context))[0]
+    chosen = await select_plan(
+        model, records, placement, objective, concurrency, context, prompt_tokens
+    )
+    return chosen[0]
 
 
 async def select_plan(
@@ -258,11 +265,12 @@ async def select_plan(
     objective: str = "latency",
     concurrency: int = 1,
     context: int = 2048,
+    prompt_tokens: int | None = None,
 ) -> tuple[Plan, Any]:
     """`choose_plan`, with the probe result it planned from (a coordinator.probe.ProbeResult;
     None for the naive splits, which measure nothing)."""
     if placement == "planned":
-        m = await measured_plan(model, records, objective, concurrency, context)
+        m = await measured_plan(model, records, objective, concurrency, context, prompt_tokens)
         return m.plan, m.probe
     if placement == "memory":
         return await memory_plan(model, records), None

@@ -66,7 +66,10 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
     else:
         prompt = list(tokenizer.encode(args.prompt))
     try:
-        plan = await choose_plan(model, records, args.placement, args.objective, args.concurrency)
+        plan = await choose_plan(
+            model, records, args.placement, args.objective, args.concurrency,
+            prompt_tokens=len(prompt),
+        )  # fmt: skip
         pipeline = await open_pipeline(plan, model, show_progress=not args.json)
     except (SessionError, PipelineError) as e:
         raise UserError(str(e)) from None

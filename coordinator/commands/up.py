@@ -127,7 +127,7 @@ async def serve(args: argparse.Namespace) -> int:
         plan, measured = await select_plan(
             model, records, args.placement, args.objective, args.concurrency, args.context
         )
-        show_plan(plan)
+        show_plan(plan, args.context)
         pipeline = await open_pipeline(plan, model)
     except (SessionError, PipelineError) as e:
         raise UserError(str(e)) from None
@@ -195,11 +195,11 @@ async def serve(args: argparse.Namespace) -> int:
         if prober is not None:
             await prober.close()
         await supervisor.close()
-        served_summary(plan, metrics)
+        served_summary(supervisor.plan or plan, metrics)
     return 0
 
 
-def show_plan(plan: Plan) -> None:
+def show_plan(plan: Plan, context: int | None = None) -> None:
     """The plan as a table, and what the cost model expects of it (when it was planned)."""
     console.table(
         f"plan {plan.plan_id}",
@@ -211,8 +211,9 @@ def show_plan(plan: Plan) -> None:
         console.info(f"{plan.explanation} (not planned from measurements: no prediction)")
         return
     console.info(
-        f"predicted: decode {p.decode_tps:.1f} tokens/s per stream, TTFT {p.ttft_s * 1e3:.0f} ms, "
-        f"{p.throughput_tps:.1f} tokens/s in all; bottleneck: {p.bottleneck}"
+        f"predicted: decode {p.decode_tps:.1f} tokens/s per stream, TTFT {p.ttft_s * 1e3:.0f} ms"
+        + (f" for a {min(512, context // 2)}-token prompt" if context else "")
+        + f", {p.throughput_tps:.1f} tokens/s in all; bottleneck: {p.bottleneck}"
     )
     console.info(f"why: {plan.explanation}")
 
