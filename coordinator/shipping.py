@@ -31,7 +31,7 @@ import grpc
 
 from coordinator.nodeclient import NodeClient
 from coordinator.plan import Plan, Stage
-from node import identity
+from node import chunkwire, identity
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node.tensorfiles import (
     HashCache,
@@ -204,6 +204,10 @@ def stage_label(start: int, end: int, num_layers: int) -> str:
 
 def distinct_bytes(tensors: Sequence[HashedTensor]) -> int:
     return sum({t.sha256: t.entry.nbytes for t in tensors}.values())
+
+
+def _serialized(message: bytes) -> bytes:
+    return message
 
 
 def _read(path: Path, offset: int, n: int) -> bytes:
@@ -395,7 +399,13 @@ class Shipper:
         deadline: float,
         refused: list[str],
     ) -> None:
-        call = client.stub.PushTensors(timeout=deadline)
+        # Pieces go out pre-serialized (node/chunkwire.py: one copy instead of protobuf's two).
+        push = client.channel.stream_stream(
+            chunkwire.METHOD,
+            request_serializer=_serialized,
+            response_deserializer=pb.TensorAck.FromString,
+        )
+        call = push(timeout=deadline)
         stream_received = 0
 
         async def read_acks() -> None:
@@ -471,7 +481,7 @@ class Shipper:
                 break
             if off == offsets.get(t.sha256, 0):
                 run.pushes[-1].started.append((t.sha256, off))
-            await call.write(pb.TensorChunk(sha256=t.sha256, offset=off, data=data))
+            await call.write(chunkwire.encode_chunk(t.sha256, off, data))
             run.sent += n
             if self.progress is not None:
                 self.progress.advance(key, n)

@@ -123,6 +123,7 @@ async def serve(args: argparse.Namespace) -> int:
     from node.identity import node_id_for
     from node.mdns import Advertiser, NodeRecord, mdns_interfaces
     from node.service import SERVER_OPTIONS, NodeConfig, NodeService
+    from node.shipping import add_push_handler
 
     name = args.name or socket.gethostname().split(".")[0]
     for d in args.model_dir:
@@ -193,6 +194,7 @@ async def serve(args: argparse.Namespace) -> int:
     service = NodeService(config, hw)
     holder.append(service)
     pb_grpc.add_NodeServicer_to_server(service, server)
+    add_push_handler(server, service)  # PushTensors without protobuf's data copies
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()

@@ -27,7 +27,7 @@ from node import PROTOCOL_VERSION, __version__, codec, devicebench, hardware, li
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
 from node.downstream import Downstream, GrpcDownstream, TcpDownstream
-from node.shipping import WeightService, stage_error
+from node.shipping import Chunk, WeightService, stage_error
 from node.stage import ErrorKind, ModelStage, Sampling, StageError, StageSpec, StepResult
 from node.weightcache import CachedStage, CacheError, default_root
 
@@ -630,9 +630,11 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def PushTensors(
         self,
-        request_iterator: AsyncIterator[pb.TensorChunk],
+        request_iterator: AsyncIterator[Chunk],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.TensorAck]:
+        # Pieces arrive as chunkwire.RawChunk (zero-copy) when node.main registered
+        # shipping.add_push_handler, else as pb.TensorChunk.
         async for ack in self.weights.push(request_iterator):
             yield ack
 

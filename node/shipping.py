@@ -18,10 +18,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from node import chunkwire
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node.stage import ErrorKind, StageError
 from node.tensorfiles import HashCache, TensorFileError, folder_tensors, hash_tensors
@@ -52,6 +53,31 @@ _KINDS = {
 def _code(code: grpc.StatusCode) -> int:
     value: tuple[int, str] = code.value
     return value[0]
+
+
+class Chunk(Protocol):
+    """A piece of a tensor: a pb.TensorChunk, or a chunkwire.RawChunk (zero-copy)."""
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def data(self) -> bytes | memoryview: ...
+
+
+def add_push_handler(server: grpc.aio.Server, servicer: Any) -> None:
+    """Serve PushTensors with node/chunkwire.py's decoder: the servicer gets views of the
+    tensor bytes inside the received message instead of protobuf's two copies. Same wire
+    format; call after the generated add_NodeServicer_to_server (this registration wins)."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.PushTensors,
+        request_deserializer=chunkwire.decode_chunk,
+        response_serializer=pb.TensorAck.SerializeToString,
+    )
+    server.add_registered_method_handlers(chunkwire.SERVICE, {"PushTensors": handler})
 
 
 def stage_error(e: CacheError) -> StageError:
@@ -173,14 +199,15 @@ class WeightService:
     async def stage(self, weights_id: str) -> CachedStage:
         return await self._run(self.cache.stage, weights_id)
 
-    async def push(self, chunks: AsyncIterator[pb.TensorChunk]) -> AsyncIterator[pb.TensorAck]:
+    async def push(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[pb.TensorAck]:
         """Receive pieces of prepared tensors; ack each tensor once (0 = verified and filed)."""
         received = 0
         writer: TensorWriter | None = None
         failed: str | None = None  # a tensor already answered with an error
         try:
             async for chunk in _read_ahead(chunks, READ_AHEAD_CHUNKS):
-                received += len(chunk.data)
+                data = chunk.data  # (a protobuf bytes field is copied on every access)
+                received += len(data)
                 sha = chunk.sha256
                 if sha == failed:
                     continue
@@ -203,7 +230,7 @@ class WeightService:
                             await self._run(stale.close)
                         writer = await self._run(self.cache.open_writer, meta, chunk.offset)
                         self._writers[sha] = writer
-                    await self._run(writer.write, chunk.data, chunk.offset)
+                    await self._run(writer.write, data, chunk.offset)
                     if not writer.complete:
                         continue
                     done, writer = writer, None

@@ -23,6 +23,7 @@ Not thread-safe: a WeightCache is used from one thread at a time (the node's wei
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
+import numpy as np
 
 from node import identity
 from node.tensorfiles import DTYPE_BYTES, READ_BYTES, expected_nbytes
@@ -268,7 +270,7 @@ class TensorWriter:
     def complete(self) -> bool:
         return self.have == self.meta.nbytes
 
-    def write(self, data: bytes, offset: int) -> None:
+    def write(self, data: bytes | memoryview, offset: int) -> None:
         if self._fd < 0:
             raise CacheError(
                 grpc.StatusCode.ABORTED,
@@ -300,7 +302,7 @@ class TensorWriter:
             try:
                 while done < aligned:
                     n = min(len(buf), aligned - done)
-                    buf[:n] = data[done : done + n]
+                    _copy_into(buf, data[done : done + n])
                     done += _pwrite_all(self._dfd, memoryview(buf)[:n], pos + done)
             except OSError as e:  # direct I/O refused after all: the page cache it is
                 log.info("direct writes refused (%s); writing through the page cache", e)
@@ -337,6 +339,19 @@ class TensorWriter:
             if fd >= 0:
                 os.close(fd)
         self._dfd = self._fd = -1
+
+
+def _copy_into(dst: mmap.mmap, src: memoryview) -> None:
+    """dst[:len(src)] = src, without holding the GIL (ctypes releases it around the foreign
+    call), so the event loop keeps receiving while megabytes are copied."""
+    n = len(src)
+    if not n:
+        return
+    target = (ctypes.c_char * n).from_buffer(dst)
+    try:
+        ctypes.memmove(target, np.frombuffer(src, dtype=np.uint8).ctypes.data, n)
+    finally:
+        del target
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> int:
