@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -320,6 +319,17 @@ class Shipper:
                     await self._push(client, run, reply)
             except grpc.aio.AioRpcError as e:
                 code = e.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    # A node older than weight shipping: it loads model_path itself.
+                    log.warning(
+                        "node %s (%s) cannot receive weights: it must have %s itself",
+                        stage.node_name,
+                        stage.address,
+                        m.path,
+                    )
+                    return self._result(
+                        run, pb.PrepareWeightsReply(local=True), time.perf_counter() - t0
+                    )
                 if code not in RETRYABLE:
                     raise ShipError(
                         f"node {stage.node_name} ({stage.address}) refused stage {index}'s "
@@ -592,11 +602,3 @@ async def ship_plan(
         ],
     )
     return shipped
-
-
-def config_of(path: Path) -> dict[str, Any]:
-    try:
-        cfg: dict[str, Any] = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ShipError(f"cannot read {path / 'config.json'}: {e}") from None
-    return cfg

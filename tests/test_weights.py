@@ -613,6 +613,30 @@ def test_shipping_gives_up_on_a_dead_node_with_a_clear_error(tiny_llama: Path) -
     assert time.monotonic() - t0 < 30
 
 
+def test_a_node_without_weight_shipping_loads_its_own_copy(tiny_llama: Path) -> None:
+    """An older node answers UNIMPLEMENTED: nothing is shipped, it loads model_path itself."""
+    from coordinator.plan import Plan, Stage
+    from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
+
+    model = read_model(tiny_llama)
+    manifest = model_manifest(model.path, model.name, 8, model.config)
+
+    async def run() -> Any:
+        server = grpc.aio.server()
+        pb_grpc.add_NodeServicer_to_server(pb_grpc.NodeServicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            stage = Stage(node_id="o", node_name="old", address=f"127.0.0.1:{port}", start=0, end=8)
+            plan = Plan(model="m", num_layers=8, stages=(stage,))
+            return await Shipper(manifest).ship(plan)
+        finally:
+            await server.stop(0)
+
+    (s,) = asyncio.run(run())
+    assert s.local and not s.weights_id and s.sent_bytes == 0
+
+
 def test_coordinator_up_ships_each_node_its_stages_and_a_restart_ships_nothing(
     ship_nodes: Any, model_factory: Any, tmp_path: Path
 ) -> None:
