@@ -479,19 +479,23 @@ class Shipper:
             return
 
         def read(i: int) -> bytes:
+            """The serialized piece: read and framed on a worker thread (both copies release
+            the GIL), while the event loop sends the previous one."""
             t, off, n = pieces[i]
-            return _read(t.entry.file, t.entry.offset + off, n)
+            return chunkwire.encode_chunk(
+                t.sha256, off, _read(t.entry.file, t.entry.offset + off, n)
+            )
 
         ahead = asyncio.ensure_future(asyncio.to_thread(read, 0))
         for i, (t, off, n) in enumerate(pieces):
-            data = await ahead
+            message = await ahead
             if i + 1 < len(pieces):
                 ahead = asyncio.ensure_future(asyncio.to_thread(read, i + 1))
             if reader.done():  # the ack reader failed (corrupted too often) or ended early
                 break
             if off == offsets.get(t.sha256, 0):
                 run.pushes[-1].started.append((t.sha256, off))
-            await call.write(chunkwire.encode_chunk(t.sha256, off, data))
+            await call.write(message)
             run.sent += n
             if self.progress is not None:
                 self.progress.advance(key, n)

@@ -215,11 +215,17 @@ class Lan:
         self.processes.append(node)
         return node
 
-    def start_node(self, k: int, name: str | None = None, port: int = NODE_PORT) -> NodeProcess:
+    def start_node(
+        self,
+        k: int,
+        name: str | None = None,
+        port: int = NODE_PORT,
+        extra_args: Sequence[str] = (),
+    ) -> NodeProcess:
         """Start `cluster-node up` in node k's namespace; call wait_ready() before use."""
         name = name or f"ns{k}"
         argv = [sys.executable, "-m", "node.main", "up", "--host", self.nodes[k].ip,
-                "--port", str(port), "--name", name, "--no-advertise"]  # fmt: skip
+                "--port", str(port), "--name", name, "--no-advertise", *extra_args]  # fmt: skip
         # Node ids persist per name under XDG_CONFIG_HOME: keep them inside this LAN.
         env = {"XDG_CONFIG_HOME": str(self.workdir / "config"), "PYTHONUNBUFFERED": "1"}
         return self.start(k, argv, name, port, env)

@@ -36,11 +36,8 @@ def test_shipping_reaches_half_the_measured_link_bandwidth(
     runs: list[dict[str, float]] = []
     for r in range(REPEATS):
         port = lanlib.NODE_PORT + r
-        argv = [sys.executable, "-m", "node.main", "up", "--host", lan.nodes[0].ip,
-                "--port", str(port), "--name", f"ship{r}", "--no-advertise",
-                "--model-dir", str(empty), "--cache-dir", str(lan.workdir / f"cache{r}")]  # fmt: skip
-        node = lan.start(0, argv, f"ship{r}", port, env={
-            "XDG_CONFIG_HOME": str(lan.workdir / "config"), "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        node = lan.start_node(0, f"ship{r}", port, extra_args=[
+            "--model-dir", str(empty), "--cache-dir", str(lan.workdir / f"cache{r}")])  # fmt: skip
         lan.wait_ready([node])
         done = subprocess.run(
             lan.hub_cmd([sys.executable, "-m", "tests.shipbench", "--node", node.address,
