@@ -6,8 +6,9 @@ with the bytes already received of any tensor a dropped connection cut short. Pu
 receives exactly those tensors, piece by piece, into the cache; each tensor is verified
 against its sha256 before it is filed and acknowledged.
 
-Disk work (hashing, writing, the cache index) runs on one "weights" thread, never on the
-event loop and never on the compute thread.
+Disk work (writing, verifying, the cache index) runs on one "weights" thread, with each
+received piece hashed on a second thread meanwhile; never on the event loop, never on the
+compute thread.
 """
 
 from __future__ import annotations
