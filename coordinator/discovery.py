@@ -16,7 +16,7 @@ import grpc
 from zeroconf import ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from node import PROTOCOL_VERSION
+from node import PROTOCOL_VERSION, auth
 from node.mdns import (
     SERVICE_TYPE,
     NodeRecord,
@@ -37,8 +37,14 @@ class Browser:
         cluster: str,
         interfaces: list[str] | None = None,
         on_change: Callable[[], None] | None = None,
+        cluster_id: str | None = None,
     ) -> None:
         self.cluster = cluster
+        # Records of another cluster secret are ignored (default: this process's key's id;
+        # "" keeps them all). Records without an id are nodes that run open: kept.
+        key = auth.current_key()
+        self.cluster_id = cluster_id if cluster_id is not None else (key.cluster_id if key else "")
+        self.foreign: set[str] = set()
         self.interfaces = interfaces if interfaces is not None else mdns_interfaces()
         self.on_change = on_change
         self.nodes: dict[str, NodeRecord] = {}  # service name -> record
@@ -79,6 +85,17 @@ class Browser:
         if rec.cluster != self.cluster:
             log.debug("ignoring %s of cluster %r", name, rec.cluster)
             return
+        if self.cluster_id and rec.cluster_id and rec.cluster_id != self.cluster_id:
+            if name not in self.foreign:
+                self.foreign.add(name)
+                log.warning(
+                    "ignoring node %s (%s): it belongs to another cluster secret (id %s, ours %s)",
+                    rec.name,
+                    rec.address,
+                    rec.cluster_id,
+                    self.cluster_id,
+                )
+            return
         if rec.protocol_version != PROTOCOL_VERSION:
             log.warning(
                 "ignoring %s: protocol %d, we speak %d",
@@ -88,6 +105,8 @@ class Browser:
             )
             return
         if self.nodes.get(name) != rec:
+            if self.cluster_id and not rec.cluster_id:
+                log.warning("node %s (%s) runs without a cluster token", rec.name, rec.address)
             self.nodes[name] = rec
             log.info("node %s at %s", rec.name, rec.address)
             self._notify()

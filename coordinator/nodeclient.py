@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from types import TracebackType
 
-import grpc
-
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
+from node.auth import ClusterKey, secure_channel
 from node.service import CHANNEL_OPTIONS
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -15,9 +14,10 @@ LOAD_TIMEOUT_S = 600.0
 
 
 class NodeClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, key: ClusterKey | None = None) -> None:
+        """Every call proves `key` (default: the process's cluster key, node.auth.use_key)."""
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = secure_channel(address, CHANNEL_OPTIONS, key)
         self.stub = pb_grpc.NodeStub(self.channel)
 
     async def __aenter__(self) -> NodeClient:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import grpc
 
-from node import datapath
+from node import auth, datapath
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
 
@@ -116,7 +116,7 @@ class GrpcDownstream:
         self.address = address
         self.on_failure = on_failure
         self._queue: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options)
+        self._channel = auth.secure_channel(address, channel_options)
         self._task = asyncio.create_task(self._run())
 
     def send(self, msg: pb.ForwardRequest) -> None:

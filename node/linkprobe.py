@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from node import linkfit
+from node import auth, linkfit
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
 
@@ -239,9 +239,7 @@ async def measure_link(
     plan = plan_sweep(request, budget_s)
     host, _port = split_address(request.target_address)
     md = tuple(metadata)
-    async with grpc.aio.insecure_channel(
-        request.target_address, options=list(CHANNEL_OPTIONS)
-    ) as channel:
+    async with auth.secure_channel(request.target_address, CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.NodeStub(channel)
         try:
             info: pb.NodeInfo = await stub.GetInfo(

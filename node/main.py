@@ -58,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--no-advertise", action="store_true", help="do not announce over mDNS")
     up.add_argument(
+        "--token",
+        default=None,
+        help="the cluster token (`coordinator up` prints it); every call must prove it "
+        "(default: --token-file, else $LAYERLINK_TOKEN; visible to `ps`: prefer those)",
+    )
+    up.add_argument(
+        "--token-file", type=Path, default=None, metavar="FILE", help="read the token from FILE"
+    )
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow running without a token on a non-loopback address (anyone who can reach "
+        "the port can drive the node)",
+    )
+    up.add_argument(
         "--idle-timeout",
         type=float,
         default=600.0,
@@ -117,7 +132,7 @@ async def serve(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from node import PROTOCOL_VERSION, hardware
+    from node import PROTOCOL_VERSION, auth, hardware
     from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
     from node.datapath import DataServer
     from node.identity import node_id_for
@@ -126,6 +141,12 @@ async def serve(args: argparse.Namespace) -> int:
     from node.shipping import add_push_handler
 
     name = args.name or socket.gethostname().split(".")[0]
+    try:
+        key = auth.node_key(auth.token_from(args.token, args.token_file), args.host, args.insecure)
+    except auth.TokenError as e:
+        log.error("%s", e)
+        return 2
+    auth.use_key(key)  # node-to-node calls (next stage, link measurement) carry it too
     for d in args.model_dir:
         if not d.is_dir():
             log.error("--model-dir %s is not a folder", d)
@@ -161,7 +182,7 @@ async def serve(args: argparse.Namespace) -> int:
             rpc_server.endpoint,
             rpc_version,
         )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=auth.server_interceptors(key))
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     if port == 0:
         log.error("cannot bind %s:%s (port in use?)", args.host, args.port)
@@ -217,12 +238,20 @@ async def serve(args: argparse.Namespace) -> int:
             cluster=args.cluster,
             llama_rpc_port=rpc_port,
             llama_rpc_version=rpc_version,
+            cluster_id=key.cluster_id if key is not None else "",
         )
         advertiser = Advertiser(record, mdns_interfaces(args.host))
         await advertiser.start()
     log.info(
         "node %s (%s) serving on %s:%d, backend %s", name, node_id[:8], adv_host, port, hw.backend
     )
+    if key is None:
+        log.warning(
+            "no cluster token: anyone who can reach %s:%d can drive this node%s",
+            args.host,
+            port,
+            "" if auth.is_loopback(args.host) else " (--insecure)",
+        )
     print(f"{READY_PREFIX} {adv_host}:{port} {node_id}", flush=True)
 
     stop = asyncio.Event()

@@ -21,6 +21,7 @@ SERVICE_TYPE = "_layerlink._tcp.local."
 MAX_TXT_BYTES = 1024
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\- ]{1,63}")
+_CID_RE = re.compile(r"[0-9a-f]{16}")
 
 
 class RecordError(ValueError):
@@ -42,6 +43,8 @@ class NodeRecord:
     cluster: str
     llama_rpc_port: int = 0
     llama_rpc_version: int = 0
+    # Derived from the cluster token (node/auth.py); empty when the node runs without one.
+    cluster_id: str = ""
 
     @property
     def address(self) -> str:
@@ -66,7 +69,7 @@ def make_zeroconf(interfaces: list[str] | None) -> AsyncZeroconf:
 
 
 def encode_txt(rec: NodeRecord) -> dict[str, str]:
-    return {
+    txt = {
         "id": rec.node_id,
         "name": rec.name,
         "proto": str(rec.protocol_version),
@@ -78,6 +81,9 @@ def encode_txt(rec: NodeRecord) -> dict[str, str]:
         "rpc_port": str(rec.llama_rpc_port),
         "rpc_ver": str(rec.llama_rpc_version),
     }
+    if rec.cluster_id:
+        txt["cid"] = rec.cluster_id
+    return txt
 
 
 def _int(props: dict[str, str], key: str, lo: int, hi: int) -> int:
@@ -119,6 +125,9 @@ def parse_record(info: ServiceInfo) -> NodeRecord:
     addresses = info.parsed_addresses(IPVersion.V4Only)
     if not addresses:
         raise RecordError("record has no IPv4 address")
+    cluster_id = props.get("cid", "")
+    if cluster_id and not _CID_RE.fullmatch(cluster_id):
+        raise RecordError(f"TXT cid {cluster_id[:40]!r} is not a 16-hex-digit cluster id")
     port = _int(props, "port", 1, 65535)
     if info.port and info.port != port:
         raise RecordError(f"SRV port {info.port} disagrees with TXT port {port}")
@@ -134,6 +143,7 @@ def parse_record(info: ServiceInfo) -> NodeRecord:
         cluster=cluster,
         llama_rpc_port=_int(props, "rpc_port", 0, 65535) if "rpc_port" in props else 0,
         llama_rpc_version=_int(props, "rpc_ver", 0, 1000) if "rpc_ver" in props else 0,
+        cluster_id=cluster_id,
     )
 
 

@@ -222,10 +222,14 @@ class Lan:
         port: int = NODE_PORT,
         extra_args: Sequence[str] = (),
     ) -> NodeProcess:
-        """Start `cluster-node up` in node k's namespace; call wait_ready() before use."""
+        """Start `cluster-node up` in node k's namespace; call wait_ready() before use.
+        Without a --token in extra_args the node runs open (--insecure): the namespaces
+        are this test's own network."""
         name = name or f"ns{k}"
+        open_node = [] if "--token" in extra_args else ["--insecure"]
         argv = [sys.executable, "-m", "node.main", "up", "--host", self.nodes[k].ip,
-                "--port", str(port), "--name", name, "--no-advertise", *extra_args]  # fmt: skip
+                "--port", str(port), "--name", name, "--no-advertise", *open_node,
+                *extra_args]  # fmt: skip
         # Node ids persist per name under XDG_CONFIG_HOME: keep them inside this LAN.
         env = {"XDG_CONFIG_HOME": str(self.workdir / "config"), "PYTHONUNBUFFERED": "1"}
         return self.start(k, argv, name, port, env)

@@ -7,6 +7,7 @@ import os
 
 from coordinator.discovery import find_nodes
 from coordinator.errors import UserError
+from coordinator.secret import add_token_args, check_access, use_cluster_key
 from node.mdns import NodeRecord
 
 
@@ -45,6 +46,7 @@ def add_discovery_args(parser: argparse.ArgumentParser) -> None:
         metavar="IP",
         help="interface address for mDNS (repeatable; default: $LAYERLINK_MDNS_INTERFACES or all)",
     )
+    add_token_args(parser)
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -81,7 +83,12 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def discover(args: argparse.Namespace, allow_empty: bool = False) -> list[NodeRecord]:
+async def discover(
+    args: argparse.Namespace, allow_empty: bool = False, create_secret: bool = False
+) -> list[NodeRecord]:
+    """The nodes of the cluster, after checking they accept our cluster token (--token, or
+    the stored secret; `create_secret`: make one if the cluster has none)."""
+    key = use_cluster_key(args, create=create_secret)
     if args.nodes < 0:
         raise UserError("--nodes must be >= 0")
     if args.wait < 0:
@@ -102,4 +109,6 @@ async def discover(args: argparse.Namespace, allow_empty: bool = False) -> list[
             f"found {len(records)} node(s) of cluster {args.cluster!r}, waited for {args.nodes}: "
             + ", ".join(f"{r.name} ({r.address})" for r in records)
         )
-    return records[: args.nodes] if args.nodes else records
+    records = records[: args.nodes] if args.nodes else records
+    await check_access(records, key)
+    return records

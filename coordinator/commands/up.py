@@ -121,7 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
         model = read_model(args.model)
     except SessionError as e:
         raise UserError(str(e)) from None
-    records = await discover(args)
+    records = await discover(args, create_secret=True)
     tokenizer = load_tokenizer(model)
     try:
         plan, measured = await select_plan(

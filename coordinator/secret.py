@@ -1,0 +1,149 @@
+"""The cluster secret on the coordinator's side: where it is kept, which one a command uses,
+and checking that the nodes accept it.
+
+`coordinator up` creates the secret of its cluster name on first start (a file readable by
+its owner only, under node.identity.config_dir()) and prints the join command for nodes.
+Every command that talks to nodes proves the token from --token, else --token-file, else
+$LAYERLINK_TOKEN, else the stored secret of its --cluster (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from coordinator.errors import UserError
+from node import auth
+from node.identity import config_dir
+from node.mdns import NodeRecord
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 5.0
+
+
+def secret_path(cluster: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cluster)[:64] or "default"
+    return config_dir() / "clusters" / f"{safe}.token"
+
+
+def load_secret(cluster: str) -> str | None:
+    """The stored token of `cluster`, or None when there is none."""
+    path = secret_path(cluster)
+    if not path.exists():
+        return None
+    try:
+        return auth.read_token_file(path) or None
+    except auth.TokenError as e:
+        raise UserError(str(e)) from None
+
+
+def create_secret(cluster: str) -> tuple[str, bool]:
+    """The stored token of `cluster`, made now (mode 0600) if there is none; and whether it
+    was made now. Two processes racing here end up with the same token."""
+    existing = load_secret(cluster)
+    if existing:
+        return existing, False
+    path = secret_path(cluster)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = auth.generate_token()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return create_secret(cluster)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.info("created the secret of cluster %r in %s", cluster, path)
+    return token, True
+
+
+def join_command(cluster: str, token: str) -> str:
+    """The command that joins a machine to this cluster."""
+    cluster_arg = "" if cluster == "default" else f" --cluster {shlex.quote(cluster)}"
+    return f"{auth.TOKEN_ENV}={shlex.quote(token)} cluster-node up{cluster_arg}"
+
+
+def add_token_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("authentication")
+    g.add_argument(
+        "--token",
+        default=None,
+        help="the cluster token every call to a node proves (default: --token-file, else "
+        f"${auth.TOKEN_ENV}, else the secret `coordinator up` stored for --cluster)",
+    )
+    g.add_argument(
+        "--token-file", type=Path, default=None, metavar="FILE", help="read the token from FILE"
+    )
+
+
+def resolve_token(args: argparse.Namespace, create: bool = False) -> tuple[str | None, bool]:
+    """The token a command uses, and whether it was created now (only with `create`, when
+    none is given and none is stored)."""
+    try:
+        token = auth.token_from(getattr(args, "token", None), getattr(args, "token_file", None))
+    except auth.TokenError as e:
+        raise UserError(str(e)) from None
+    if token:
+        return token, False
+    if create:
+        return create_secret(args.cluster)
+    return load_secret(args.cluster), False
+
+
+def use_cluster_key(args: argparse.Namespace, create: bool = False) -> auth.ClusterKey | None:
+    """Resolve the command's token and make it this process's key (node.auth.use_key).
+    With `create` (coordinator up), a cluster without a secret gets one."""
+    token, created = resolve_token(args, create)
+    if token is None:
+        auth.use_key(None)
+        return None
+    try:
+        key = auth.ClusterKey.from_token(token)
+    except auth.TokenError as e:
+        raise UserError(f"unusable cluster token: {e}") from None
+    auth.use_key(key)
+    if create:
+        from coordinator import console
+
+        where = secret_path(args.cluster)
+        if created:
+            console.info(f"created the secret of cluster {args.cluster!r} in {where}")
+        console.info(f"join a machine to this cluster: {join_command(args.cluster, token)}")
+    return key
+
+
+async def check_access(records: Sequence[NodeRecord], key: auth.ClusterKey | None) -> None:
+    """Ask every node for its info with `key`; raise UserError naming the authentication
+    problem when any refuses it. Nodes that do not answer at all are left to the caller."""
+    from coordinator.nodeclient import NodeClient
+
+    async def one(rec: NodeRecord) -> str | None:
+        async with NodeClient(rec.address, key) as client:
+            try:
+                await client.get_info(timeout=CHECK_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return f"{rec.name} ({rec.address}): {e.details()}"
+        return None
+
+    refused = [r for r in await asyncio.gather(*(one(r) for r in records)) if r]
+    if refused:
+        hint = (
+            "pass the cluster's token with --token or --token-file (the join command "
+            "`coordinator up` printed has it)"
+            if key is None
+            else "this token is not the cluster's: pass the right one with --token or --token-file"
+        )
+        raise UserError(
+            f"{len(refused)} node(s) refused our cluster credentials: "
+            + "; ".join(refused)
+            + f". {hint}"
+        )
