@@ -160,6 +160,13 @@ async def resolve_static(specs: list[str], timeout: float = 5.0) -> list[NodeRec
             try:
                 info = await client.get_info(timeout=timeout)
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    from coordinator.secret import refusal_hint
+
+                    raise ConnectionError(
+                        f"node {spec} refused our cluster credentials: {e.details()}. "
+                        + refusal_hint(auth.current_key())
+                    ) from None
                 raise ConnectionError(
                     f"node {spec} did not answer: {e.code().name} {e.details()}"
                 ) from None

@@ -136,14 +136,18 @@ async def check_access(records: Sequence[NodeRecord], key: auth.ClusterKey | Non
 
     refused = [r for r in await asyncio.gather(*(one(r) for r in records)) if r]
     if refused:
-        hint = (
-            "pass the cluster's token with --token or --token-file (the join command "
-            "`coordinator up` printed has it)"
-            if key is None
-            else "this token is not the cluster's: pass the right one with --token or --token-file"
-        )
         raise UserError(
             f"{len(refused)} node(s) refused our cluster credentials: "
             + "; ".join(refused)
-            + f". {hint}"
+            + f". {refusal_hint(key)}"
         )
+
+
+def refusal_hint(key: auth.ClusterKey | None) -> str:
+    """What to do when nodes refuse the credentials we sent (`key`, or none)."""
+    if key is None:
+        return (
+            "Pass the cluster's token with --token or --token-file (the join command "
+            "`coordinator up` printed has it)"
+        )
+    return "This token is not the cluster's: pass the right one with --token or --token-file"
