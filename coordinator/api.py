@@ -36,6 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from coordinator.dashboard import STATIC_DIR
 from coordinator.dashboard.state import NodeMonitor, build_state, links_of
+from coordinator.httpsec import BodyLimit
 from coordinator.metrics import CONTENT_TYPE, RequestTrace, ServingMetrics
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError, TokenEvent
 from coordinator.supervisor import Supervisor
@@ -376,6 +377,7 @@ def create_app(state: ApiState) -> FastAPI:
     app = FastAPI(title="LayerLink", version="0.1.0", lifespan=lifespan, docs_url=None)
     app.state.layerlink = state
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(BodyLimit)  # bodies over 8 MiB: 413 before any parsing
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

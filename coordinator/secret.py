@@ -116,7 +116,13 @@ def use_cluster_key(args: argparse.Namespace, create: bool = False) -> auth.Clus
         where = secret_path(args.cluster)
         if created:
             console.info(f"created the secret of cluster {args.cluster!r} in {where}")
-        console.info(f"join a machine to this cluster: {join_command(args.cluster, token)}")
+        # One line, never wrapped: it is meant to be copied.
+        console.err_console.print(
+            f"join a machine to this cluster: {join_command(args.cluster, token)}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
     return key
 
 

@@ -367,3 +367,67 @@ def test_commands_name_the_authentication_problem(secured: LocalCluster) -> None
     mdns = coordinator("nodes", "--cluster", CLUSTER, "--wait", "1.5", "--token", third, "--json")
     assert mdns.returncode == 0 and '"nodes": []' in mdns.stdout
     assert "another cluster secret" in mdns.stderr
+
+
+# ----- the whole flow: coordinator up makes the secret, nodes join, HTTPS and an API key ----
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_join_flow_with_https_and_an_api_key(
+    tiny_llama: Path, session_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl
+
+    import httpx
+
+    from coordinator import secret
+    from tests.test_api import CoordinatorProcess
+
+    if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
+        pytest.skip("openssl is not installed")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    cluster = "join-" + os.urandom(3).hex()
+    # First start: no nodes yet. The secret is made (0600) and the join command printed.
+    first = coordinator("up", "--model", str(tiny_llama), "--cluster", cluster, "--wait", "0.2")
+    assert first.returncode == 2 and "no nodes" in first.stderr
+    stored = secret.secret_path(cluster)
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    token = stored.read_text().strip()
+    join = f"LAYERLINK_TOKEN={token} cluster-node up --cluster {cluster}"
+    assert f"join a machine to this cluster: {join}\n" in first.stderr
+    cert, key = self_signed(tmp_path)
+    logs = session_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with LocalCluster(2, cluster, log_dir=logs, name_prefix="join", env={auth.TOKEN_ENV: token}):
+        # Second start: the nodes (found over mDNS) accept the stored secret.
+        server = CoordinatorProcess(tiny_llama, [], tmp_path / "up.log", extra_args=[
+            "--cluster", cluster, "--nodes", "2", "--placement", "even", "--check-tokens", "0",
+            "--tls-cert", str(cert), "--tls-key", str(key), "--api-key", "sesame"])  # fmt: skip
+        try:
+            assert server.url.startswith("https://127.0.0.1:")
+            tls = ssl.create_default_context(cafile=str(cert))
+            with httpx.Client(base_url=server.url, verify=tls, timeout=60) as c:
+                assert c.get("/v1/models").status_code == 401
+                auth_header = {"Authorization": "Bearer sesame"}
+                models = c.get("/v1/models", headers=auth_header)
+                assert models.status_code == 200
+                body = {"model": models.json()["data"][0]["id"], "prompt": "hi", "max_tokens": 4,
+                        "temperature": 0}  # fmt: skip
+                done = c.post("/v1/completions", json=body, headers=auth_header)
+                assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] >= 1
+                big = c.post("/v1/completions", content=b"x" * (9 << 20), headers=auth_header)
+                assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+            with pytest.raises(httpx.TransportError):  # plain HTTP clients are not served
+                httpx.get(server.url.replace("https", "http") + "/v1/models", timeout=5)
+        finally:
+            server.stop()

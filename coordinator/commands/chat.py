@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=os.environ.get("LAYERLINK_API_KEY") or None,
         help="bearer key, when the coordinator requires one (default: $LAYERLINK_API_KEY)",
     )
+    p.add_argument(
+        "--cacert",
+        default=None,
+        metavar="PEM",
+        help="trust this certificate (or CA) for an https:// coordinator, e.g. a self-signed one",
+    )
     p.set_defaults(func=run)
 
 
@@ -56,7 +62,9 @@ class Answer:
 class ChatClient:
     """The few calls `chat` makes, over httpx."""
 
-    def __init__(self, url: str, api_key: str | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None = None, cacert: str | None = None) -> None:
+        import ssl
+
         import httpx
 
         self._httpx = httpx
@@ -65,6 +73,7 @@ class ChatClient:
             base_url=url.rstrip("/") + "/v1",
             headers=headers,
             timeout=httpx.Timeout(30.0, read=600.0),
+            verify=ssl.create_default_context(cafile=cacert) if cacert else True,
         )
 
     def close(self) -> None:
@@ -131,7 +140,10 @@ def _read_line(prompt: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):
         importlib.import_module("readline")  # line editing and history for input()
-    client = ChatClient(args.url, args.api_key)
+    try:
+        client = ChatClient(args.url, args.api_key, args.cacert)
+    except OSError as e:  # ssl.SSLError is one
+        raise UserError(f"cannot use --cacert {args.cacert}: {e}") from None
     try:
         model = args.model or client.model()
         console.info(f"chatting with {model} at {args.url} ({HELP})")

@@ -19,6 +19,7 @@ from coordinator.commands._common import (
     discover,
 )
 from coordinator.errors import UserError
+from coordinator.httpsec import add_tls_args, tls_files, url_scheme
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError
 from coordinator.plan import Plan
 from coordinator.session import (
@@ -94,6 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_discovery_args(p)
     add_placement_args(p)
+    add_tls_args(p)
     p.set_defaults(func=run)
 
 
@@ -117,6 +119,7 @@ async def serve(args: argparse.Namespace) -> int:
         if value < least:
             raise UserError(f"{flag} must be at least {least}")
     probe = read_probe(args.probe_json) if args.probe_json else None
+    tls_cert, tls_key = tls_files(args)
     try:
         model = read_model(args.model)
     except SessionError as e:
@@ -180,13 +183,20 @@ async def serve(args: argparse.Namespace) -> int:
     # Listen before announcing READY: early connections wait in the backlog until uvicorn
     # accepts them, instead of being refused.
     sock.listen(2048)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+    )
+    scheme = url_scheme(args)
     server = uvicorn.Server(config)
     console.info(
-        f"serving {model.name} on http://{args.host}:{port}/v1, dashboard at "
-        f"http://{args.host}:{port}/ (Ctrl-C to stop)"
+        f"serving {model.name} on {scheme}://{args.host}:{port}/v1, dashboard at "
+        f"{scheme}://{args.host}:{port}/ (Ctrl-C to stop)"
     )
-    console.text(f"{READY_PREFIX} http://{args.host}:{port}")
+    console.text(f"{READY_PREFIX} {scheme}://{args.host}:{port}")
     try:
         if prober is not None:
             await prober.start()
