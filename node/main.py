@@ -137,6 +137,7 @@ async def serve(args: argparse.Namespace) -> int:
     from node.datapath import DataServer
     from node.identity import node_id_for
     from node.mdns import Advertiser, NodeRecord, mdns_interfaces
+    from node.rpccheck import MalformedRequests
     from node.service import SERVER_OPTIONS, NodeConfig, NodeService
     from node.shipping import add_push_handler
 
@@ -182,7 +183,10 @@ async def serve(args: argparse.Namespace) -> int:
             rpc_server.endpoint,
             rpc_version,
         )
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=auth.server_interceptors(key))
+    # Calls without the cluster's proof are refused before anything is parsed; requests that
+    # are not valid protobuf get INVALID_ARGUMENT.
+    interceptors = [*auth.server_interceptors(key), MalformedRequests()]
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     if port == 0:
         log.error("cannot bind %s:%s (port in use?)", args.host, args.port)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 import mlx.core as mx
 
-from node import PROTOCOL_VERSION, __version__, codec, devicebench, hardware, linkprobe
+from node import PROTOCOL_VERSION, __version__, codec, devicebench, hardware, inputs, linkprobe
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
 from node.downstream import Downstream, GrpcDownstream, TcpDownstream
@@ -186,24 +186,9 @@ class NodeService(pb_grpc.NodeServicer):
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     def resolve_model_path(self, raw: str) -> Path:
-        """Resolve a requested model folder; it must lie inside a --model-dir root if any."""
-        if not raw or "\x00" in raw or len(raw) > 4096:
-            raise StageError(ErrorKind.INVALID_ARGUMENT, "model_path must be a non-empty path")
-        path = Path(raw)
-        if self.config.model_dirs:
-            if not path.is_absolute():
-                candidates = [root / path for root in self.config.model_dirs]
-                path = next((c for c in candidates if c.exists()), candidates[0])
-            resolved = path.resolve()
-            roots = [r.resolve() for r in self.config.model_dirs]
-            if not any(resolved == r or r in resolved.parents for r in roots):
-                raise StageError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"model path {raw!r} is outside this node's model directories "
-                    f"({', '.join(str(r) for r in roots)})",
-                )
-            return resolved
-        return path.resolve()
+        """Resolve a requested model folder; it must lie inside a --model-dir root if any
+        (no '..', no symbolic link out of the roots: node/inputs.py)."""
+        return inputs.confine_model_path(raw, self.config.model_dirs)
 
     # ----- RPCs ----------------------------------------------------------------------------
 
@@ -256,6 +241,8 @@ class NodeService(pb_grpc.NodeServicer):
         try:
             if not request.plan_id or len(request.plan_id) > 128:
                 raise StageError(ErrorKind.INVALID_ARGUMENT, "plan_id must be 1-128 characters")
+            for field in ("next_address", "next_data_address", "ring_data_address"):
+                inputs.check_address(getattr(request, field), field)
             if request.stage_count and request.stage_index >= request.stage_count:
                 raise StageError(
                     ErrorKind.INVALID_ARGUMENT,

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_TOKENS = 8192
+# Requests with a KV cache on one stage at once (each holds memory until released or idle).
+MAX_REQUESTS = 1024
 
 
 class ErrorKind(enum.Enum):
@@ -218,6 +220,12 @@ class ModelStage:
         return list(full[self.spec.start : self.spec.end])
 
     def begin(self, request_id: str, sampling: Sampling) -> RequestState:
+        if len(self.requests) >= MAX_REQUESTS:
+            raise StageError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"stage {self.spec.stage_index} already holds {MAX_REQUESTS} requests' KV "
+                "caches; release some first",
+            )
         key = mx.random.key(sampling.seed) if sampling.seed is not None else None
         state = RequestState(cache=self._new_cache(), sampling=sampling, key=key)
         self.requests[request_id] = state
