@@ -117,7 +117,22 @@ def target(session_dir: Path, tiny_llama: Path) -> Iterator[Target]:
 
 # ----- messages from the descriptors ---------------------------------------------------------
 
-INT_EDGES = [0, 1, 2, 7, 8, 255, 4096, 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1, -1, -(2**31), -(2**63)]
+INT_EDGES = [
+    0,
+    1,
+    2,
+    7,
+    8,
+    255,
+    4096,
+    2**31 - 1,
+    2**32 - 1,
+    2**63 - 1,
+    2**64 - 1,
+    -1,
+    -(2**31),
+    -(2**63),
+]
 _RANGES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
@@ -150,7 +165,9 @@ def _scalar(field: FieldDescriptor, model: Path) -> st.SearchStrategy[Any]:
         small = st.integers(max(lo, -8), min(hi, 64))
         return st.one_of(st.sampled_from(edges), small, st.integers(lo, hi))
     if t in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
-        return st.floats(allow_nan=True, allow_infinity=True, width=32 if t == FieldDescriptor.TYPE_FLOAT else 64)
+        return st.floats(
+            allow_nan=True, allow_infinity=True, width=32 if t == FieldDescriptor.TYPE_FLOAT else 64
+        )
     if t == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if t == FieldDescriptor.TYPE_STRING:
@@ -211,7 +228,9 @@ EXAMPLES = {"MeasureDevices": 8, "MeasureLink": 25, "LoadStage": 40}
 
 
 def _acceptable(code: grpc.StatusCode, details: str) -> bool:
-    return code not in SERVER_FAILURES or (code == grpc.StatusCode.INTERNAL and details == CLIENT_RACE)
+    return code not in SERVER_FAILURES or (
+        code == grpc.StatusCode.INTERNAL and details == CLIENT_RACE
+    )
 
 
 @pytest.mark.parametrize("rpc", RPCS, ids=[r.name for r in RPCS])
@@ -264,7 +283,9 @@ async def _unload(address: str, plan_id: str) -> None:
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 NUMBERS = st.one_of(st.sampled_from([0, 1, 4, -1, 2**31, 2**63, 10**30, 0.5, 2.0, 1e308]), st.integers(),
@@ -281,7 +302,10 @@ def bodies(model_name: str) -> st.SearchStrategy[Any]:
     })  # fmt: skip
     fields = {
         "model": st.sampled_from([model_name, "", "other"]) | JSON,
-        "prompt": text | st.lists(st.integers(-5, 600), max_size=20) | st.lists(text, max_size=2) | JSON,
+        "prompt": text
+        | st.lists(st.integers(-5, 600), max_size=20)
+        | st.lists(text, max_size=2)
+        | JSON,
         "messages": st.lists(message, max_size=3) | JSON,
         "max_tokens": NUMBERS | JSON,
         "max_completion_tokens": NUMBERS,
@@ -377,7 +401,9 @@ def test_every_http_endpoint_survives_random_json(target: Target, api: Api) -> N
         assert r.status_code < 500, (method, path, content[:300], r.status_code, r.text[:300])
         if r.status_code >= 400 and path.startswith("/v1/"):
             assert "message" in r.json()["error"]  # OpenAI's error shape
-        if r.status_code == 200 and r.headers.get("content-type", "").startswith("text/event-stream"):
+        if r.status_code == 200 and r.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        ):
             assert "pipeline_error" not in r.text and r.text.rstrip().endswith("data: [DONE]")
         assert target.run(api.client.get("/v1/models")).status_code == 200
 

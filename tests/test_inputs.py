@@ -71,7 +71,9 @@ def test_addresses_are_host_and_port() -> None:
             inputs.check_address(bad, "next_address")
 
 
-def test_a_stage_holds_at_most_max_requests(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stage_holds_at_most_max_requests(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = stage.StageSpec(plan_id="cap", model_path=tiny_llama, start=0, end=8, stage_index=0,
                            stage_count=1)  # fmt: skip
     s = stage.ModelStage(spec)
@@ -144,9 +146,17 @@ def test_malformed_and_oversized_mdns_records_are_logged_and_ignored(
 
     async def go() -> list[str]:
         zc = make_zeroconf(["127.0.0.1"])
-        infos = [ServiceInfo(SERVICE_TYPE, f"{n}-x.{SERVICE_TYPE}", addresses=[bytes([127, 0, 0, 1])],
-                             port=1234, properties=props, server=f"{n}-x.local.")  # fmt: skip
-                 for n, props in [("fine", good), *bad.items()]]
+        infos = [
+            ServiceInfo(
+                SERVICE_TYPE,
+                f"{n}-x.{SERVICE_TYPE}",
+                addresses=[bytes([127, 0, 0, 1])],
+                port=1234,
+                properties=props,
+                server=f"{n}-x.local.",
+            )  # fmt: skip
+            for n, props in [("fine", good), *bad.items()]
+        ]
         await asyncio.gather(*[await zc.async_register_service(info) for info in infos])
         browser = Browser(cluster, ["127.0.0.1"], cluster_id="")
         await browser.start()

@@ -31,7 +31,9 @@ async def node_state(addresses: list[str], key: auth.ClusterKey) -> list[tuple[i
     return out
 
 
-async def settled(addresses: list[str], key: auth.ClusterKey, timeout: float = 15.0) -> list[tuple[int, int]]:
+async def settled(
+    addresses: list[str], key: auth.ClusterKey, timeout: float = 15.0
+) -> list[tuple[int, int]]:
     """The node states once no stage holds a request (released asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -52,7 +54,9 @@ def test_soak_every_request_completes_and_no_kv_memory_is_left(
     cluster_name = "soak-" + os.urandom(3).hex()
     logs = session_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with LocalCluster(3, cluster_name, log_dir=logs, name_prefix="soak", env={auth.TOKEN_ENV: token}) as cluster:
+    with LocalCluster(
+        3, cluster_name, log_dir=logs, name_prefix="soak", env={auth.TOKEN_ENV: token}
+    ) as cluster:
         addresses = [n.address for n in cluster.nodes]
         server = CoordinatorProcess(tiny_llama, cluster.nodes, logs / "soak-coordinator.log", extra_args=[
             "--cluster", cluster_name, "--token-file", str(token_file), "--placement", "even",
