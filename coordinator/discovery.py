@@ -41,10 +41,13 @@ class Browser:
     ) -> None:
         self.cluster = cluster
         # Records of another cluster secret are ignored (default: this process's key's id;
-        # "" keeps them all). Records without an id are nodes that run open: kept.
-        key = auth.current_key()
+        # "" keeps them all). With this process's key, a node is kept only once it proved
+        # the secret back, or runs open where that is allowed (coordinator/secret.py).
+        key = auth.current_key() if cluster_id is None else None
+        self.key = key
         self.cluster_id = cluster_id if cluster_id is not None else (key.cluster_id if key else "")
         self.foreign: set[str] = set()
+        self._gone: set[str] = set()  # services removed since they were last announced
         self.interfaces = interfaces if interfaces is not None else mdns_interfaces()
         self.on_change = on_change
         self.nodes: dict[str, NodeRecord] = {}  # service name -> record
@@ -63,10 +66,12 @@ class Browser:
         self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
         if state_change is ServiceStateChange.Removed:
+            self._gone.add(name)
             if self.nodes.pop(name, None) is not None:
                 log.info("node %s left", name)
                 self._notify()
             return
+        self._gone.discard(name)
         task = asyncio.ensure_future(self._resolve(service_type, name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -105,11 +110,25 @@ class Browser:
             )
             return
         if self.nodes.get(name) != rec:
-            if self.cluster_id and not rec.cluster_id:
-                log.warning("node %s (%s) runs without a cluster token", rec.name, rec.address)
+            if self.key is not None and (not await self._trusted(name, rec) or name in self._gone):
+                return  # not trusted, or it left while we asked
             self.nodes[name] = rec
             log.info("node %s at %s", rec.name, rec.address)
             self._notify()
+
+    async def _trusted(self, name: str, rec: NodeRecord) -> bool:
+        from coordinator.secret import Membership, prove_membership, refusal
+
+        verdict = await prove_membership(rec.address, self.key)
+        problem = refusal(rec, verdict, self.key)
+        if problem is not None:
+            if name not in self.foreign:
+                self.foreign.add(name)
+                log.warning("ignoring node %s", problem)
+            return False
+        if verdict.membership is Membership.OPEN:
+            log.warning("node %s (%s) runs without a cluster token", rec.name, rec.address)
+        return True
 
     def _notify(self) -> None:
         self.changed.set()

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import logging
 import os
 import re
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from coordinator.errors import UserError
 from node import auth
+from node._proto.layerlink.v1 import node_pb2 as pb
 from node.identity import config_dir
 from node.mdns import NodeRecord
 
@@ -82,6 +85,12 @@ def add_token_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--token-file", type=Path, default=None, metavar="FILE", help="read the token from FILE"
     )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="also use nodes on other machines that run without a token (by default only "
+        "nodes that prove the cluster secret, and open nodes on this machine, are used)",
+    )
 
 
 def resolve_token(args: argparse.Namespace, create: bool = False) -> tuple[str | None, bool]:
@@ -98,9 +107,18 @@ def resolve_token(args: argparse.Namespace, create: bool = False) -> tuple[str |
     return load_secret(args.cluster), False
 
 
+# Whether this process uses nodes on other machines that run without a token (--insecure).
+_allow_open: list[bool] = [False]
+
+
+def allow_open_nodes() -> bool:
+    return _allow_open[0]
+
+
 def use_cluster_key(args: argparse.Namespace, create: bool = False) -> auth.ClusterKey | None:
     """Resolve the command's token and make it this process's key (node.auth.use_key).
     With `create` (coordinator up), a cluster without a secret gets one."""
+    _allow_open[0] = bool(getattr(args, "insecure", False))
     token, created = resolve_token(args, create)
     if token is None:
         auth.use_key(None)
@@ -126,26 +144,87 @@ def use_cluster_key(args: argparse.Namespace, create: bool = False) -> auth.Clus
     return key
 
 
-async def check_access(records: Sequence[NodeRecord], key: auth.ClusterKey | None) -> None:
-    """Ask every node for its info with `key`; raise UserError naming the authentication
-    problem when any refuses it. Nodes that do not answer at all are left to the caller."""
+class Membership(enum.Enum):
+    MEMBER = "proved the cluster secret"
+    OPEN = "runs without a token"
+    REFUSED = "refused our credentials"
+    IMPOSTOR = "answered with a wrong proof"
+    UNREACHABLE = "did not answer"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    membership: Membership
+    detail: str = ""
+
+
+async def prove_membership(
+    address: str, key: auth.ClusterKey | None, timeout: float = CHECK_TIMEOUT_S
+) -> Verdict:
+    """Ask a node for its info with `key` and a fresh challenge: does it accept our proof,
+    and does it prove the secret back (node/auth.py)?"""
     from coordinator.nodeclient import NodeClient
 
-    async def one(rec: NodeRecord) -> str | None:
-        async with NodeClient(rec.address, key) as client:
-            try:
-                await client.get_info(timeout=CHECK_TIMEOUT_S)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    return f"{rec.name} ({rec.address}): {e.details()}"
-        return None
+    challenge = auth.new_challenge()
+    async with NodeClient(address, key) as client:
+        call = client.stub.GetInfo(
+            pb.GetInfoRequest(), timeout=timeout, metadata=((auth.CHALLENGE_KEY, challenge),)
+        )
+        try:
+            await call
+            metadata = await call.initial_metadata()
+        except grpc.aio.AioRpcError as e:
+            kind = (
+                Membership.REFUSED
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED
+                else Membership.UNREACHABLE
+            )
+            return Verdict(kind, f"{e.code().name}: {e.details()}")
+    answers = [str(v) for k, v in (metadata or ()) if k == auth.ANSWER_KEY]
+    if not answers:
+        return Verdict(Membership.OPEN)
+    if key is None:
+        return Verdict(Membership.MEMBER, "answered a challenge we cannot check (no token)")
+    try:
+        auth.check_answer(key, challenge, answers[0])
+    except auth.AuthError as e:
+        return Verdict(Membership.IMPOSTOR, str(e))
+    return Verdict(Membership.MEMBER)
 
-    refused = [r for r in await asyncio.gather(*(one(r) for r in records)) if r]
-    if refused:
+
+def refusal(rec: NodeRecord, verdict: Verdict, key: auth.ClusterKey | None) -> str | None:
+    """Why `rec` may not be used, or None. With a key, a node must prove the secret, unless
+    it runs open on this machine (loopback) or --insecure allows open nodes anywhere."""
+    m = verdict.membership
+    if m is Membership.REFUSED:
+        return f"{rec.name} ({rec.address}) refused our cluster credentials: {verdict.detail}"
+    if key is None or m in (Membership.MEMBER, Membership.UNREACHABLE):
+        return None
+    if m is Membership.IMPOSTOR:
+        return f"{rec.name} ({rec.address}) does not hold the cluster secret: {verdict.detail}"
+    if auth.is_loopback(rec.host) or allow_open_nodes():
+        return None
+    return (
+        f"{rec.name} ({rec.address}) runs without a token, so anyone can drive it (and it "
+        "could be anyone's machine): start it with the cluster's token, or pass --insecure"
+    )
+
+
+async def check_access(records: Sequence[NodeRecord], key: auth.ClusterKey | None) -> None:
+    """Check every node both ways (prove_membership); raise UserError naming the problem when
+    any refuses our credentials or cannot be trusted with the cluster's work. Nodes that do
+    not answer at all are left to the caller."""
+    verdicts = await asyncio.gather(*(prove_membership(r.address, key) for r in records))
+    problems = [p for r, v in zip(records, verdicts, strict=True) if (p := refusal(r, v, key))]
+    for r, v in zip(records, verdicts, strict=True):
+        if v.membership is Membership.OPEN and key is not None and not problems:
+            log.warning("node %s (%s) runs without a cluster token", r.name, r.address)
+    if problems:
+        refused = any(v.membership is Membership.REFUSED for v in verdicts)
         raise UserError(
-            f"{len(refused)} node(s) refused our cluster credentials: "
-            + "; ".join(refused)
-            + f". {refusal_hint(key)}"
+            f"{len(problems)} node(s) cannot be used: "
+            + "; ".join(problems)
+            + (f". {refusal_hint(key)}" if refused else "")
         )
 
 

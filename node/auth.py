@@ -48,6 +48,11 @@ TOKEN_PREFIX = "llt1_"
 MIN_TOKEN_CHARS = 16
 MAX_TOKEN_CHARS = 256
 METADATA_KEY = "x-layerlink-auth"
+# A caller's challenge, and the node's answer (initial metadata of a unary call): the node
+# proves it holds the secret too, so a machine that merely copies a cluster's mDNS record
+# cannot join it.
+CHALLENGE_KEY = "x-layerlink-challenge"
+ANSWER_KEY = "x-layerlink-answer"
 # A proof is accepted this far from the receiver's clock, either way. Replays inside the
 # window are caught by the nonce cache, so the window only has to cover clock differences.
 WINDOW_S = float(os.environ.get("LAYERLINK_AUTH_WINDOW_S", "120"))
@@ -63,6 +68,7 @@ _LABEL = b"layerlink-proof-v1"
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _PROOF_RE = re.compile(r"v1\.([0-9]{1,15})\.([0-9a-f]{32})\.([0-9a-f]{64})")
 _CID_RE = re.compile(r"[0-9a-f]{16}")
+_CHALLENGE_RE = re.compile(r"[0-9a-f]{32,64}")
 
 
 class AuthError(Exception):
@@ -211,11 +217,12 @@ class ReplayGuard:
         window_s: float = WINDOW_S,
         max_entries: int = MAX_NONCES,
         clock: Callable[[], float] = time.time,
+        started_ms: int | None = None,
     ) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
         self.clock = clock
-        self.started_ms = int(clock() * 1000)
+        self.started_ms = int(clock() * 1000) if started_ms is None else started_ms
         self._seen: OrderedDict[str, int] = OrderedDict()  # nonce -> expiry (ms), oldest first
 
     def __len__(self) -> int:
@@ -263,6 +270,20 @@ def verify(
             "of another cluster"
         )
     guard.remember(proof, now_ms)
+
+
+def answer_payload(challenge: str) -> bytes:
+    return b"answer " + challenge.encode()
+
+
+def new_challenge() -> str:
+    return secrets.token_hex(16)
+
+
+def check_answer(key: ClusterKey, challenge: str, answer: str, now: float | None = None) -> None:
+    """Raise AuthError unless `answer` proves `key` for our fresh `challenge` (each challenge
+    is used once, so no nonce cache is needed on this side)."""
+    verify(key, answer_payload(challenge), Proof.parse(answer), ReplayGuard(started_ms=0), now)
 
 
 # ----- gRPC: the client side ---------------------------------------------------------------
@@ -434,11 +455,31 @@ class ProofCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is u
         method = str(handler_call_details.method)
         if method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata
         try:
-            self.check(method, handler_call_details.invocation_metadata)
+            self.check(method, metadata)
         except AuthError as e:
             return self._deny_handler(await continuation(handler_call_details), method, str(e))
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        challenge = next((str(v) for k, v in (metadata or ()) if k == CHALLENGE_KEY), "")
+        if challenge and _CHALLENGE_RE.fullmatch(challenge) and _is_unary(handler):
+            return self._answering(handler, challenge)
+        return handler
+
+    def _answering(self, handler: grpc.RpcMethodHandler, challenge: str) -> grpc.RpcMethodHandler:
+        """The handler, sending first the answer to the caller's challenge."""
+        answer = make_proof(self.key, answer_payload(challenge)).encode()
+        behavior = handler.unary_unary
+
+        async def answered(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await context.send_initial_metadata(((ANSWER_KEY, answer),))
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            answered,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _deny_handler(
         self, handler: grpc.RpcMethodHandler | None, method: str, reason: str
@@ -455,6 +496,15 @@ class ProofCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is u
         if streaming_in:
             return grpc.stream_unary_rpc_method_handler(unary)
         return grpc.unary_unary_rpc_method_handler(unary)
+
+
+def _is_unary(handler: grpc.RpcMethodHandler | None) -> bool:
+    return bool(
+        handler is not None
+        and not handler.request_streaming
+        and not handler.response_streaming
+        and handler.unary_unary is not None
+    )
 
 
 def server_interceptors(key: ClusterKey | None) -> list[grpc.aio.ServerInterceptor]:

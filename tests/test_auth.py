@@ -6,6 +6,7 @@ their memory and loaded stages unchanged."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -362,7 +363,11 @@ def test_commands_name_the_authentication_problem(secured: LocalCluster) -> None
     assert wrong.returncode == 2 and "not the cluster" in wrong.stderr
     right = coordinator(*static, env={auth.TOKEN_ENV: TOKEN})
     assert right.returncode == 0 and node.address in right.stdout
-    # Over mDNS, nodes of another secret are ignored, with a line saying so.
+    # Over mDNS: the nodes that prove the secret (the foreign node shares the cluster name).
+    members = coordinator("nodes", "--cluster", CLUSTER, "--wait", "1.5", "--token", TOKEN, "--json")
+    assert members.returncode == 0, members.stderr
+    assert sorted(n["name"] for n in json.loads(members.stdout)["nodes"]) == ["auth0", "auth1"]
+    # Nodes of another secret are ignored, with a line saying so.
     third = auth.generate_token()
     mdns = coordinator("nodes", "--cluster", CLUSTER, "--wait", "1.5", "--token", third, "--json")
     assert mdns.returncode == 0 and '"nodes": []' in mdns.stdout
@@ -431,3 +436,65 @@ def test_join_flow_with_https_and_an_api_key(
                 httpx.get(server.url.replace("https", "http") + "/v1/models", timeout=5)
         finally:
             server.stop()
+
+
+# ----- nodes prove the secret back --------------------------------------------------------
+
+
+async def impostor_server(answer: str) -> tuple[grpc.aio.Server, str]:
+    """Accepts any call and answers GetInfo with `answer` as its proof of the secret."""
+
+    async def get_info(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        if answer:
+            await context.send_initial_metadata(((auth.ANSWER_KEY, answer),))
+        return pb.NodeInfo(node_id="f" * 32, name="impostor").SerializeToString()
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(get_info)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("layerlink.v1.Node", {"GetInfo": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_nodes_prove_the_secret_back(
+    secured: LocalCluster, foreign: LocalCluster, local_cluster: Any
+) -> None:
+    from coordinator.secret import Membership, prove_membership, refusal
+    from node.mdns import NodeRecord
+
+    async def go() -> dict[str, Any]:
+        out = {
+            "member": await prove_membership(secured.nodes[0].address, KEY),
+            "foreign": await prove_membership(foreign.nodes[0].address, KEY),
+            "open": await prove_membership(local_cluster.nodes[0].address, KEY),
+        }
+        for name, answer in [
+            ("wrong-key", auth.make_proof(OTHER_KEY, auth.answer_payload("0" * 32)).encode()),
+            ("garbage", "v1.1.2.3"),
+        ]:
+            server, address = await impostor_server(answer)
+            try:
+                out[name] = await prove_membership(address, KEY)
+            finally:
+                await server.stop(None)
+        return out
+
+    v = asyncio.run(go())
+    assert v["member"].membership is Membership.MEMBER
+    assert v["foreign"].membership is Membership.REFUSED
+    assert v["open"].membership is Membership.OPEN
+    assert v["wrong-key"].membership is Membership.IMPOSTOR
+    assert v["garbage"].membership is Membership.IMPOSTOR
+
+    def rec(host: str) -> NodeRecord:
+        return NodeRecord("a" * 32, "n", host, 1, 1, "cpu", 1, 1, "c")
+
+    # An open node is used on this machine only (or with --insecure): a machine that copies a
+    # cluster's mDNS record and runs open is not admitted.
+    assert refusal(rec("127.0.0.1"), v["open"], KEY) is None
+    assert "--insecure" in (refusal(rec("192.168.1.9"), v["open"], KEY) or "")
+    assert "does not hold the cluster secret" in (refusal(rec("127.0.0.1"), v["wrong-key"], KEY) or "")
+    assert refusal(rec("192.168.1.9"), v["open"], None) is None  # no token, nothing to prove

@@ -31,7 +31,8 @@ SHAPED_GBS = RATE_100MBIT / 8 / 1e9  # 0.0125 GB/s
 
 def probe(lan: Lan, addresses: list[str], *extra: str) -> dict[str, Any]:
     """`coordinator probe --json` run from the hub namespace (the coordinator's seat)."""
-    argv = [sys.executable, "-m", "coordinator.main", "probe", "--json", "--wait", "0"]
+    # The namespace nodes run open (tests/lan.py): --insecure lets the coordinator use them.
+    argv = [sys.executable, "-m", "coordinator.main", "probe", "--json", "--wait", "0", "--insecure"]
     argv += [a for addr in addresses for a in ("--node", addr)]
     done = subprocess.run(lan.hub_cmd([*argv, *extra]), capture_output=True, text=True,
                           cwd=lanlib.REPO, timeout=120)  # fmt: skip
