@@ -19,6 +19,7 @@ __all__ = ["UserError", "main"]
 # Modules under coordinator.commands, in the order their commands appear in --help.
 COMMAND_MODULES = (
     "up",
+    "token",
     "chat",
     "run",
     "nodes",

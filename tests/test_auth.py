@@ -498,3 +498,16 @@ def test_nodes_prove_the_secret_back(
     assert "--insecure" in (refusal(rec("192.168.1.9"), v["open"], KEY) or "")
     assert "does not hold the cluster secret" in (refusal(rec("127.0.0.1"), v["wrong-key"], KEY) or "")
     assert refusal(rec("192.168.1.9"), v["open"], None) is None  # no token, nothing to prove
+
+
+def test_token_command_prints_the_join_command(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    first = coordinator("token", "--cluster", "lab", env=env)
+    again = coordinator("token", "--cluster", "lab", env=env)
+    rotated = coordinator("token", "--cluster", "lab", "--rotate", env=env)
+    assert first.returncode == again.returncode == rotated.returncode == 0
+    assert first.stdout == again.stdout != rotated.stdout
+    assert first.stdout.startswith(f"{auth.TOKEN_ENV}=llt1_") and first.stdout.endswith(
+        " cluster-node up --cluster lab\n"
+    )
+    assert "created the secret" in first.stderr and "created" not in again.stderr
