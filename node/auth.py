@@ -280,10 +280,21 @@ def new_challenge() -> str:
     return secrets.token_hex(16)
 
 
-def check_answer(key: ClusterKey, challenge: str, answer: str, now: float | None = None) -> None:
+def data_payload(challenge: str) -> bytes:
+    """What a data-path client signs: the node's per-connection challenge (node/datapath.py)."""
+    return b"data " + challenge.encode()
+
+
+def check_answer(
+    key: ClusterKey,
+    challenge: str,
+    answer: str,
+    now: float | None = None,
+    payload: Callable[[str], bytes] = answer_payload,
+) -> None:
     """Raise AuthError unless `answer` proves `key` for our fresh `challenge` (each challenge
     is used once, so no nonce cache is needed on this side)."""
-    verify(key, answer_payload(challenge), Proof.parse(answer), ReplayGuard(started_ms=0), now)
+    verify(key, payload(challenge), Proof.parse(answer), ReplayGuard(started_ms=0), now)
 
 
 # ----- gRPC: the client side ---------------------------------------------------------------
@@ -374,7 +385,7 @@ def secure_channel(
 # ----- gRPC: the server side ---------------------------------------------------------------
 
 
-class _RejectLog:
+class RejectLog:
     """Logs each kind of rejection per peer host at most once per REJECT_LOG_EVERY_S, with
     the count of those not logged in between."""
 
@@ -400,7 +411,7 @@ class _RejectLog:
 
 
 def _denied(
-    reason: str, method: str, rejects: _RejectLog
+    reason: str, method: str, rejects: RejectLog
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]:
     async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         rejects.record(context.peer(), method, reason)
@@ -410,7 +421,7 @@ def _denied(
 
 
 def _denied_stream(
-    reason: str, method: str, rejects: _RejectLog
+    reason: str, method: str, rejects: RejectLog
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[None]]:
     async def deny(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -430,7 +441,7 @@ class ProofCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is u
     def __init__(self, key: ClusterKey, guard: ReplayGuard | None = None) -> None:
         self.key = key
         self.guard = guard or ReplayGuard()
-        self.rejects = _RejectLog()
+        self.rejects = RejectLog()
 
     def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
         """Raise AuthError unless the call's metadata holds a valid proof for `method`."""

@@ -5,8 +5,15 @@ ids and sampled tokens travel here, because a Python gRPC stream message costs 0
 round trip where a socket costs about 0.1 ms (design.md). Frame:
 
     4 bytes  big-endian length N of what follows (1 + payload), N <= MAX_FRAME_BYTES
-    1 byte   kind (FORWARD, SUBSCRIBE, EVENT)
-    N-1      the serialized protobuf message of that kind
+    1 byte   kind (FORWARD, SUBSCRIBE, EVENT; HELLO, AUTH, WELCOME, REFUSED at the start)
+    N-1      the serialized protobuf message of that kind (ASCII text for the handshake)
+
+Handshake: the node speaks first, a HELLO carrying a fresh random challenge (empty when the
+node runs open). The client answers AUTH: a proof of the cluster token over that challenge
+(node/auth.py `make_proof` of `data_payload(challenge)`), and the node replies WELCOME, or
+REFUSED with the reason and closes. Nothing else is read before that, so a connection that
+cannot prove the token never reaches a stage. Each challenge is used once: a recorded
+handshake cannot be replayed on another connection.
 
 Trust boundary: frames are parsed by protobuf only (no pickle); every field is validated by
 the stage exactly as on the Forward RPC. A malformed frame closes that connection only.
@@ -20,6 +27,7 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable
 
+from node import auth
 from node._proto.layerlink.v1 import node_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,13 @@ FORWARD = 1  # ForwardRequest, client -> stage
 SUBSCRIBE = 2  # SubscribeRequest, client -> stage: this connection now receives StageEvents
 EVENT = 3  # StageEvent, stage -> subscriber
 KINDS = {FORWARD: pb.ForwardRequest, SUBSCRIBE: pb.SubscribeRequest, EVENT: pb.StageEvent}
+# The handshake (text payloads), before any of the above.
+HELLO = 4  # stage -> client: the challenge ("" when the node runs open)
+AUTH = 5  # client -> stage: the proof
+WELCOME = 6  # stage -> client: accepted
+REFUSED = 7  # stage -> client: the reason, then the stage closes
+MAX_HANDSHAKE_BYTES = 512
+HANDSHAKE_TIMEOUT_S = 5.0
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _HEADER = struct.Struct(">IB")
 # Pause writing (await drain) only when this much is queued in the socket's buffer.
@@ -38,13 +53,16 @@ class FrameError(ValueError):
     """A frame that cannot be a valid message (bad length, kind or payload)."""
 
 
+class DataAuthError(ConnectionError):
+    """The node refused this connection's proof of the cluster token (or there was none)."""
+
+
 def encode(kind: int, msg: pb.ForwardRequest | pb.SubscribeRequest | pb.StageEvent) -> bytes:
     body = msg.SerializeToString()
     return _HEADER.pack(len(body) + 1, kind) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, object] | None:
-    """The next (kind, message), or None at a clean end of stream."""
+async def _read_header(reader: asyncio.StreamReader) -> tuple[int, int] | None:
     try:
         header = await reader.readexactly(_HEADER.size)
     except asyncio.IncompleteReadError as e:
@@ -54,19 +72,114 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, object] | None:
     length, kind = _HEADER.unpack(header)
     if not 1 <= length <= MAX_FRAME_BYTES:
         raise FrameError(f"frame length {length} outside [1, {MAX_FRAME_BYTES}]")
+    return length, kind
+
+
+async def _read_body(reader: asyncio.StreamReader, length: int) -> bytes:
+    try:
+        return await reader.readexactly(length - 1)
+    except asyncio.IncompleteReadError:
+        raise FrameError("connection closed inside a frame") from None
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, object] | None:
+    """The next (kind, message), or None at a clean end of stream."""
+    head = await _read_header(reader)
+    if head is None:
+        return None
+    length, kind = head
     cls = KINDS.get(kind)
     if cls is None:
         raise FrameError(f"unknown frame kind {kind}")
-    try:
-        body = await reader.readexactly(length - 1)
-    except asyncio.IncompleteReadError:
-        raise FrameError("connection closed inside a frame") from None
+    body = await _read_body(reader, length)
     msg = cls()
     try:
         msg.ParseFromString(body)
     except Exception as e:  # protobuf raises DecodeError (and others) on garbage
         raise FrameError(f"frame of kind {kind} is not a valid message: {e}") from None
     return kind, msg
+
+
+# ----- the handshake -------------------------------------------------------------------------
+
+
+def encode_text(kind: int, text: str) -> bytes:
+    body = text.encode("ascii", "replace")[:MAX_HANDSHAKE_BYTES]
+    return _HEADER.pack(len(body) + 1, kind) + body
+
+
+async def read_text(reader: asyncio.StreamReader, expected: tuple[int, ...]) -> tuple[int, str]:
+    """One handshake frame of a kind in `expected` (its ASCII payload), within the timeout."""
+
+    async def read() -> tuple[int, str]:
+        head = await _read_header(reader)
+        if head is None:
+            raise FrameError("connection closed during the handshake")
+        length, kind = head
+        if kind not in expected:
+            raise FrameError(f"expected a handshake frame {expected}, got kind {kind}")
+        if length - 1 > MAX_HANDSHAKE_BYTES:
+            raise FrameError(f"handshake frame of {length - 1} bytes")
+        body = await _read_body(reader, length)
+        try:
+            return kind, body.decode("ascii")
+        except UnicodeDecodeError:
+            raise FrameError("handshake frame is not ASCII text") from None
+
+    try:
+        return await asyncio.wait_for(read(), HANDSHAKE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise FrameError(f"no handshake within {HANDSHAKE_TIMEOUT_S:.0f} s") from None
+
+
+async def accept_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: auth.ClusterKey | None
+) -> None:
+    """The node's side: challenge the client and check its proof (raises AuthError or
+    FrameError; the caller closes the connection)."""
+    if key is None:
+        writer.write(encode_text(HELLO, ""))
+        return
+    challenge = auth.new_challenge()
+    writer.write(encode_text(HELLO, challenge))
+    _, proof = await read_text(reader, (AUTH,))
+    try:
+        auth.check_answer(key, challenge, proof, payload=auth.data_payload)
+    except auth.AuthError as e:
+        writer.write(encode_text(REFUSED, str(e)))
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.drain()
+        raise
+    writer.write(encode_text(WELCOME, ""))
+
+
+async def offer_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    key: auth.ClusterKey | None,
+    address: str,
+) -> None:
+    """The client's side: prove `key` for the node's challenge. Raises DataAuthError when
+    the node wants a proof this process cannot give or refuses the one it gave."""
+    try:
+        _, challenge = await read_text(reader, (HELLO,))
+    except FrameError as e:
+        raise ConnectionError(f"data link to {address}: {e}") from None
+    if not challenge:
+        return  # an open node
+    if key is None:
+        raise DataAuthError(
+            f"the node at {address} requires the cluster token on its data path; "
+            "this process has none (--token / --token-file / $LAYERLINK_TOKEN)"
+        )
+    proof = auth.make_proof(key, auth.data_payload(challenge))
+    writer.write(encode_text(AUTH, proof.encode()))
+    try:
+        kind, reason = await read_text(reader, (WELCOME, REFUSED))
+    except FrameError as e:
+        raise ConnectionError(f"data link to {address}: {e}") from None
+    if kind == REFUSED:
+        raise DataAuthError(f"the node at {address} refused this cluster token: {reason}")
 
 
 class Link:
@@ -80,11 +193,17 @@ class Link:
         self._draining: asyncio.Task[None] | None = None
         self.closed = False
 
-    async def connect(self, timeout: float = 10.0) -> Link:
+    async def connect(self, timeout: float = 10.0, key: auth.ClusterKey | None = None) -> Link:
+        """Connect and pass the node's handshake with `key` (default: this process's
+        cluster key, node.auth.use_key)."""
         host, _, port = self.address.rpartition(":")
-        self.reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port)), timeout
-        )
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+        try:
+            await offer_handshake(reader, writer, key or auth.current_key(), self.address)
+        except BaseException:
+            writer.close()
+            raise
+        self.reader, self._writer = reader, writer
         return self
 
     def send(self, kind: int, msg: pb.ForwardRequest | pb.SubscribeRequest) -> None:
@@ -120,9 +239,16 @@ SubscribeHandler = Callable[
 class DataServer:
     """Accepts data connections; hands FORWARD frames and SUBSCRIBE requests to the node."""
 
-    def __init__(self, on_forward: ForwardHandler, on_subscribe: SubscribeHandler) -> None:
+    def __init__(
+        self,
+        on_forward: ForwardHandler,
+        on_subscribe: SubscribeHandler,
+        key: auth.ClusterKey | None = None,
+    ) -> None:
         self.on_forward = on_forward
         self.on_subscribe = on_subscribe
+        self.key = key  # None: an open node (no proof asked)
+        self.rejects = auth.RejectLog()
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -147,6 +273,12 @@ class DataServer:
                 writer.write(encode(EVENT, event))
 
         try:
+            try:
+                await accept_handshake(reader, writer, self.key)
+            except (auth.AuthError, FrameError) as e:
+                where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+                self.rejects.record(where, "data connection", str(e))
+                return
             while True:
                 frame = await read_frame(reader)
                 if frame is None:

@@ -80,6 +80,11 @@ class TcpDownstream:
         while not self._closed:
             try:
                 link = await datapath.Link(self.address).connect(timeout=5.0)
+            except datapath.DataAuthError as e:
+                # A refused token does not become right by retrying.
+                log.error("%s", e)
+                self.on_failure(str(e))
+                return None
             except (OSError, asyncio.TimeoutError) as e:
                 if loop.time() > deadline:
                     reason = f"next hop {self.address} unreachable: {e}"

@@ -196,6 +196,7 @@ async def serve(args: argparse.Namespace) -> int:
     data_server = DataServer(
         lambda msg: holder[0].on_data_forward(msg),
         lambda req, push: holder[0].on_data_subscribe(req, push),
+        key,
     )
     try:
         data_port = await data_server.start(args.host, args.data_port)

@@ -20,7 +20,7 @@ import pytest
 
 from coordinator.localcluster import LocalCluster
 from coordinator.nodeclient import NodeClient
-from node import auth
+from node import auth, datapath
 from node._proto.layerlink.v1 import node_pb2 as pb
 from tests.rpcs import RPCS, call_raw
 
@@ -327,6 +327,86 @@ def test_stage_to_stage_grpc_hop_carries_the_proof(secured: LocalCluster, tiny_l
     assert ev.code == 0 and ev.token >= 0
 
 
+async def _data_port(address: str) -> str:
+    async with NodeClient(address, KEY) as c:
+        info = await c.get_info()
+    return f"127.0.0.1:{info.data_port}"
+
+
+async def _open(addr: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """A raw connection to a data port and the node's challenge (its HELLO)."""
+    host, _, port = addr.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    kind, challenge = await datapath.read_text(reader, (datapath.HELLO,))
+    return reader, writer, challenge
+
+
+def test_data_path_admits_only_connections_that_prove_the_token(secured: LocalCluster) -> None:
+    """The raw-TCP data path: nothing is read before a proof over the node's fresh
+    challenge; no proof, another cluster's, or a proof replayed from another connection is
+    refused, logged, and the node keeps serving."""
+    node = secured.nodes[0]
+    subscribe = pb.SubscribeRequest(plan_id="no-such-plan")
+
+    async def go() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        addr = await _data_port(node.address)
+        before = await snapshot(node.address)
+        # Frames without a handshake: the connection is closed, nothing is answered.
+        reader, writer, challenge = await _open(addr)
+        out["challenge"] = challenge
+        writer.write(datapath.encode(datapath.SUBSCRIBE, subscribe))
+        out["no_proof"] = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        # Another cluster's token; no token at all.
+        with pytest.raises(datapath.DataAuthError) as other:
+            await datapath.Link(addr).connect(key=OTHER_KEY)
+        out["other"] = str(other.value)
+        saved = auth.current_key()
+        auth.use_key(None)
+        try:
+            with pytest.raises(datapath.DataAuthError) as none:
+                await datapath.Link(addr).connect()
+        finally:
+            auth.use_key(saved)
+        out["none"] = str(none.value)
+        # A genuine handshake, then its proof replayed on a second connection.
+        r1, w1, c1 = await _open(addr)
+        proof = auth.make_proof(KEY, auth.data_payload(c1)).encode()
+        w1.write(datapath.encode_text(datapath.AUTH, proof))
+        out["genuine"] = await datapath.read_text(r1, (datapath.WELCOME, datapath.REFUSED))
+        r2, w2, c2 = await _open(addr)
+        w2.write(datapath.encode_text(datapath.AUTH, proof))
+        out["replayed"] = await datapath.read_text(r2, (datapath.WELCOME, datapath.REFUSED))
+        out["replayed_then"] = await asyncio.wait_for(r2.read(), 10)
+        out["distinct"] = c1 != c2
+        for w in (w1, w2):
+            w.close()
+        # The node's own client, with the key: admitted and answered.
+        link = await datapath.Link(addr).connect(key=KEY)
+        link.send(datapath.SUBSCRIBE, subscribe)
+        assert link.reader is not None
+        out["answer"] = await asyncio.wait_for(datapath.read_frame(link.reader), 10)
+        await link.close()
+        out["before"], out["after"] = before, await snapshot(node.address)
+        return out
+
+    out = asyncio.run(go())
+    assert len(out["challenge"]) == 32
+    assert out["no_proof"] == b""  # closed without a word
+    assert "refused this cluster token" in out["other"] and "another cluster" in out["other"]
+    assert "requires the cluster token" in out["none"]
+    assert out["genuine"] == (datapath.WELCOME, "")
+    kind, reason = out["replayed"]
+    assert kind == datapath.REFUSED and "does not match" in reason and out["distinct"]
+    assert out["replayed_then"] == b""
+    kind, event = out["answer"]
+    assert kind == datapath.EVENT and event.code != 0 and "not loaded" in event.message
+    assert out["before"] == out["after"]
+    assert secured.log_dir is not None
+    assert "refused data connection" in (secured.log_dir / f"{node.name}.log").read_text()
+
+
 def test_discovery_keeps_only_nodes_of_its_secret(
     secured: LocalCluster, foreign: LocalCluster
 ) -> None:
@@ -364,7 +444,9 @@ def test_commands_name_the_authentication_problem(secured: LocalCluster) -> None
     right = coordinator(*static, env={auth.TOKEN_ENV: TOKEN})
     assert right.returncode == 0 and node.address in right.stdout
     # Over mDNS: the nodes that prove the secret (the foreign node shares the cluster name).
-    members = coordinator("nodes", "--cluster", CLUSTER, "--wait", "1.5", "--token", TOKEN, "--json")
+    members = coordinator(
+        "nodes", "--cluster", CLUSTER, "--wait", "1.5", "--token", TOKEN, "--json"
+    )
     assert members.returncode == 0, members.stderr
     assert sorted(n["name"] for n in json.loads(members.stdout)["nodes"]) == ["auth0", "auth1"]
     # Nodes of another secret are ignored, with a line saying so.
@@ -496,7 +578,9 @@ def test_nodes_prove_the_secret_back(
     # cluster's mDNS record and runs open is not admitted.
     assert refusal(rec("127.0.0.1"), v["open"], KEY) is None
     assert "--insecure" in (refusal(rec("192.168.1.9"), v["open"], KEY) or "")
-    assert "does not hold the cluster secret" in (refusal(rec("127.0.0.1"), v["wrong-key"], KEY) or "")
+    assert "does not hold the cluster secret" in (
+        refusal(rec("127.0.0.1"), v["wrong-key"], KEY) or ""
+    )
     assert refusal(rec("192.168.1.9"), v["open"], None) is None  # no token, nothing to prove
 
 
