@@ -35,7 +35,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from coordinator.dashboard import STATIC_DIR
-from coordinator.dashboard.state import NodeMonitor, build_state, links_of
+from coordinator.dashboard.state import (
+    AlertLog,
+    NodeMonitor,
+    build_state,
+    current_alerts,
+    links_of,
+)
 from coordinator.httpsec import BodyLimit
 from coordinator.metrics import CONTENT_TYPE, RequestTrace, ServingMetrics
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError, TokenEvent
@@ -434,19 +440,14 @@ def create_app(state: ApiState) -> FastAPI:
     async def dashboard() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    reported_alerts: list[str] = []
+    alert_log = state.monitor.alert_log if state.monitor is not None else AlertLog()
 
     @app.get("/api/state")
     async def api_state() -> dict[str, object]:
         plan = state.pipeline.plan if state.pipeline is not None else None
         nodes = state.monitor.views() if state.monitor is not None else ()
-        doc = build_state(state.model_name, plan, metrics, nodes, state.probe)
-        alerts = [str(a) for a in doc["alerts"]]  # type: ignore[attr-defined]
-        if alerts and alerts != reported_alerts:
-            for a in alerts:
-                log.warning("%s", a)
-        reported_alerts[:] = alerts
-        return doc
+        alert_log.update(current_alerts(plan, list(metrics.recent), nodes))
+        return build_state(state.model_name, plan, metrics, nodes, state.probe)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> PlainTextResponse:

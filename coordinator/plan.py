@@ -39,6 +39,8 @@ class Prediction:
     ttft_s: float
     throughput_tps: float
     bottleneck: str = ""
+    # Each stage's compute per decoded token (s), in stage order; () when not predicted.
+    stage_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,7 @@ class PlanChoice:
             ttft_s=self.cost.ttft_s,
             throughput_tps=self.cost.throughput_tps,
             bottleneck=self.cost.bottleneck,
+            stage_s=tuple(s.total_s for s in self.cost.stages),
         )
 
     def objective_value(self) -> float:

@@ -105,6 +105,9 @@ class LoadedStage:
         # Last stage in ring mode: where the next decode step goes (stage 0's node), or
         # LOCAL_RING when this one stage is the whole pipeline.
         self.ring: Downstream | str | None = None
+        # Single-token decode steps and their compute time (StageStatus).
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
 
     def publish(self, event: pb.StageEvent) -> None:
         for push in list(self.subscribers):
@@ -147,6 +150,8 @@ class LoadedStage:
             weight_bytes=self.stage.weight_bytes,
             next_address=s.next_address,
             weights_id=s.cached.weights_id if s.cached is not None else "",
+            decode_steps=self.decode_steps,
+            decode_seconds=self.decode_seconds,
         )
 
 
@@ -486,6 +491,9 @@ class NodeService(pb_grpc.NodeServicer):
             return
         result = fut.result()
         spec = loaded.stage.spec
+        if msg.phase == pb.PHASE_DECODE:
+            loaded.decode_steps += 1
+            loaded.decode_seconds += result.compute_seconds
         if result.hidden is not None:
             assert loaded.downstream is not None
             out = pb.ForwardRequest(

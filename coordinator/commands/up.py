@@ -171,6 +171,8 @@ async def serve(args: argparse.Namespace) -> int:
         probe=probe,
         api_key=args.api_key,
     )
+    if state.monitor is not None:
+        state.monitor.plan_of = lambda: supervisor.plan  # alerts logged even with no dashboard open
     prober = membership_prober(args, model, records, state, supervisor)
     app = create_app(state)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

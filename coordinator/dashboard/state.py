@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -58,6 +58,15 @@ class StageView:
     end: int
     active_requests: int
     weight_bytes: int
+    # Cumulative single-token decode steps and their compute seconds (the node's counters).
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    # Compute per decode step over the last window of >= RATE_MIN_STEPS steps (ms), when
+    # measured within RATE_STALE_S; the window starts at these counters.
+    recent_ms: float | None = None
+    recent_at: float = 0.0
+    base_steps: int = 0
+    base_seconds: float = 0.0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -66,7 +75,38 @@ class StageView:
             "layers": [self.start, self.end],
             "active_requests": self.active_requests,
             "weight_bytes": self.weight_bytes,
+            "decode_steps": self.decode_steps,
+            "decode_ms": None if self.recent_ms is None else round(self.recent_ms, 3),
         }
+
+
+RATE_MIN_STEPS = 8
+RATE_STALE_S = 30.0
+
+
+def with_recent_rate(new: StageView, old: StageView | None, now: float) -> StageView:
+    """`new` with its recent compute per decode step: measured when at least RATE_MIN_STEPS
+    steps ran since the window began, else carried over from `old` while fresh."""
+    if old is None or new.decode_steps < old.base_steps:  # first sight, or reloaded
+        return replace(new, base_steps=new.decode_steps, base_seconds=new.decode_seconds)
+    steps = new.decode_steps - old.base_steps
+    if steps >= RATE_MIN_STEPS:
+        ms = (new.decode_seconds - old.base_seconds) / steps * 1e3
+        return replace(
+            new,
+            recent_ms=ms,
+            recent_at=now,
+            base_steps=new.decode_steps,
+            base_seconds=new.decode_seconds,
+        )
+    fresh = old.recent_ms is not None and now - old.recent_at <= RATE_STALE_S
+    return replace(
+        new,
+        recent_ms=old.recent_ms if fresh else None,
+        recent_at=old.recent_at if fresh else 0.0,
+        base_steps=old.base_steps,
+        base_seconds=old.base_seconds,
+    )
 
 
 @dataclass(frozen=True)
@@ -141,6 +181,8 @@ def node_view(target: NodeTarget, info: Any, rpc_s: float) -> NodeView:
                 end=int(s.end),
                 active_requests=int(s.active_requests),
                 weight_bytes=int(s.weight_bytes),
+                decode_steps=int(s.decode_steps),
+                decode_seconds=float(s.decode_seconds),
             )
             for s in info.stages
         ),
@@ -158,11 +200,15 @@ class NodeMonitor:
         period_s: float = 1.5,
         timeout_s: float = 2.0,
         metrics: ServingMetrics | None = None,
+        plan_of: Callable[[], Plan | None] | None = None,
     ) -> None:
         self.targets = tuple(targets)
         self.period_s = period_s
         self.timeout_s = timeout_s
         self.metrics = metrics
+        # The plan being served: with it, every poll checks the stages' speed and logs alerts.
+        self.plan_of = plan_of
+        self.alert_log = AlertLog()
         self._views = {t.address: NodeView(name=t.name, address=t.address) for t in self.targets}
         self._clients: dict[str, NodeClient] = {}
         self._task: asyncio.Task[None] | None = None
@@ -192,6 +238,9 @@ class NodeMonitor:
 
     async def refresh(self) -> None:
         await asyncio.gather(*(self._poll(t) for t in self.targets))
+        if self.plan_of is not None:
+            recent = list(self.metrics.recent) if self.metrics is not None else []
+            self.alert_log.update(current_alerts(self.plan_of(), recent, self.views()))
 
     async def _poll(self, target: NodeTarget) -> None:
         client = self._clients.get(target.address)
@@ -214,6 +263,14 @@ class NodeMonitor:
                 self.metrics.node_up.set(0, node=target.name)
             return
         view = node_view(target, info, time.perf_counter() - t0)
+        before = {(st.plan_id, st.start): st for st in self._views[target.address].stages}
+        now = time.monotonic()
+        view = replace(
+            view,
+            stages=tuple(
+                with_recent_rate(st, before.get((st.plan_id, st.start)), now) for st in view.stages
+            ),
+        )
         self._views[target.address] = view
         if self.metrics is not None:
             self.metrics.node_up.set(1, node=target.name)
@@ -343,6 +400,72 @@ def speed_alerts(plan: Plan | None, recent: Sequence[Any]) -> list[str]:
     ]
 
 
+def stage_alerts(plan: Plan | None, nodes: Sequence[NodeView]) -> list[Alert]:
+    """A warning for each stage whose recent compute per decode step is SLOW_FACTOR x what
+    the plan predicted for it: that node has slowed down (throttling, another job, swap)."""
+    if plan is None or plan.predicted is None:
+        return []
+    predicted = plan.predicted.stage_s
+    if len(predicted) != len(plan.stages):
+        return []
+    by_address = {n.address: n for n in nodes if n.reachable}
+    out = []
+    for i, (stage, pred_s) in enumerate(zip(plan.stages, predicted, strict=True)):
+        node = by_address.get(stage.address)
+        if node is None or pred_s <= 0:
+            continue
+        view = next(
+            (v for v in node.stages if v.plan_id == plan.plan_id and v.start == stage.start),
+            None,
+        )
+        if view is None or view.recent_ms is None:
+            continue
+        ratio = view.recent_ms / (pred_s * 1e3)
+        if ratio >= SLOW_FACTOR:
+            out.append(
+                Alert(
+                    f"stage {i}",
+                    f"stage {i} on {stage.node_name} (layers [{stage.start}, {stage.end})) "
+                    f"computes a token in {view.recent_ms:.1f} ms, {ratio:.1f}x the "
+                    f"{pred_s * 1e3:.1f} ms predicted for plan {plan.plan_id}: that node has "
+                    "slowed down",
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A warning for the log and the dashboard; `key` names what it is about, so that the
+    log reports it once when it starts and once when it clears, not on every poll."""
+
+    key: str
+    message: str
+
+
+def current_alerts(
+    plan: Plan | None, recent: Sequence[Any], nodes: Sequence[NodeView]
+) -> list[Alert]:
+    return [Alert("plan", a) for a in speed_alerts(plan, recent)] + stage_alerts(plan, nodes)
+
+
+class AlertLog:
+    """Logs an alert when it starts and when it clears."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, str] = {}
+
+    def update(self, alerts: Sequence[Alert]) -> None:
+        now = {a.key: a.message for a in alerts}
+        for key, message in now.items():
+            if key not in self.active:
+                log.warning("%s", message)
+        for key, message in self.active.items():
+            if key not in now:
+                log.info("cleared: %s", message)
+        self.active = now
+
+
 def build_state(
     model_name: str,
     plan: Plan | None,
@@ -359,6 +482,6 @@ def build_state(
         "recent": [r.to_json() for r in metrics.recent],
         "links": None if links is None else [lk.to_json() for lk in links],
         "probe": probe_summary(probe),
-        "alerts": speed_alerts(plan, list(metrics.recent)),
+        "alerts": [a.message for a in current_alerts(plan, list(metrics.recent), nodes)],
         "time": time.time(),
     }

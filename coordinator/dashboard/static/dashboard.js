@@ -123,6 +123,10 @@ function renderNodes(nodes, plan) {
       card.append(el("div", { class: "row" },
         el("span", {}, `layers [${s.layers[0]}, ${s.layers[1]})`),
         el("span", { class: "active" }, `${s.active_requests} active request(s)`)));
+      if (s.decode_ms !== null && s.decode_ms !== undefined) {
+        card.append(el("div", { class: "row" }, el("span", {}, "compute per token"),
+          el("span", { class: "decode-ms" }, `${s.decode_ms.toFixed(1)} ms`)));
+      }
     }
     box.append(card);
   }
