@@ -40,6 +40,7 @@ from coordinator.dashboard.state import (
     NodeMonitor,
     build_state,
     current_alerts,
+    hop_estimate,
     links_of,
 )
 from coordinator.httpsec import BodyLimit
@@ -456,18 +457,35 @@ def create_app(state: ApiState) -> FastAPI:
 
     def _update_cluster_gauges() -> None:
         plan = state.pipeline.plan if state.pipeline is not None else None
-        metrics.stage_layers.clear()
-        metrics.stage_active.clear()
+        for g in (metrics.stage_layers, metrics.stage_active, metrics.stage_compute):
+            g.clear()
+        metrics.hop_seconds.clear()
+        steps: dict[tuple[str, ...], float] = {}
+        seconds: dict[tuple[str, ...], float] = {}
         if plan is not None:
             views = {v.address: v for v in state.monitor.views()} if state.monitor else {}
+            computes: list[float] = []
             for i, s in enumerate(plan.stages):
-                metrics.stage_layers.set(s.layer_count, stage=str(i), node=s.node_name)
+                labels = {"stage": str(i), "node": s.node_name}
+                metrics.stage_layers.set(s.layer_count, **labels)
                 view = views.get(s.address)
-                if view is not None and view.reachable:
-                    active = sum(
-                        st.active_requests for st in view.stages if st.plan_id == plan.plan_id
-                    )
-                    metrics.stage_active.set(active, stage=str(i), node=s.node_name)
+                if view is None or not view.reachable:
+                    continue
+                mine = [st for st in view.stages if st.plan_id == plan.plan_id]
+                metrics.stage_active.set(sum(st.active_requests for st in mine), **labels)
+                this = next((st for st in mine if st.start == s.start), None)
+                if this is None:
+                    continue
+                steps[(str(i), s.node_name)] = this.decode_steps
+                seconds[(str(i), s.node_name)] = this.decode_seconds
+                if this.recent_ms is not None:
+                    metrics.stage_compute.set(this.recent_ms / 1e3, **labels)
+                    computes.append(this.recent_ms / 1e3)
+            hop = hop_estimate(plan, computes, list(metrics.recent))
+            if hop is not None:
+                metrics.hop_seconds.set(hop)
+        metrics.stage_decode_steps.mirror(steps)
+        metrics.stage_decode_seconds.mirror(seconds)
         metrics.link_latency.clear()
         metrics.link_bandwidth.clear()
         for lk in links_of(state.probe) or ():

@@ -91,6 +91,11 @@ class Counter(_Metric):
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
+    def mirror(self, values: dict[Labels, float]) -> None:
+        """Replace every series with counters kept by another process (a node's own)."""
+        with self._lock:
+            self._values = dict(values)
+
     def total(self) -> float:
         return sum(self._values.values())
 
@@ -389,6 +394,26 @@ class ServingMetrics:
             "layerlink_stage_layers",
             "Layers held by each stage of the current plan.",
             ("stage", "node"),
+        )
+        self.stage_decode_steps = r.counter(
+            "layerlink_stage_decode_steps_total",
+            "Single-token decode steps each stage has computed (the node's counter).",
+            ("stage", "node"),
+        )
+        self.stage_decode_seconds = r.counter(
+            "layerlink_stage_decode_seconds_total",
+            "Compute time of those steps, message in to output ready (the node's counter).",
+            ("stage", "node"),
+        )
+        self.stage_compute = r.gauge(
+            "layerlink_stage_compute_seconds",
+            "Each stage's recent compute per decode token (windows of at least 8 steps).",
+            ("stage", "node"),
+        )
+        self.hop_seconds = r.gauge(
+            "layerlink_hop_seconds",
+            "Estimated time per hop between stages: (time per token of the recent requests "
+            "- the stages' compute) / hops per token.",
         )
         self.link_latency = r.gauge(
             "layerlink_link_latency_seconds",

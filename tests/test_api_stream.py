@@ -399,3 +399,54 @@ def test_abandoned_nonstreaming_request_is_cancelled(
         assert recent["finish_reason"] == "cancelled" and recent["completion_tokens"] < 1500
 
     asyncio.run(scenario())
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """{labels: value} of one metric in Prometheus text."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, _, value = line.rpartition(" ")
+            out[key[len(name) :]] = float(value)
+    return out
+
+
+def test_metrics_report_each_stage_and_the_hops(
+    server: CoordinatorProcess, plan: dict[str, Any], tiny_llama: Path
+) -> None:
+    """Per-stage compute (from the nodes' counters) and per-hop time in /metrics: the stages
+    and hops add up to the time per token the client saw."""
+    before = _samples(httpx.get(server.url + "/metrics").text, "layerlink_stage_decode_steps_total")
+    body = {"model": tiny_llama.name, "prompt": "count", "max_tokens": 48, "temperature": 0}
+    for _ in range(3):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=60).raise_for_status()
+
+    def read() -> tuple[str, dict[str, Any]]:
+        return httpx.get(server.url + "/metrics").text, httpx.get(server.url + "/api/state").json()
+
+    names = [s["node"] for s in plan["stages"]]
+    keys = [f'{{stage="{i}",node="{n}"}}' for i, n in enumerate(names)]
+
+    def done(steps: dict[str, float]) -> bool:  # every decode step of the 3 requests counted
+        return all(steps.get(k, 0.0) - before.get(k, 0.0) >= 3 * 47 for k in keys)
+
+    deadline = time.monotonic() + 10
+    while True:  # the node monitor polls every 1.5 s
+        text, state = read()
+        steps = _samples(text, "layerlink_stage_decode_steps_total")
+        if done(steps) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert done(steps), (before, steps)
+    compute = _samples(text, "layerlink_stage_compute_seconds")
+    seconds = _samples(text, "layerlink_stage_decode_seconds_total")
+    hop = _samples(text, "layerlink_hop_seconds")
+    assert sorted(compute) == sorted(keys), text
+    for k in keys:
+        assert 0 < compute[k] < seconds[k]
+    assert list(hop) == [""] and hop[""] >= 0
+    recent = [r for r in state["recent"][:3] if r["completion_tokens"] >= 8]
+    token_s = 1 / statistics.median(r["tokens_per_s"] for r in recent)
+    # The estimate is built from these same figures: compute + 3 hops = time per token.
+    assert sum(compute.values()) <= token_s * 1.05
+    assert sum(compute.values()) + 3 * hop[""] == pytest.approx(token_s, rel=0.35)

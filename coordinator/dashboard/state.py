@@ -434,6 +434,21 @@ def stage_alerts(plan: Plan | None, nodes: Sequence[NodeView]) -> list[Alert]:
     return out
 
 
+def hop_estimate(plan: Plan, computes: Sequence[float], recent: Sequence[Any]) -> float | None:
+    """Seconds per hop: (time per token of the recent requests, median - the stages'
+    compute per token) / hops per token (stages, the ring included); None when a stage's
+    compute is unknown, the plan has one stage, or no recent request was long enough."""
+    hops = len(plan.stages)
+    if hops < 2 or len(computes) != hops:
+        return None
+    timed = sorted(r.decode_tps for r in list(recent)[-5:]
+                   if r.completion_tokens >= SLOW_MIN_TOKENS and r.decode_tps > 0)  # fmt: skip
+    if not timed:
+        return None
+    token_s = 1.0 / float(timed[len(timed) // 2])
+    return max(0.0, (token_s - sum(computes)) / hops)
+
+
 @dataclass(frozen=True)
 class Alert:
     """A warning for the log and the dashboard; `key` names what it is about, so that the
