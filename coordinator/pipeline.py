@@ -20,7 +20,7 @@ import numpy as np
 
 from coordinator.nodeclient import NodeClient
 from coordinator.plan import Plan
-from node import datapath
+from node import datapath, trace
 from node._proto.layerlink.v1 import node_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ class Pipeline:
         raise PipelineError(f"stage on {address} never became ready")
 
     def _route(self, event: pb.StageEvent) -> None:
+        trace.mark("token", event.request_id, event.step)
         if not event.request_id:
             if event.code != 0:
                 self.fail(f"stage {event.stage_index}: {event.message}")
@@ -263,6 +264,7 @@ class Pipeline:
     def _send(self, msg: pb.ForwardRequest) -> None:
         if self._to_first is None:
             raise PipelineError("the pipeline is not open")
+        trace.mark("send", msg.request_id, msg.step)
         try:
             self._to_first.send(datapath.FORWARD, msg)
         except ConnectionError as e:

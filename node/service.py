@@ -23,7 +23,16 @@ from typing import Any, TypeVar
 import grpc
 import mlx.core as mx
 
-from node import PROTOCOL_VERSION, __version__, codec, devicebench, hardware, inputs, linkprobe
+from node import (
+    PROTOCOL_VERSION,
+    __version__,
+    codec,
+    devicebench,
+    hardware,
+    inputs,
+    linkprobe,
+    trace,
+)
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
 from node.downstream import Downstream, GrpcDownstream, TcpDownstream
@@ -389,6 +398,7 @@ class NodeService(pb_grpc.NodeServicer):
             )
 
     def _dispatch(self, msg: pb.ForwardRequest, reply: ReplySink) -> None:
+        trace.mark("in", msg.request_id, msg.step)
         loaded = self.stages.get(msg.plan_id)
         if loaded is None:
             self._reject(
@@ -451,7 +461,7 @@ class NodeService(pb_grpc.NodeServicer):
         )
         fut = asyncio.get_running_loop().run_in_executor(
             self._compute,
-            stage.step,
+            trace.around(stage.step, msg.request_id, msg.step),
             msg.request_id,
             msg.position,
             msg.phase == pb.PHASE_PREFILL,
@@ -490,6 +500,7 @@ class NodeService(pb_grpc.NodeServicer):
             )
             return
         result = fut.result()
+        trace.mark("done", msg.request_id, msg.step)
         spec = loaded.stage.spec
         if msg.phase == pb.PHASE_DECODE:
             loaded.decode_steps += 1
@@ -510,6 +521,7 @@ class NodeService(pb_grpc.NodeServicer):
                 stop_tokens=msg.stop_tokens,
             )
             loaded.downstream.send(out)
+            trace.mark("sent", msg.request_id, msg.step)
         elif spec.last and msg.sample:
             event = pb.StageEvent(
                 request_id=msg.request_id,
@@ -522,6 +534,7 @@ class NodeService(pb_grpc.NodeServicer):
                 event.logits.CopyFrom(codec.to_proto(result.logits))
             # Ring: the next step leaves for stage 0 before the coordinator hears of this one.
             self._continue_ring(msg, loaded, result.token)
+            trace.mark("ring", msg.request_id, msg.step)
             loaded.publish(event)
 
     def _continue_ring(self, msg: pb.ForwardRequest, loaded: LoadedStage, token: int) -> None:
