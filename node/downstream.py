@@ -5,7 +5,8 @@ stage in ring mode, stage 0 (the next decode step). Two transports behind one in
   a data address; reconnects with backoff and reports a hop it cannot restore.
 - `GrpcDownstream`: the Forward RPC stream, the contract's fallback.
 
-`send` never blocks: messages written while a connection is being (re)made wait in order.
+`send` may be called from any thread (the node's compute thread sends each result as soon
+as it exists); messages sent while a connection is being (re)made wait in order.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -44,21 +46,24 @@ class TcpDownstream:
         self.on_failure = on_failure
         self._link: datapath.Link | None = None
         self._pending: list[pb.ForwardRequest] = []
+        # Guards _link and _pending: send runs on the compute thread, reconnects on the loop.
+        self._lock = threading.Lock()
         self._closed = False
         self._task: asyncio.Task[None] = asyncio.create_task(self._keep_connected())
 
     def send(self, msg: pb.ForwardRequest) -> None:
-        link = self._link
-        if link is not None:
-            try:
-                link.send(datapath.FORWARD, msg)
+        with self._lock:
+            link = self._link
+            if link is not None:
+                try:
+                    link.send(datapath.FORWARD, msg)  # written now, from this thread
+                    return
+                except ConnectionError:
+                    self._link = None
+            if len(self._pending) >= MAX_PENDING:
+                log.error("dropping a message to %s: %d already waiting", self.address, MAX_PENDING)
                 return
-            except ConnectionError:
-                self._link = None
-        if len(self._pending) >= MAX_PENDING:
-            log.error("dropping a message to %s: %d already waiting", self.address, MAX_PENDING)
-            return
-        self._pending.append(msg)
+            self._pending.append(msg)
 
     async def _keep_connected(self) -> None:
         while not self._closed:
@@ -69,7 +74,9 @@ class TcpDownstream:
             assert link.reader is not None
             with contextlib.suppress(ConnectionError, OSError):
                 await link.reader.read()
-            self._link = None
+            with self._lock:
+                self._link = None
+            await link.close()
             if not self._closed:
                 log.warning("data link to %s dropped; reconnecting", self.address)
 
@@ -79,7 +86,7 @@ class TcpDownstream:
         delay = 0.05
         while not self._closed:
             try:
-                link = await datapath.Link(self.address).connect(timeout=5.0)
+                link = await datapath.Link(self.address).connect(timeout=5.0, direct=True)
             except datapath.DataAuthError as e:
                 # A refused token does not become right by retrying.
                 log.error("%s", e)
@@ -94,19 +101,25 @@ class TcpDownstream:
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
                 continue
-            pending, self._pending = self._pending, []
-            for msg in pending:
-                link.send(datapath.FORWARD, msg)
-            self._link = link
+            with self._lock:
+                try:
+                    for msg in self._pending:
+                        link.send(datapath.FORWARD, msg)
+                except ConnectionError:
+                    await link.close()
+                    continue
+                self._pending = []
+                self._link = link
             return link
         return None
 
     async def close(self) -> None:
         self._closed = True
         self._task.cancel()
-        if self._link is not None:
-            await self._link.close()
-            self._link = None
+        with self._lock:
+            link, self._link = self._link, None
+        if link is not None:
+            await link.close()
 
 
 class GrpcDownstream:
@@ -122,10 +135,11 @@ class GrpcDownstream:
         self.on_failure = on_failure
         self._queue: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
         self._channel = auth.secure_channel(address, channel_options)
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run())
 
     def send(self, msg: pb.ForwardRequest) -> None:
-        self._queue.put_nowait(msg)
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, msg)
 
     async def _requests(self) -> AsyncIterator[pb.ForwardRequest]:
         while True:

@@ -15,11 +15,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 _DIR = os.environ.get("LAYERLINK_TRACE", "")
 ENABLED = bool(_DIR)
@@ -35,21 +31,6 @@ def mark(event: str, request_id: str = "", step: int = -1) -> None:
         _lines.append(line)
         if len(_lines) >= 4096:
             _flush_locked()
-
-
-def around(fn: Callable[..., T], request_id: str, step: int) -> Callable[..., T]:
-    """`fn`, marking "compute" and "computed" around each call when tracing."""
-    if not ENABLED:
-        return fn
-
-    def run(*args: Any) -> T:
-        mark("compute", request_id, step)
-        try:
-            return fn(*args)
-        finally:
-            mark("computed", request_id, step)
-
-    return run
 
 
 def _flush_locked() -> None:
