@@ -11,8 +11,12 @@ subscribers); the stream itself keeps serving other requests.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,13 +41,25 @@ from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
 from node.downstream import Downstream, GrpcDownstream, TcpDownstream
 from node.shipping import Chunk, WeightService, stage_error
-from node.stage import ErrorKind, ModelStage, Sampling, StageError, StageSpec, StepResult
+from node.stage import (
+    MAX_BATCH,
+    DecodeItem,
+    ErrorKind,
+    ModelStage,
+    Sampling,
+    StageError,
+    StageSpec,
+    StepResult,
+)
 from node.weightcache import CachedStage, CacheError, default_root
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M")
 LOCAL_RING = "local"
 ReplySink = Callable[[pb.ForwardReply], None]
+StepWork = tuple[pb.ForwardRequest, "LoadedStage", ReplySink]
+Work = StepWork | Callable[[], object]
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Keepalive pings find a dead peer on an idle connection. The server must accept pings at
@@ -103,6 +119,26 @@ class NodeConfig:
     data_port: int = 0
 
 
+def _sampling_of(msg: pb.ForwardRequest) -> Sampling:
+    sp = msg.sampling
+    return Sampling(
+        temperature=max(0.0, float(sp.temperature)),
+        top_p=float(sp.top_p) if 0 < sp.top_p <= 1 else 1.0,
+        seed=int(sp.seed) if sp.has_seed else None,
+    )
+
+
+def _from_any_thread(put: Callable[[M], None]) -> Callable[[M], None]:
+    """`put` (an asyncio queue's, loop-bound) made callable from the compute thread too."""
+    loop = asyncio.get_running_loop()
+
+    def call(item: M) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_soon_threadsafe(put, item)
+
+    return call
+
+
 class LoadedStage:
     """A stage plus its async plumbing (downstream stream, subscribers)."""
 
@@ -114,9 +150,11 @@ class LoadedStage:
         # Last stage in ring mode: where the next decode step goes (stage 0's node), or
         # LOCAL_RING when this one stage is the whole pipeline.
         self.ring: Downstream | str | None = None
-        # Single-token decode steps and their compute time (StageStatus).
+        # Single-token decode steps and their compute time (StageStatus); of those, the ones
+        # that shared a forward pass with other requests' steps.
         self.decode_steps = 0
         self.decode_seconds = 0.0
+        self.batched_steps = 0
 
     def publish(self, event: pb.StageEvent) -> None:
         for push in list(self.subscribers):
@@ -161,6 +199,7 @@ class LoadedStage:
             weights_id=s.cached.weights_id if s.cached is not None else "",
             decode_steps=self.decode_steps,
             decode_seconds=self.decode_seconds,
+            batched_steps=self.batched_steps,
         )
 
 
@@ -168,8 +207,14 @@ class NodeService(pb_grpc.NodeServicer):
     def __init__(self, config: NodeConfig, hw: hardware.Hardware) -> None:
         self.config = config
         self.hw = hw
-        # MLX is not thread-safe across streams: one compute thread runs every MLX call.
+        # Every MLX call runs on this one thread: MLX streams belong to the thread that made
+        # them, so an array left unevaluated by one thread cannot be evaluated by another.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # Steps and releases wait here for the compute thread, which drains them in order
+        # and batches the decode steps of one stage that wait together.
+        self._work: collections.deque[Work] = collections.deque()
+        self._work_lock = threading.Lock()
+        self._draining = False
         self.stages: dict[str, LoadedStage] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.weights = WeightService(config.cache_dir or default_root(), config.cache_max_bytes)
@@ -343,7 +388,7 @@ class NodeService(pb_grpc.NodeServicer):
             )
         assert loaded is not None  # abort raised otherwise
         queue: asyncio.Queue[pb.StageEvent] = asyncio.Queue()
-        unsubscribe = loaded.subscribe(queue.put_nowait)
+        unsubscribe = loaded.subscribe(_from_any_thread(queue.put_nowait))
         try:
             while True:
                 yield await queue.get()
@@ -356,11 +401,12 @@ class NodeService(pb_grpc.NodeServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ForwardReply]:
         replies: asyncio.Queue[pb.ForwardReply | None] = asyncio.Queue()
+        sink = _from_any_thread(replies.put_nowait)
 
         async def read() -> None:
             try:
                 async for msg in request_iterator:
-                    self._dispatch(msg, replies.put_nowait)
+                    self._dispatch(msg, sink)
             finally:
                 replies.put_nowait(None)
 
@@ -398,6 +444,8 @@ class NodeService(pb_grpc.NodeServicer):
             )
 
     def _dispatch(self, msg: pb.ForwardRequest, reply: ReplySink) -> None:
+        """Check a message and queue its step on the compute thread. Callable from any
+        thread (the event loop, a data connection's thread, the compute thread itself)."""
         trace.mark("in", msg.request_id, msg.step)
         loaded = self.stages.get(msg.plan_id)
         if loaded is None:
@@ -419,92 +467,200 @@ class NodeService(pb_grpc.NodeServicer):
             )
             return
         if msg.phase == pb.PHASE_RELEASE:
-            released = asyncio.get_running_loop().run_in_executor(
-                self._compute, loaded.stage.release, msg.request_id
-            )
+            self._enqueue(functools.partial(loaded.stage.release, msg.request_id))
             if loaded.downstream is not None:
                 loaded.downstream.send(msg)
-            released.add_done_callback(lambda f: f.exception())
             return
         if msg.phase not in (pb.PHASE_PREFILL, pb.PHASE_DECODE):
             self._reject(
                 msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, f"unknown phase {msg.phase}", reply
             )
             return
-        stage = loaded.stage
-        hidden = None
-        if not stage.spec.first:
-            if not msg.HasField("hidden"):
-                self._reject(
-                    msg,
-                    loaded,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"stage {stage.spec.stage_index} expects hidden states, the message has none",
-                    reply,
-                )
+        if not loaded.stage.spec.first and not msg.HasField("hidden"):
+            self._reject(
+                msg,
+                loaded,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"stage {loaded.stage.spec.stage_index} expects hidden states, the message "
+                "has none",
+                reply,
+            )
+            return
+        self._enqueue((msg, loaded, reply))
+
+    # ----- the compute thread's queue ----------------------------------------------------------
+
+    def _enqueue(self, work: Work) -> None:
+        """Queue work for the compute thread (from any thread), in order."""
+        with self._work_lock:
+            self._work.append(work)
+            if self._draining:
                 return
+            self._draining = True
+        with contextlib.suppress(RuntimeError):  # shutting down
+            self._compute.submit(self._drain)
+
+    def _drain(self) -> None:
+        """On the compute thread: run everything queued, in order, except that the decode
+        steps of one stage waiting together run as one batch (one forward pass), at the place
+        of the first of them."""
+        while True:
+            with self._work_lock:
+                if not self._work:
+                    self._draining = False
+                    return
+                items = list(self._work)
+                self._work.clear()
+            while items:
+                work = items.pop(0)
+                if callable(work):
+                    try:
+                        work()
+                    except Exception:
+                        log.exception("compute task failed")
+                    continue
+                msg, loaded, reply = work
+                if not self._batchable(msg, loaded):
+                    self._run_step(msg, loaded, reply)
+                    continue
+                batch, rest = [work], []
+                for other in items:
+                    if (
+                        len(batch) < MAX_BATCH
+                        and not callable(other)
+                        and other[1] is loaded
+                        and self._batchable(other[0], loaded)
+                    ):
+                        batch.append(other)
+                    else:
+                        rest.append(other)
+                items = rest
+                if len(batch) == 1:
+                    self._run_step(msg, loaded, reply)
+                else:
+                    self._run_batch(loaded, batch)
+
+    @staticmethod
+    def _batchable(msg: pb.ForwardRequest, loaded: LoadedStage) -> bool:
+        stage = loaded.stage
+        if msg.phase != pb.PHASE_DECODE or loaded.ring == LOCAL_RING or not stage.can_batch:
+            return False
+        if stage.spec.first:
+            return len(msg.tokens) == 1
+        return not stage.spec.last or msg.sample
+
+    def _run_batch(self, loaded: LoadedStage, batch: list[StepWork]) -> None:
+        """Decode steps of several requests on one stage, in one forward pass."""
+        stage = loaded.stage
+        runs: list[tuple[pb.ForwardRequest, ReplySink, DecodeItem]] = []
+        for msg, _, reply in batch:
+            trace.mark("compute", msg.request_id, msg.step)
             try:
-                hidden = codec.from_proto(
-                    msg.hidden,
-                    dtype=codec.dtype_name(stage.dtype),
-                    ndim=3,
-                    last_dim=stage.hidden_size,
-                )
+                hidden = None if stage.spec.first else self._hidden_of(msg, stage)
             except codec.CodecError as e:
                 self._reject(msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, str(e), reply)
-                return
-        sp = msg.sampling
-        sampling = Sampling(
-            temperature=max(0.0, float(sp.temperature)),
-            top_p=float(sp.top_p) if 0 < sp.top_p <= 1 else 1.0,
-            seed=int(sp.seed) if sp.has_seed else None,
-        )
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._compute,
-            trace.around(stage.step, msg.request_id, msg.step),
-            msg.request_id,
-            msg.position,
-            msg.phase == pb.PHASE_PREFILL,
-            sampling,
-            list(msg.tokens) if stage.spec.first else None,
-            hidden,
-            msg.sample,
-            msg.want_logits,
-            # The whole pipeline on this node, ring mode, more tokens to come: look ahead.
-            loaded.ring == LOCAL_RING
-            and msg.sample
-            and msg.max_tokens > 0
-            and msg.step + 1 < msg.max_tokens,
-        )
-        fut.add_done_callback(lambda f: self._finish(msg, loaded, f, reply))
+                continue
+            item = DecodeItem(
+                request_id=msg.request_id,
+                position=msg.position,
+                sampling=_sampling_of(msg),
+                token=msg.tokens[0] if stage.spec.first else None,
+                hidden=hidden,
+                want_logits=msg.want_logits,
+            )
+            runs.append((msg, reply, item))
+        try:
+            results = stage.step_batch([item for _, _, item in runs])
+        except Exception as e:
+            log.exception("batched step failed")
+            for msg, reply, _ in runs:
+                self._reject(msg, loaded, grpc.StatusCode.INTERNAL,
+                             f"stage failed: {type(e).__name__}: {e}", reply)  # fmt: skip
+            return
+        done = [(msg, r) for (msg, reply, _), r in zip(runs, results, strict=True)
+                if not self._rejected(msg, loaded, r, reply)]  # fmt: skip
+        if len(done) > 1:
+            loaded.batched_steps += len(done)
+        for msg, result in done:
+            assert isinstance(result, StepResult)
+            loaded.decode_steps += 1
+            loaded.decode_seconds += result.compute_seconds
+            self._finish(msg, loaded, result)
 
-    def _finish(
+    def _rejected(
         self,
         msg: pb.ForwardRequest,
         loaded: LoadedStage,
-        fut: asyncio.Future[StepResult],
+        result: StepResult | StageError,
         reply: ReplySink,
-    ) -> None:
-        exc = fut.exception()
-        if isinstance(exc, StageError):
-            self._reject(msg, loaded, status_code(exc.kind), str(exc), reply)
-            return
-        if exc is not None:
-            log.exception("stage step failed", exc_info=exc)
+    ) -> bool:
+        if isinstance(result, StageError):
+            self._reject(msg, loaded, status_code(result.kind), str(result), reply)
+            return True
+        return False
+
+    @staticmethod
+    def _hidden_of(msg: pb.ForwardRequest, stage: ModelStage) -> mx.array:
+        return codec.from_proto(
+            msg.hidden, dtype=codec.dtype_name(stage.dtype), ndim=3, last_dim=stage.hidden_size
+        )
+
+    def _run_step(self, msg: pb.ForwardRequest, loaded: LoadedStage, reply: ReplySink) -> None:
+        """On the compute thread: run one step and send its result on from here (no hand-back
+        to the event loop: the next stage gets it at once)."""
+        result = self._compute_step(msg, loaded, reply)
+        if result is not None:
+            self._finish(msg, loaded, result)
+
+    def _compute_step(
+        self, msg: pb.ForwardRequest, loaded: LoadedStage, reply: ReplySink
+    ) -> StepResult | None:
+        """Decode the input and run the step; None when it was rejected (and reported)."""
+        stage = loaded.stage
+        trace.mark("compute", msg.request_id, msg.step)
+        try:
+            hidden = None if stage.spec.first else self._hidden_of(msg, stage)
+            result = stage.step(
+                msg.request_id,
+                msg.position,
+                msg.phase == pb.PHASE_PREFILL,
+                _sampling_of(msg),
+                list(msg.tokens) if stage.spec.first else None,
+                hidden,
+                msg.sample,
+                msg.want_logits,
+                # The whole pipeline on this node, ring mode, more tokens to come: look ahead.
+                loaded.ring == LOCAL_RING
+                and msg.sample
+                and msg.max_tokens > 0
+                and msg.step + 1 < msg.max_tokens,
+            )
+        except codec.CodecError as e:
+            self._reject(msg, loaded, grpc.StatusCode.INVALID_ARGUMENT, str(e), reply)
+            return None
+        except StageError as e:
+            self._reject(msg, loaded, status_code(e.kind), str(e), reply)
+            return None
+        except Exception as e:
+            log.exception("stage step failed")
             self._reject(
                 msg,
                 loaded,
                 grpc.StatusCode.INTERNAL,
-                f"stage failed: {type(exc).__name__}: {exc}",
+                f"stage failed: {type(e).__name__}: {e}",
                 reply,
             )
-            return
-        result = fut.result()
-        trace.mark("done", msg.request_id, msg.step)
-        spec = loaded.stage.spec
+            return None
         if msg.phase == pb.PHASE_DECODE:
             loaded.decode_steps += 1
             loaded.decode_seconds += result.compute_seconds
+        return result
+
+    def _finish(self, msg: pb.ForwardRequest, loaded: LoadedStage, result: StepResult) -> None:
+        """Send a step's result on: hidden states to the next stage, or (last stage) the
+        token to stage 0 (ring) and to the subscribers. Runs on the compute thread."""
+        trace.mark("done", msg.request_id, msg.step)
+        spec = loaded.stage.spec
         if result.hidden is not None:
             assert loaded.downstream is not None
             out = pb.ForwardRequest(
@@ -570,6 +726,7 @@ class NodeService(pb_grpc.NodeServicer):
         log.debug("data path rejected %s: %s", reply.request_id, reply.message)
 
     def on_data_forward(self, msg: pb.ForwardRequest) -> None:
+        """On the data connection's thread: checked here, computed on the compute thread."""
         self._dispatch(msg, self._log_reply)
 
     def on_data_subscribe(

@@ -89,6 +89,49 @@ class RequestState:
 
 
 @dataclass(frozen=True)
+class DecodeItem:
+    """One request's decode step (one token) in a batch."""
+
+    request_id: str
+    position: int
+    sampling: Sampling
+    token: int | None  # first stage
+    hidden: mx.array | None  # (1, 1, hidden) on later stages
+    want_logits: bool = False
+
+
+MAX_BATCH = 16
+
+
+class _RowsCache:
+    """One layer's KV caches of several requests seen as one batch for a decode step.
+
+    Each row's new key and value go into that request's own cache; attention reads the rows
+    left-padded to the longest (the step's mask hides the padding) and RoPE rotates each row
+    at its own position (`offset` holds one per row)."""
+
+    def __init__(self, caches: list[Any]) -> None:
+        self.caches = caches
+        self.offset = mx.array([c.offset for c in caches])
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        rows = [
+            c.update_and_fetch(keys[i : i + 1], values[i : i + 1])
+            for i, c in enumerate(self.caches)
+        ]
+        longest = max(k.shape[2] for k, _ in rows)
+
+        def padded(a: mx.array) -> mx.array:
+            n = longest - a.shape[2]
+            return a if n == 0 else mx.pad(a, [(0, 0), (0, 0), (n, 0), (0, 0)])
+
+        return (
+            mx.concatenate([padded(k) for k, _ in rows]),
+            mx.concatenate([padded(v) for _, v in rows]),
+        )
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What one step produced: hidden states for the next stage, or a sampled token."""
 
@@ -139,6 +182,7 @@ class ModelStage:
         self._build(spec, config)
         self.load_seconds = time.perf_counter() - t0
         self.requests: dict[str, RequestState] = {}
+        self._batchable: bool | None = None
         log.info(
             "loaded %s layers [%d, %d) (%.1f MB) in %.2fs",
             spec.model_path.name,
@@ -280,6 +324,18 @@ class ModelStage:
         evaluating it before reading this token back, as mlx_lm's generate loop does, so
         graph building overlaps computation and no host round trip sits between tokens."""
         t0 = time.perf_counter()
+        n_new = self._check_input(tokens, hidden)
+        if not prefill and n_new != 1:
+            raise StageError(
+                ErrorKind.INVALID_ARGUMENT, f"a decode step carries one token, got {n_new}"
+            )
+        state = self.state_for(request_id, position, prefill, sampling)
+        state.last_used = time.monotonic()
+        return self._step(state, request_id, position, prefill, n_new, tokens, hidden, sample,
+                          want_logits, lookahead, t0)  # fmt: skip
+
+    def _check_input(self, tokens: list[int] | None, hidden: mx.array | None) -> int:
+        """The number of new positions the input carries; raises StageError if malformed."""
         if self.spec.first:
             if not tokens:
                 raise StageError(ErrorKind.INVALID_ARGUMENT, "the first stage needs token ids")
@@ -294,30 +350,38 @@ class ModelStage:
                     ErrorKind.INVALID_ARGUMENT,
                     f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})",
                 )
-            n_new = len(tokens)
-        else:
-            if hidden is None:
-                raise StageError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"stage {self.spec.stage_index} needs hidden states, got none",
-                )
-            if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
-                raise StageError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"hidden states of shape {list(hidden.shape)}; expected [1, T, {self.hidden_size}]",
-                )
-            if hidden.dtype != self.dtype:
-                raise StageError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"hidden states are {hidden.dtype}, the model runs in {self.dtype}",
-                )
-            n_new = int(hidden.shape[1])
-        if not prefill and n_new != 1:
+            return len(tokens)
+        if hidden is None:
             raise StageError(
-                ErrorKind.INVALID_ARGUMENT, f"a decode step carries one token, got {n_new}"
+                ErrorKind.INVALID_ARGUMENT,
+                f"stage {self.spec.stage_index} needs hidden states, got none",
             )
-        state = self.state_for(request_id, position, prefill, sampling)
-        state.last_used = time.monotonic()
+        if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
+            raise StageError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"hidden states of shape {list(hidden.shape)}; expected [1, T, {self.hidden_size}]",
+            )
+        if hidden.dtype != self.dtype:
+            raise StageError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"hidden states are {hidden.dtype}, the model runs in {self.dtype}",
+            )
+        return int(hidden.shape[1])
+
+    def _step(
+        self,
+        state: RequestState,
+        request_id: str,
+        position: int,
+        prefill: bool,
+        n_new: int,
+        tokens: list[int] | None,
+        hidden: mx.array | None,
+        sample: bool,
+        want_logits: bool,
+        lookahead: bool,
+        t0: float,
+    ) -> StepResult:
         if state.ahead is not None:
             ahead, state.ahead = state.ahead, None
             if not prefill and position == state.ahead_position:
@@ -358,6 +422,75 @@ class ModelStage:
             logits=out_logits,
             compute_seconds=time.perf_counter() - t0,
         )
+
+    @property
+    def can_batch(self) -> bool:
+        """Whether decode steps of several requests can share a forward pass here (plain
+        KV caches; rotating, quantized or other caches run one request at a time)."""
+        from mlx_lm.models.cache import KVCache
+
+        if self._batchable is None:
+            self._batchable = all(type(c) is KVCache for c in self._new_cache())
+        return self._batchable
+
+    def step_batch(self, items: list[DecodeItem]) -> list[StepResult | StageError]:
+        """Decode steps of several requests (one token each) in one forward pass: the
+        weights are read once for all of them. Each item gets its own result, or the
+        StageError that refused it (the others still run). Sampling is per request."""
+        t0 = time.perf_counter()
+        out: list[StepResult | StageError] = []
+        rows: list[tuple[int, DecodeItem, RequestState]] = []
+        for i, item in enumerate(items):
+            try:
+                tokens = [item.token] if item.token is not None else None
+                if self._check_input(tokens, item.hidden) != 1:
+                    raise StageError(ErrorKind.INVALID_ARGUMENT, "a decode step carries one token")
+                state = self.state_for(item.request_id, item.position, False, item.sampling)
+                if state.ahead is not None or any(r[1].request_id == item.request_id for r in rows):
+                    raise StageError(
+                        ErrorKind.FAILED_PRECONDITION,
+                        f"request {item.request_id!r} cannot take a batched step now",
+                    )
+                rows.append((i, item, state))
+                out.append(StageError(ErrorKind.INTERNAL, "not run"))  # replaced below
+            except StageError as e:
+                out.append(e)
+        if not rows:
+            return out
+        if self.spec.first:
+            ids = [[r[1].token] for r in rows]
+            h = self.embed(mx.array(ids, dtype=mx.int32))  # (B, 1, H)
+        else:
+            h = mx.concatenate([r[1].hidden for r in rows])  # type: ignore[misc]
+        lengths = [r[2].offset + 1 for r in rows]
+        longest = max(lengths)
+        # Row b sees its own positions only: the last lengths[b] of the padded keys.
+        mask = mx.arange(longest)[None, :] >= mx.array([longest - n for n in lengths])[:, None]
+        mask = mask[:, None, None, :]
+        for li, layer in enumerate(self.layers):
+            h = layer(h, mask, _RowsCache([r[2].cache[li] for r in rows]))
+        now = time.monotonic()
+        for _, _, state in rows:
+            state.offset += 1
+            state.last_used = now
+        if not self.spec.last:
+            mx.eval(h)
+            share = (time.perf_counter() - t0) / len(rows)
+            for b, (i, _, _) in enumerate(rows):
+                out[i] = StepResult(hidden=h[b : b + 1], compute_seconds=share)
+            return out
+        logits = self.logits(h)[:, -1, :]  # (B, vocab)
+        sampled = [self.sample(logits[b], r[2]) for b, r in enumerate(rows)]
+        wanted = [logits[b] for b, r in enumerate(rows) if r[1].want_logits]
+        mx.eval(sampled, wanted)
+        share = (time.perf_counter() - t0) / len(rows)
+        for b, (i, item, _) in enumerate(rows):
+            out[i] = StepResult(
+                token=int(sampled[b].item()),  # type: ignore[arg-type]
+                logits=logits[b].astype(mx.float32) if item.want_logits else None,
+                compute_seconds=share,
+            )
+        return out
 
     def _emit(
         self,

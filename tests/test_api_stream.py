@@ -210,20 +210,35 @@ async def stream_chat(
 def test_eight_concurrent_streams_match_their_solo_runs(
     server: CoordinatorProcess, tiny_llama: Path, plan: dict[str, Any]
 ) -> None:
+    """Greedy answers do not depend on what else runs, though the stages batch the decode
+    steps of requests that reach them together (counted by the nodes)."""
     prompts = [f"Request number {i}: tell me about {w}" for i, w in enumerate("abcdefgh")]
+    addresses = [s["address"] for s in plan["stages"]]
 
-    async def scenario() -> None:
+    async def batched() -> list[int]:
+        out = []
+        for a in addresses:
+            async with NodeClient(a) as c:
+                info = await c.get_info()
+            out += [s.batched_steps for s in info.stages if s.plan_id == plan["plan_id"]]
+        return out
+
+    async def scenario() -> list[int]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
             alone = [await stream_chat(c, tiny_llama.name, p, 20) for p in prompts]
+            before = await batched()
             together = await asyncio.gather(
                 *(stream_chat(c, tiny_llama.name, p, 20) for p in prompts)
             )
+            after = await batched()
         assert len({a[0] for a in alone}) == len(prompts), "prompts should give distinct answers"
         for i, (a, b) in enumerate(zip(alone, together, strict=True)):
             assert b[1] == a[1] == 20, f"request {i} token counts {a[1]} vs {b[1]}"
             assert b[0] == a[0], f"request {i} differs when run with 7 others"
+        return [y - x for x, y in zip(before, after, strict=True)]
 
-    asyncio.run(scenario())
+    gained = asyncio.run(scenario())
+    assert len(gained) == 3 and sum(gained) > 0, f"no decode step was batched: {gained}"
 
 
 async def active_requests(addresses: list[str], plan_id: str) -> list[int]:
@@ -414,39 +429,50 @@ def _samples(text: str, name: str) -> dict[str, float]:
 def test_metrics_report_each_stage_and_the_hops(
     server: CoordinatorProcess, plan: dict[str, Any], tiny_llama: Path
 ) -> None:
-    """Per-stage compute (from the nodes' counters) and per-hop time in /metrics: the stages
-    and hops add up to the time per token the client saw."""
-    before = _samples(httpx.get(server.url + "/metrics").text, "layerlink_stage_decode_steps_total")
-    body = {"model": tiny_llama.name, "prompt": "count", "max_tokens": 48, "temperature": 0}
-    for _ in range(3):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=60).raise_for_status()
-
-    def read() -> tuple[str, dict[str, Any]]:
-        return httpx.get(server.url + "/metrics").text, httpx.get(server.url + "/api/state").json()
-
+    """Per-stage compute (the nodes' counters) and per-hop time in /metrics. The counters
+    cover every decode step, and the stages' compute per token over a window of only these
+    requests fits inside the time per token the client saw."""
     names = [s["node"] for s in plan["stages"]]
     keys = [f'{{stage="{i}",node="{n}"}}' for i, n in enumerate(names)]
 
-    def done(steps: dict[str, float]) -> bool:  # every decode step of the 3 requests counted
-        return all(steps.get(k, 0.0) - before.get(k, 0.0) >= 3 * 47 for k in keys)
-
-    deadline = time.monotonic() + 10
-    while True:  # the node monitor polls every 1.5 s
-        text, state = read()
+    def counters() -> tuple[dict[str, float], dict[str, float], str]:
+        text = httpx.get(server.url + "/metrics").text
         steps = _samples(text, "layerlink_stage_decode_steps_total")
-        if done(steps) or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    assert done(steps), (before, steps)
-    compute = _samples(text, "layerlink_stage_compute_seconds")
-    seconds = _samples(text, "layerlink_stage_decode_seconds_total")
-    hop = _samples(text, "layerlink_hop_seconds")
-    assert sorted(compute) == sorted(keys), text
+        return steps, _samples(text, "layerlink_stage_decode_seconds_total"), text
+
+    def settled() -> tuple[dict[str, float], dict[str, float], str]:
+        """The counters once two polls of the node monitor (1.5 s apart) agree."""
+        last = counters()
+        for _ in range(40):
+            time.sleep(0.8)
+            now = counters()
+            if now[0] == last[0] and all(k in now[0] for k in keys):
+                return now
+            last = now
+        raise AssertionError(f"the counters never settled: {last[0]}")
+
+    steps0, seconds0, _ = settled()
+    body = {"model": tiny_llama.name, "prompt": "count", "max_tokens": 48, "temperature": 0}
+    decoded = 0
+    for _ in range(3):
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        r.raise_for_status()
+        out = r.json()
+        # The first token comes from prefill; an end-of-sequence token is computed but not
+        # counted in the usage.
+        decoded += out["usage"]["completion_tokens"] - 1
+        decoded += out["choices"][0]["finish_reason"] == "stop"
+    steps1, seconds1, text = settled()
+    state = httpx.get(server.url + "/api/state").json()
+    per_token = []
     for k in keys:
-        assert 0 < compute[k] < seconds[k]
+        n = steps1[k] - steps0[k]
+        assert n == decoded, (k, n, decoded)  # every decode step of the 3 requests, nothing else
+        per_token.append((seconds1[k] - seconds0[k]) / n)
+    compute = _samples(text, "layerlink_stage_compute_seconds")
+    hop = _samples(text, "layerlink_hop_seconds")
+    assert sorted(compute) == sorted(keys) and all(v > 0 for v in compute.values()), text
     assert list(hop) == [""] and hop[""] >= 0
     recent = [r for r in state["recent"][:3] if r["completion_tokens"] >= 8]
     token_s = 1 / statistics.median(r["tokens_per_s"] for r in recent)
-    # The estimate is built from these same figures: compute + 3 hops = time per token.
-    assert sum(compute.values()) <= token_s * 1.05
-    assert sum(compute.values()) + 3 * hop[""] == pytest.approx(token_s, rel=0.35)
+    assert sum(per_token) < token_s, (per_token, token_s)
