@@ -513,32 +513,41 @@ class NodeService(pb_grpc.NodeServicer):
                 self._work.clear()
             while items:
                 work = items.pop(0)
-                if callable(work):
-                    try:
-                        work()
-                    except Exception:
-                        log.exception("compute task failed")
-                    continue
-                msg, loaded, reply = work
-                if not self._batchable(msg, loaded):
-                    self._run_step(msg, loaded, reply)
-                    continue
-                batch, rest = [work], []
-                for other in items:
-                    if (
-                        len(batch) < MAX_BATCH
-                        and not callable(other)
-                        and other[1] is loaded
-                        and self._batchable(other[0], loaded)
-                    ):
-                        batch.append(other)
-                    else:
-                        rest.append(other)
-                items = rest
-                if len(batch) == 1:
-                    self._run_step(msg, loaded, reply)
-                else:
-                    self._run_batch(loaded, batch)
+                items = self._run_work(work, items)
+
+    def _run_work(self, work: Work, items: list[Work]) -> list[Work]:
+        """Run `work`, with the decode steps of its stage among `items` when it is one;
+        returns the items still to run. Nothing raised here stops the queue."""
+        try:
+            if callable(work):
+                work()
+                return items
+            msg, loaded, reply = work
+            if not self._batchable(msg, loaded):
+                self._run_step(msg, loaded, reply)
+                return items
+        except Exception:
+            log.exception("compute task failed")
+            return items
+        batch, rest = [work], []
+        for other in items:
+            if (
+                len(batch) < MAX_BATCH
+                and not callable(other)
+                and other[1] is loaded
+                and self._batchable(other[0], loaded)
+            ):
+                batch.append(other)
+            else:
+                rest.append(other)
+        try:
+            if len(batch) == 1:
+                self._run_step(msg, loaded, reply)
+            else:
+                self._run_batch(loaded, batch)
+        except Exception:
+            log.exception("compute task failed")
+        return rest
 
     @staticmethod
     def _batchable(msg: pb.ForwardRequest, loaded: LoadedStage) -> bool:

@@ -86,3 +86,35 @@ def test_batch_sizes(tiny_llama: Path, n: int) -> None:
         s.step(f"r{i}", 0, True, GREEDY, [i + 1] * (i + 1), None, True, False)
     out = s.step_batch([DecodeItem(f"r{i}", i + 1, GREEDY, 3, None) for i in range(n)])
     assert all(not isinstance(r, StageError) for r in out)
+
+
+def test_a_failing_task_does_not_stop_the_compute_queue(tmp_path: Path) -> None:
+    """Whatever one queued task raises, the node's compute queue goes on with the next
+    (regression: an exception escaping the drain would leave the queue marked busy forever
+    and the node would never compute again)."""
+    import threading
+
+    from node import hardware
+    from node._proto.layerlink.v1 import node_pb2 as pb
+    from node.service import NodeConfig, NodeService
+
+    svc = NodeService(
+        NodeConfig("id", "n", "127.0.0.1", 0, "c", cache_dir=tmp_path), hardware.probe()
+    )
+    ran = threading.Event()
+
+    def boom() -> None:
+        raise RuntimeError("a task that fails")
+
+    broken_step = (pb.ForwardRequest(request_id="r", phase=pb.PHASE_DECODE), object(), print)
+    try:
+        svc._enqueue(boom)
+        svc._enqueue(broken_step)  # type: ignore[arg-type]  # its stage is missing
+        svc._enqueue(ran.set)
+        assert ran.wait(10)
+        ran.clear()
+        svc._enqueue(ran.set)  # and the queue still takes new work afterwards
+        assert ran.wait(10)
+    finally:
+        svc.weights.close()
+        svc._compute.shutdown(wait=True)
