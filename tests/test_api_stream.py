@@ -482,15 +482,19 @@ def test_metrics_report_each_stage_and_the_hops(
         return steps, _samples(text, "layerlink_stage_decode_seconds_total"), text
 
     def settled() -> tuple[dict[str, float], dict[str, float], str]:
-        """The counters once two polls of the node monitor (1.5 s apart) agree."""
-        last = counters()
-        for _ in range(40):
-            time.sleep(0.8)
-            now = counters()
-            if now[0] == last[0] and all(k in now[0] for k in keys):
-                return now
-            last = now
-        raise AssertionError(f"the counters never settled: {last[0]}")
+        """The counters once they stayed the same over two of the node monitor's polls
+        (every 1.5 s): three reads 1.6 s apart that agree."""
+        reads = [counters()]
+        for _ in range(30):
+            time.sleep(1.6)
+            reads = [*reads[-2:], counters()]
+            if (
+                len(reads) == 3
+                and reads[0][0] == reads[1][0] == reads[2][0]
+                and all(k in reads[2][0] for k in keys)
+            ):
+                return reads[2]
+        raise AssertionError(f"the counters never settled: {reads[-1][0]}")
 
     steps0, seconds0, _ = settled()
     body = {"model": tiny_llama.name, "prompt": "count", "max_tokens": 48, "temperature": 0}
