@@ -9,6 +9,7 @@ The exposition format is written here (text format 0.0.4); no client library nee
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 import threading
@@ -52,7 +53,7 @@ def _label_text(names: Sequence[str], values: Sequence[str], extra: str = "") ->
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-class _Metric:
+class _Metric(abc.ABC):
     kind = "untyped"
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
@@ -66,8 +67,9 @@ class _Metric:
             raise ValueError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
         return tuple(str(labels[n]) for n in self.label_names)
 
+    @abc.abstractmethod
     def samples(self) -> Iterator[str]:
-        raise NotImplementedError
+        """The metric's lines in the text format, one per series."""
 
     def render(self) -> str:
         head = f"# HELP {self.name} {_escape_help(self.help)}\n# TYPE {self.name} {self.kind}\n"

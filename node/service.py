@@ -586,27 +586,18 @@ class NodeService(pb_grpc.NodeServicer):
                 self._reject(msg, loaded, grpc.StatusCode.INTERNAL,
                              f"stage failed: {type(e).__name__}: {e}", reply)  # fmt: skip
             return
-        done = [(msg, r) for (msg, reply, _), r in zip(runs, results, strict=True)
-                if not self._rejected(msg, loaded, r, reply)]  # fmt: skip
+        done: list[tuple[pb.ForwardRequest, StepResult]] = []
+        for (msg, reply, _), result in zip(runs, results, strict=True):
+            if isinstance(result, StageError):
+                self._reject(msg, loaded, status_code(result.kind), str(result), reply)
+            else:
+                done.append((msg, result))
         if len(done) > 1:
             loaded.batched_steps += len(done)
         for msg, result in done:
-            assert isinstance(result, StepResult)
             loaded.decode_steps += 1
             loaded.decode_seconds += result.compute_seconds
             self._finish(msg, loaded, result)
-
-    def _rejected(
-        self,
-        msg: pb.ForwardRequest,
-        loaded: LoadedStage,
-        result: StepResult | StageError,
-        reply: ReplySink,
-    ) -> bool:
-        if isinstance(result, StageError):
-            self._reject(msg, loaded, status_code(result.kind), str(result), reply)
-            return True
-        return False
 
     @staticmethod
     def _hidden_of(msg: pb.ForwardRequest, stage: ModelStage) -> mx.array:

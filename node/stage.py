@@ -331,57 +331,6 @@ class ModelStage:
             )
         state = self.state_for(request_id, position, prefill, sampling)
         state.last_used = time.monotonic()
-        return self._step(state, request_id, position, prefill, n_new, tokens, hidden, sample,
-                          want_logits, lookahead, t0)  # fmt: skip
-
-    def _check_input(self, tokens: list[int] | None, hidden: mx.array | None) -> int:
-        """The number of new positions the input carries; raises StageError if malformed."""
-        if self.spec.first:
-            if not tokens:
-                raise StageError(ErrorKind.INVALID_ARGUMENT, "the first stage needs token ids")
-            if len(tokens) > MAX_CHUNK_TOKENS:
-                raise StageError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"chunk of {len(tokens)} tokens exceeds {MAX_CHUNK_TOKENS}",
-                )
-            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-            if bad:
-                raise StageError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})",
-                )
-            return len(tokens)
-        if hidden is None:
-            raise StageError(
-                ErrorKind.INVALID_ARGUMENT,
-                f"stage {self.spec.stage_index} needs hidden states, got none",
-            )
-        if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
-            raise StageError(
-                ErrorKind.INVALID_ARGUMENT,
-                f"hidden states of shape {list(hidden.shape)}; expected [1, T, {self.hidden_size}]",
-            )
-        if hidden.dtype != self.dtype:
-            raise StageError(
-                ErrorKind.INVALID_ARGUMENT,
-                f"hidden states are {hidden.dtype}, the model runs in {self.dtype}",
-            )
-        return int(hidden.shape[1])
-
-    def _step(
-        self,
-        state: RequestState,
-        request_id: str,
-        position: int,
-        prefill: bool,
-        n_new: int,
-        tokens: list[int] | None,
-        hidden: mx.array | None,
-        sample: bool,
-        want_logits: bool,
-        lookahead: bool,
-        t0: float,
-    ) -> StepResult:
         if state.ahead is not None:
             ahead, state.ahead = state.ahead, None
             if not prefill and position == state.ahead_position:
@@ -422,6 +371,40 @@ class ModelStage:
             logits=out_logits,
             compute_seconds=time.perf_counter() - t0,
         )
+
+    def _check_input(self, tokens: list[int] | None, hidden: mx.array | None) -> int:
+        """The number of new positions the input carries; raises StageError if malformed."""
+        if self.spec.first:
+            if not tokens:
+                raise StageError(ErrorKind.INVALID_ARGUMENT, "the first stage needs token ids")
+            if len(tokens) > MAX_CHUNK_TOKENS:
+                raise StageError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"chunk of {len(tokens)} tokens exceeds {MAX_CHUNK_TOKENS}",
+                )
+            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+            if bad:
+                raise StageError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})",
+                )
+            return len(tokens)
+        if hidden is None:
+            raise StageError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"stage {self.spec.stage_index} needs hidden states, got none",
+            )
+        if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
+            raise StageError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"hidden states of shape {list(hidden.shape)}; expected [1, T, {self.hidden_size}]",
+            )
+        if hidden.dtype != self.dtype:
+            raise StageError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"hidden states are {hidden.dtype}, the model runs in {self.dtype}",
+            )
+        return int(hidden.shape[1])
 
     @property
     def can_batch(self) -> bool:

@@ -75,4 +75,4 @@ def summarise(folder: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(summarise(Path(sys.argv[1])))
+    sys.stdout.write(summarise(Path(sys.argv[1])) + "\n")
