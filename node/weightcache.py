@@ -23,28 +23,27 @@ Not thread-safe: a WeightCache is used from one thread at a time (the node's wei
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
 import sqlite3
 import struct
 import time
+from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
-import numpy as np
 
 from node import identity
+from node.directwrite import DirectWriter
 from node.tensorfiles import DTYPE_BYTES, READ_BYTES, expected_nbytes
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,8 @@ MAX_CONFIG_BYTES = 4 << 20
 ALIGN = 4096
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 DIRECT_MIN_BYTES = 1 << 20
-DIRECT_BUFFER_BYTES = 4 << 20
+# Pieces the hash may lag behind the writes (each held in memory until hashed).
+HASH_LAG_PIECES = 4
 
 
 def default_root() -> Path:
@@ -228,6 +228,7 @@ class TensorWriter:
         self._header_len = len(header)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         self._dfd = -1
+        self._hashing: deque[Future[None]] = deque()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -265,12 +266,15 @@ class TensorWriter:
                 self._dfd = os.open(self.path, os.O_WRONLY | O_DIRECT)
             except OSError:  # a file system without direct I/O (tmpfs, ...)
                 self._dfd = -1
+        self._direct = self._dfd >= 0
 
     @property
     def complete(self) -> bool:
         return self.have == self.meta.nbytes
 
     def write(self, data: bytes | memoryview, offset: int) -> None:
+        """Take the piece at `offset`; `data` must stay unchanged until commit() or close()
+        (it is hashed a few pieces behind)."""
         if self._fd < 0:
             raise CacheError(
                 grpc.StatusCode.ABORTED,
@@ -286,30 +290,31 @@ class TensorWriter:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"tensor {self.meta.sha256[:12]}: more than its {self.meta.nbytes} bytes",
             )
-        # Hash on a second thread while this one writes (both release the GIL).
-        hashed = self.cache.hasher.submit(self._hash.update, data)
-        try:
-            self._write_at(memoryview(data), self._header_len + self.have)
-        finally:
-            hashed.result()
+        # Hash on a second thread while this one writes (both release the GIL); the hash
+        # may lag the writes by a few pieces (one thread keeps them in order).
+        self._hashing.append(self.cache.hasher.submit(self._hash.update, data))
+        while len(self._hashing) > HASH_LAG_PIECES:
+            self._hashing.popleft().result()
+        self._write_at(memoryview(data), self._header_len + self.have)
         self.have += len(data)
+
+    def _hashed(self) -> None:
+        """Wait until every received piece is in the hash."""
+        while self._hashing:
+            self._hashing.popleft().result()
 
     def _write_at(self, data: memoryview, pos: int) -> None:
         done = 0
-        if self._dfd >= 0 and pos % ALIGN == 0:
-            buf = self.cache.direct_buffer
-            aligned = len(data) // ALIGN * ALIGN
-            try:
-                while done < aligned:
-                    n = min(len(buf), aligned - done)
-                    _copy_into(buf, data[done : done + n])
-                    done += _pwrite_all(self._dfd, memoryview(buf)[:n], pos + done)
-            except OSError as e:  # direct I/O refused after all: the page cache it is
-                log.info("direct writes refused (%s); writing through the page cache", e)
-                os.close(self._dfd)
-                self._dfd = -1
+        if self._direct and pos % ALIGN == 0:
+            done = len(data) // ALIGN * ALIGN
+            self.cache.direct.write(self._dfd, self._fd, data[:done], pos, self._refused)
         if done < len(data):
+            # Queued direct writes land first: a file never has a hole before its end.
+            self.cache.direct.settle()
             _pwrite_all(self._fd, data[done:], pos + done)
+
+    def _refused(self) -> None:
+        self._direct = False
 
     def commit(self) -> bool:
         """Verify the received bytes and move them into the cache; False (and the bytes
@@ -319,6 +324,8 @@ class TensorWriter:
                 grpc.StatusCode.ABORTED,
                 f"tensor {self.meta.sha256[:12]}: a newer stream took over its reception",
             )
+        self._hashed()
+        self.cache.direct.settle()
         digest = self._hash.hexdigest()
         if digest != self.meta.sha256:
             log.warning(
@@ -335,23 +342,12 @@ class TensorWriter:
         return True
 
     def close(self) -> None:
+        self._hashed()
+        self.cache.direct.settle()
         for fd in (self._dfd, self._fd):
             if fd >= 0:
                 os.close(fd)
         self._dfd = self._fd = -1
-
-
-def _copy_into(dst: mmap.mmap, src: memoryview) -> None:
-    """dst[:len(src)] = src, without holding the GIL (ctypes releases it around the foreign
-    call), so the event loop keeps receiving while megabytes are copied."""
-    n = len(src)
-    if not n:
-        return
-    target = (ctypes.c_char * n).from_buffer(dst)
-    try:
-        ctypes.memmove(target, np.frombuffer(src, dtype=np.uint8).ctypes.data, n)
-    finally:
-        del target
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> int:
@@ -370,14 +366,14 @@ class WeightCache:
         self._db: sqlite3.Connection | None = None
         self._lock: IO[str] | None = None
         self._hasher: ThreadPoolExecutor | None = None
-        self._direct_buffer: mmap.mmap | None = None
+        self._direct: DirectWriter | None = None
 
     @property
-    def direct_buffer(self) -> mmap.mmap:
-        """A page-aligned buffer for direct writes (used by the weights thread only)."""
-        if self._direct_buffer is None:
-            self._direct_buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)
-        return self._direct_buffer
+    def direct(self) -> DirectWriter:
+        """Direct writes from aligned buffers on a disk thread (weights thread only)."""
+        if self._direct is None:
+            self._direct = DirectWriter()
+        return self._direct
 
     @property
     def hasher(self) -> ThreadPoolExecutor:
@@ -429,6 +425,9 @@ class WeightCache:
         return self._db
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self._hasher is not None:
             self._hasher.shutdown(wait=False)
             self._hasher = None

@@ -38,9 +38,11 @@ from coordinator.shipping import (
     prepare_request,
     stage_tensors,
 )
+from node.directwrite import DirectWriter
 from node.shipping import WeightService
 from node.tensorfiles import HashCache, folder_tensors, hash_tensors
 from node.weightcache import (
+    O_DIRECT,
     CacheError,
     StageTensor,
     TensorMeta,
@@ -243,6 +245,40 @@ def test_cache_resumes_a_cut_tensor_and_rejects_corrupted_bytes(tmp_path: Path) 
     assert not cache.partial_path(bad_meta.sha256).exists()
     assert not cache.check_blob(bad_meta)
     cache.close()
+
+
+@pytest.mark.skipif(not O_DIRECT, reason="no O_DIRECT on this platform")
+def test_direct_writes_queued_past_their_buffers_land_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        dfd = os.open(path, os.O_WRONLY | O_DIRECT)
+    except OSError:
+        pytest.skip("this file system has no direct I/O")
+    writer = DirectWriter(buffers=2, buffer_bytes=1 << 16)
+    data = os.urandom(9 << 16)  # 9 pieces through 2 buffers
+    refused: list[int] = []
+    writer.write(dfd, fd, memoryview(data), 4096, lambda: refused.append(1))
+    writer.settle()
+    os.close(dfd)
+    os.close(fd)
+    writer.close()
+    assert path.read_bytes()[4096:] == data and refused == []
+
+
+def test_a_refused_direct_write_is_redone_through_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    read_only = os.open(path, os.O_RDONLY)  # every direct write through it fails (EBADF)
+    writer = DirectWriter(buffers=1, buffer_bytes=1 << 16)
+    data = os.urandom(3 << 16)
+    refused: list[int] = []
+    writer.write(read_only, fd, memoryview(data), 0, lambda: refused.append(1))
+    writer.settle()
+    writer.close()
+    os.close(read_only)
+    os.close(fd)
+    assert path.read_bytes() == data and len(refused) == 3
 
 
 def test_cache_detects_a_changed_blob_and_verify_rehashes(tmp_path: Path) -> None:
