@@ -46,6 +46,7 @@ from coordinator.dashboard.state import (
 from coordinator.httpsec import BodyLimit
 from coordinator.metrics import CONTENT_TYPE, RequestTrace, ServingMetrics
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError, TokenEvent
+from coordinator.shipboard import ShipBoard
 from coordinator.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,8 @@ class ApiState:
     monitor: NodeMonitor | None = None
     probe: Mapping[str, Any] | None = None
     api_key: str | None = None
+    # Weight shipments (coordinator up): the dashboard's progress bars.
+    shipping: ShipBoard | None = None
 
 
 @dataclass(frozen=True)
@@ -448,7 +451,14 @@ def create_app(state: ApiState) -> FastAPI:
         plan = state.pipeline.plan if state.pipeline is not None else None
         nodes = state.monitor.views() if state.monitor is not None else ()
         alert_log.update(current_alerts(plan, list(metrics.recent), nodes))
-        return build_state(state.model_name, plan, metrics, nodes, state.probe)
+        return build_state(
+            state.model_name,
+            plan,
+            metrics,
+            nodes,
+            state.probe,
+            None if state.shipping is None else state.shipping.to_json(),
+        )
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> PlainTextResponse:

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -19,6 +19,9 @@ from coordinator.nodeclient import NodeClient
 from coordinator.pipeline import Pipeline
 from coordinator.plan import Plan, Stage, split_by_weights
 from node.mdns import NodeRecord
+
+if TYPE_CHECKING:
+    from coordinator.shipboard import ShipBoard
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +143,33 @@ def even_counts(num_layers: int, n: int) -> list[int]:
 
 
 async def open_pipeline(
-    plan: Plan, model: ModelInfo, show_progress: bool = True, ship: bool = True
+    plan: Plan,
+    model: ModelInfo,
+    show_progress: bool = True,
+    ship: bool = True,
+    board: ShipBoard | None = None,
 ) -> Pipeline:
-    """Ship each node the tensors of its stages it lacks (`ship`), load every stage of the
-    plan (progress on the terminal) and open its streams."""
+    """Ship each node the tensors of its stages it lacks (`ship`; progress on the terminal
+    and to the dashboard's `board`), load every stage of the plan and open its streams."""
     pipeline = Pipeline(plan, str(model.path))
     if ship:
         from coordinator.shipping import ShipError, ship_plan
 
+        if board is not None:
+            board.begin(plan.plan_id)
         try:
             shipped = await ship_plan(
-                plan, model.path, model.name, model.num_layers, model.config, show_progress
+                plan,
+                model.path,
+                model.name,
+                model.num_layers,
+                model.config,
+                show_progress,
+                board=board,
             )
         except ShipError as e:
+            if board is not None:
+                board.fail(str(e))
             raise SessionError(str(e)) from None
         pipeline.weights_ids = {s.stage_index: s.weights_id for s in shipped if s.weights_id}
     if show_progress:

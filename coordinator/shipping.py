@@ -112,9 +112,32 @@ class StageShipment:
 
 
 class ShipProgress(Protocol):
+    """Where shipping reports progress: `key` names one stage's shipment."""
+
     def start(self, key: str, label: str, total: int) -> None: ...
 
     def advance(self, key: str, nbytes: int) -> None: ...
+
+    def finish(self, key: str, shipment: StageShipment) -> None: ...
+
+
+class ProgressTee:
+    """Progress reported to several places (the terminal and the dashboard)."""
+
+    def __init__(self, *sinks: ShipProgress) -> None:
+        self.sinks = sinks
+
+    def start(self, key: str, label: str, total: int) -> None:
+        for s in self.sinks:
+            s.start(key, label, total)
+
+    def advance(self, key: str, nbytes: int) -> None:
+        for s in self.sinks:
+            s.advance(key, nbytes)
+
+    def finish(self, key: str, shipment: StageShipment) -> None:
+        for s in self.sinks:
+            s.finish(key, shipment)
 
 
 def tensor_role(name: str) -> tuple[str, int]:
@@ -315,7 +338,10 @@ class Shipper:
                         self.progress.start(key, f"stage {index} → {stage.node_name}", total)
                         started = True
                     if reply.local or not reply.missing:
-                        return self._result(run, reply, time.perf_counter() - t0)
+                        done = self._result(run, reply, time.perf_counter() - t0)
+                        if self.progress is not None:
+                            self.progress.finish(key, done)
+                        return done
                     await self._push(client, run, reply)
             except grpc.aio.AioRpcError as e:
                 code = e.code()
@@ -327,9 +353,12 @@ class Shipper:
                         stage.address,
                         m.path,
                     )
-                    return self._result(
+                    done = self._result(
                         run, pb.PrepareWeightsReply(local=True), time.perf_counter() - t0
                     )
+                    if self.progress is not None:
+                        self.progress.finish(key, done)
+                    return done
                 if code not in RETRYABLE:
                     raise ShipError(
                         f"node {stage.node_name} ({stage.address}) refused stage {index}'s "
@@ -543,6 +572,9 @@ class RichShipProgress:
         if key in self.tasks:
             self.bar.advance(self.tasks[key], nbytes)
 
+    def finish(self, key: str, shipment: StageShipment) -> None:
+        pass  # the summary table follows
+
 
 async def _manifest_with_progress(
     path: Path, name: str, num_layers: int, config: dict[str, Any], show_progress: bool
@@ -581,12 +613,15 @@ async def ship_plan(
     config: dict[str, Any],
     show_progress: bool = True,
     verify: bool = False,
+    board: ShipProgress | None = None,
 ) -> tuple[StageShipment, ...]:
-    """Hash the model (once; cached) and ship every stage's missing tensors."""
+    """Hash the model (once; cached) and ship every stage's missing tensors; progress on the
+    terminal (`show_progress`) and to `board` (the dashboard's)."""
     manifest = await _manifest_with_progress(path, name, num_layers, config, show_progress)
     if not show_progress:
-        return await Shipper(manifest, verify=verify).ship(plan)
-    with RichShipProgress() as progress:
+        return await Shipper(manifest, board, verify=verify).ship(plan)
+    with RichShipProgress() as bars:
+        progress: ShipProgress = bars if board is None else ProgressTee(bars, board)
         shipped = await Shipper(manifest, progress, verify=verify).ship(plan)
     from coordinator import console
 

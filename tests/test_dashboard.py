@@ -222,6 +222,15 @@ def test_dashboard_in_chromium(
             expect(page.locator("#links td.slowest")).to_have_count(slowest)
             expect(page.locator("#links tr")).to_have_count(len(local_cluster.nodes) + 1)
             expect(page.locator("#recent tr")).to_have_count(3)
+            # The weights panel: one finished bar per stage (these nodes hold the model
+            # folder, so each loads its own copy).
+            bars = state["shipping"]["stages"]
+            assert len(bars) == len(stages) and all(b["done"] for b in bars)
+            expect(page.locator("#weights-section")).to_be_visible()
+            expect(page.locator("#weights .what")).to_have_count(len(stages))
+            for i, b in enumerate(bars):
+                want = "own copy" if b["source"] == "own copy" else "sent"
+                expect(page.locator("#weights .what").nth(i)).to_contain_text(want)
 
             expect(page.locator("#tps")).not_to_have_text("–")
             before = page.locator("#tps").text_content()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from coordinator.costmodel import ModelSpec, stage_weight_bytes
@@ -31,9 +32,11 @@ from coordinator.modelsource import ModelSourceError, resolve_model
 from coordinator.nodeclient import NodeClient
 from coordinator.pipeline import GenerationParams
 from coordinator.session import SessionError, fixed_plan, open_pipeline, read_model
+from coordinator.shipboard import ShipBoard
 from coordinator.shipping import (
     ShipError,
     Shipper,
+    StageShipment,
     model_manifest,
     prepare_request,
     stage_tensors,
@@ -264,6 +267,38 @@ def test_direct_writes_queued_past_their_buffers_land_in_order(tmp_path: Path) -
     os.close(fd)
     writer.close()
     assert path.read_bytes()[4096:] == data and refused == []
+
+
+def test_ship_board_follows_a_shipment_for_the_dashboard() -> None:
+    now = [100.0]
+    board = ShipBoard(clock=lambda: now[0])
+    board.begin("plan-a")
+    board.start("1", "stage 1 → b", 300)
+    board.start("0", "stage 0 → a", 1000)
+    board.advance("0", 400)
+    board.advance("9", 5)  # a stage it was not told of: ignored
+    doc = board.to_json()
+    assert doc["active"] is True and doc["plan_id"] == "plan-a"
+    assert [(b["label"], b["sent_bytes"], b["total_bytes"], b["done"]) for b in doc["stages"]] == [
+        ("stage 0 → a", 400, 1000, False),
+        ("stage 1 → b", 0, 300, False),
+    ]
+
+    def shipped(index: int, node: str, sent: int, local: bool = False) -> StageShipment:
+        return StageShipment(index, node, "h:1", "" if local else "w", local, sent, sent, sent,
+                             (), (), 0, 0.5)  # fmt: skip
+
+    board.finish("0", shipped(0, "a", 1000))
+    board.finish("1", shipped(1, "b", 0, local=True))
+    doc = board.to_json()
+    assert doc["active"] is False
+    first, second = doc["stages"]
+    assert first["done"] and first["gbs"] == pytest.approx(1000 / 0.5 / 1e9)
+    assert second["source"] == "own copy" and second["gbs"] is None
+    board.fail("node b vanished")
+    assert board.to_json()["error"] == "node b vanished"
+    board.begin("plan-b")
+    assert board.to_json() == {"plan_id": "plan-b", "active": False, "error": None, "stages": []}
 
 
 def test_a_refused_direct_write_is_redone_through_the_page_cache(tmp_path: Path) -> None:
@@ -573,6 +608,9 @@ def test_shipping_resumes_after_the_node_is_killed(session_dir: Path, model_fact
                 restarted.append(t)
                 t.start()
 
+        def finish(self, key: str, shipment: StageShipment) -> None:
+            pass
+
     try:
         manifest = model_manifest(path, model.name, model.num_layers, model.config)
         (s,) = asyncio.run(Shipper(manifest, KillMidway(), chunk_bytes=1 << 20).ship(plan))
@@ -684,8 +722,6 @@ def test_coordinator_up_ships_each_node_its_stages_and_a_restart_ships_nothing(
     time.sleep(0.01)  # mtimes of files written from now on are > t0
     proc = CoordinatorProcess(path, cluster.nodes, tmp_path / "up1.log", ["--nodes", "3", "--placement", "even"])
     try:
-        import httpx
-
         r = httpx.post(f"{proc.url}/v1/completions", json={"model": path.name, "prompt": "The harbour",
                        "max_tokens": 4}, timeout=60)  # fmt: skip
         assert r.status_code == 200, r.text
@@ -704,12 +740,23 @@ def test_coordinator_up_ships_each_node_its_stages_and_a_restart_ships_nothing(
             assert st.weights_id, f"{name} should load shipped weights"
             want = stage_bytes(path, st.start, st.end)
             assert blob_data_bytes(caches[name], since=t0) == pytest.approx(want, rel=0.01), name
+        # The dashboard's weights panel: a finished bar per stage, with what each node got.
+        shipping = httpx.get(f"{proc.url}/api/state").json()["shipping"]
+        assert shipping["active"] is False and shipping["error"] is None
+        assert len(shipping["stages"]) == 3
+        for (name, st), bar in zip(sorted(loaded, key=lambda x: x[1].start), shipping["stages"], strict=True):
+            assert bar["label"].endswith(name) and bar["done"] and bar["source"] == "cache"
+            assert bar["sent_bytes"] == bar["total_bytes"] == stage_bytes(path, st.start, st.end)
     finally:
         proc.stop()
     t1 = time.time()
     time.sleep(0.01)
     proc = CoordinatorProcess(path, cluster.nodes, tmp_path / "up2.log", ["--nodes", "3", "--placement", "even"])
-    proc.stop()
+    try:
+        bars = httpx.get(f"{proc.url}/api/state").json()["shipping"]["stages"]
+        assert [(b["sent_bytes"], b["total_bytes"], b["done"]) for b in bars] == [(0, 0, True)] * 3
+    finally:
+        proc.stop()
     for name, c in caches.items():
         assert blob_data_bytes(c, since=t1) == 0, f"{name} received tensors again"
         assert not list((c / "partial").glob("*.part"))

@@ -107,6 +107,7 @@ async def serve(args: argparse.Namespace) -> int:
     from coordinator.api import Admission, ApiState, create_app
     from coordinator.dashboard.state import NodeMonitor, NodeTarget
     from coordinator.metrics import ServingMetrics
+    from coordinator.shipboard import ShipBoard
 
     for flag, value, least in (
         ("--context", args.context, 2),
@@ -126,42 +127,14 @@ async def serve(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     records = await discover(args, create_secret=True)
     tokenizer = load_tokenizer(model)
-    try:
-        plan, measured = await select_plan(
-            model, records, args.placement, args.objective, args.concurrency, args.context
-        )
-        show_plan(plan, args.context)
-        pipeline = await open_pipeline(plan, model)
-    except (SessionError, PipelineError) as e:
-        raise UserError(str(e)) from None
-    try:
-        await warm_up(pipeline, tokenizer)
-        if args.check_tokens:
-            await check_speed(pipeline, tokenizer, plan, args.check_tokens)
-    except UserError:
-        await pipeline.close()
-        raise
-    if measured is not None:
-        probe = {**measured.to_json(), "measured_at": time.time()}
-
-    async def replan(remaining: list[NodeRecord]) -> Plan:
-        new_plan, _ = await select_plan(
-            model, remaining, args.placement, args.objective, args.concurrency, args.context
-        )
-        show_plan(new_plan)
-        return new_plan
-
-    async def reopen(new_plan: Plan) -> Pipeline:
-        return await open_pipeline(new_plan, model, show_progress=False)
-
-    # Serves on the pipeline; when a stage dies it re-plans over the rest and resumes requests.
-    supervisor = Supervisor(records, replan, reopen)
-    await supervisor.start(pipeline)
     metrics = ServingMetrics()
+    board = ShipBoard()
+    # The API answers 503 until a plan is loaded; the dashboard shows the nodes and the
+    # weights being shipped meanwhile.
     state = ApiState(
         model_name=model.name,
         tokenizer=tokenizer,
-        pipeline=supervisor,
+        pipeline=None,
         context_length=args.context,
         default_max_tokens=args.max_tokens,
         vocab_size=model.vocab_size,
@@ -170,11 +143,8 @@ async def serve(args: argparse.Namespace) -> int:
         monitor=NodeMonitor([NodeTarget(r.name, r.address) for r in records], metrics=metrics),
         probe=probe,
         api_key=args.api_key,
+        shipping=board,
     )
-    if state.monitor is not None:
-        state.monitor.plan_of = lambda: supervisor.plan  # alerts logged even with no dashboard open
-    prober = membership_prober(args, model, records, state, supervisor)
-    app = create_app(state)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -186,7 +156,7 @@ async def serve(args: argparse.Namespace) -> int:
     # accepts them, instead of being refused.
     sock.listen(2048)
     config = uvicorn.Config(
-        app,
+        create_app(state),
         log_level="warning",
         timeout_graceful_shutdown=2,
         ssl_certfile=tls_cert,
@@ -194,6 +164,52 @@ async def serve(args: argparse.Namespace) -> int:
     )
     scheme = url_scheme(args)
     server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    console.info(f"dashboard at {scheme}://{args.host}:{port}/ (the API opens once loaded)")
+
+    async def load() -> tuple[Pipeline, Plan, Any]:
+        plan, measured = await select_plan(
+            model, records, args.placement, args.objective, args.concurrency, args.context
+        )
+        show_plan(plan, args.context)
+        pipeline = await open_pipeline(plan, model, board=board)
+        try:
+            await warm_up(pipeline, tokenizer)
+            if args.check_tokens:
+                await check_speed(pipeline, tokenizer, plan, args.check_tokens)
+        except UserError:
+            await pipeline.close()
+            raise
+        return pipeline, plan, measured
+
+    try:
+        pipeline, plan, measured = await _while_serving(serving, load())
+    except (SessionError, PipelineError) as e:
+        await _stop(server, serving)
+        raise UserError(str(e)) from None
+    except BaseException:
+        await _stop(server, serving)
+        raise
+    if measured is not None:
+        state.probe = {**measured.to_json(), "measured_at": time.time()}
+
+    async def replan(remaining: list[NodeRecord]) -> Plan:
+        new_plan, _ = await select_plan(
+            model, remaining, args.placement, args.objective, args.concurrency, args.context
+        )
+        show_plan(new_plan)
+        return new_plan
+
+    async def reopen(new_plan: Plan) -> Pipeline:
+        return await open_pipeline(new_plan, model, show_progress=False, board=board)
+
+    # Serves on the pipeline; when a stage dies it re-plans over the rest and resumes requests.
+    supervisor = Supervisor(records, replan, reopen)
+    await supervisor.start(pipeline)
+    state.pipeline = supervisor
+    if state.monitor is not None:
+        state.monitor.plan_of = lambda: supervisor.plan  # alerts logged even with no dashboard open
+    prober = membership_prober(args, model, records, state, supervisor)
     console.info(
         f"serving {model.name} on {scheme}://{args.host}:{port}/v1, dashboard at "
         f"{scheme}://{args.host}:{port}/ (Ctrl-C to stop)"
@@ -202,13 +218,29 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         if prober is not None:
             await prober.start()
-        await server.serve(sockets=[sock])
+        await serving
     finally:
         if prober is not None:
             await prober.close()
         await supervisor.close()
         served_summary(supervisor.plan or plan, metrics)
     return 0
+
+
+async def _while_serving(serving: asyncio.Task[None], work: Any) -> Any:
+    """Await `work` while the HTTP server runs; the server stopping first (Ctrl-C) stops it."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({serving, task}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise UserError("stopped before the model was loaded")
+    return task.result()
+
+
+async def _stop(server: Any, serving: asyncio.Task[None]) -> None:
+    server.should_exit = True
+    await asyncio.gather(serving, return_exceptions=True)
 
 
 def show_plan(plan: Plan, context: int | None = None) -> None:

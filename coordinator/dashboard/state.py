@@ -487,6 +487,7 @@ def build_state(
     metrics: ServingMetrics,
     nodes: Sequence[NodeView],
     probe: Mapping[str, Any] | None = None,
+    shipping: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     links = links_of(probe)
     return {
@@ -498,5 +499,6 @@ def build_state(
         "links": None if links is None else [lk.to_json() for lk in links],
         "probe": probe_summary(probe),
         "alerts": [a.message for a in current_alerts(plan, list(metrics.recent), nodes)],
+        "shipping": shipping,
         "time": time.time(),
     }

@@ -158,6 +158,29 @@ function renderLinks(links) {
   }
 }
 
+// Weight shipping: a bar per stage of the latest shipment (live while it runs).
+function renderShipping(shipping) {
+  const section = document.getElementById("weights-section");
+  if (!shipping || shipping.stages.length === 0) { section.hidden = true; return; }
+  section.hidden = false;
+  setText("weights-status", shipping.error ? `failed: ${shipping.error}`
+    : shipping.active ? "shipping…" : `plan ${shipping.plan_id}: shipped`);
+  const box = document.getElementById("weights");
+  box.replaceChildren();
+  for (const s of shipping.stages) {
+    const share = s.total_bytes ? Math.min(1, s.sent_bytes / s.total_bytes) : 1;
+    let what;
+    if (!s.done) what = `${bytes(s.sent_bytes)} of ${bytes(s.total_bytes)}`;
+    else if (s.source === "own copy") what = "its own copy of the model: nothing sent";
+    else if (!s.sent_bytes) what = "all in its cache: nothing sent";
+    else what = `${bytes(s.sent_bytes)} in ${s.seconds.toFixed(1)} s (${s.gbs.toFixed(2)} GB/s)`;
+    box.append(el("div", {}, s.label),
+      el("div", { class: s.done ? "bar" : "bar active" },
+        el("div", { style: `width:${(share * 100).toFixed(1)}%` })),
+      el("div", { class: "what" }, what));
+  }
+}
+
 function renderRecent(recent) {
   const body = document.getElementById("recent");
   body.replaceChildren();
@@ -184,6 +207,7 @@ async function poll() {
     renderLive(state.live);
     renderPlan(state.plan);
     setText("alerts", (state.alerts || []).join(" · "));
+    renderShipping(state.shipping);
     renderNodes(state.nodes, state.plan);
     renderLinks(state.links);
     setText("probe-time", state.probe && state.probe.measured_at
