@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -47,6 +48,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from coordinator import ringfloor
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError
 from coordinator.plan import Plan, Stage
 from coordinator.session import ModelInfo, even_counts
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 SYSTEM_MLX_LM = "mlx_lm"
 SYSTEM_LAYERLINK = "layerlink"
 SYSTEM_LLAMA = "llama.cpp"
+SYSTEM_FLOOR = "floor"  # a bare ring of processes (coordinator/ringfloor.py)
 
 DEPLOY_IN_PROCESS = "in-process"  # the engine alone, in this process
 DEPLOY_LOOPBACK = "loopback"  # worker processes on 127.0.0.1
@@ -417,6 +420,69 @@ class LayerLinkRunner:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._pipeline.close(), 15.0)
             self._pipeline = None
+
+
+class FloorRunner:
+    """The same split as a bare ring of worker processes (coordinator/ringfloor.py): what
+    splitting costs on this machine before any framework."""
+
+    def __init__(self, spec: RunSpec, model_dir: Path, prompt: list[int], gen_tokens: int) -> None:
+        self.spec = spec
+        self.model_dir = model_dir
+        self.prompt = prompt
+        self.gen_tokens = gen_tokens
+        self._procs: list[subprocess.Popen[str]] = []
+        self.last_ids: list[int] = []  # the tokens of the last generation
+
+    async def setup(self) -> None:
+        await asyncio.to_thread(self._start)
+        await asyncio.to_thread(self._generate, min(self.gen_tokens, 8))  # warm-up
+
+    def _start(self) -> None:
+        ports = [_free_port() for _ in self.spec.layers]
+        k = len(ports)
+        for i, (start, end) in enumerate(ranges(self.spec.layers)):
+            argv = [sys.executable, "-m", "coordinator.ringfloor", "--model", str(self.model_dir),
+                    "--start", str(start), "--end", str(end), "--index", str(i), "--count",
+                    str(k), "--listen", str(ports[i]), "--next", str(ports[(i + 1) % k])]  # fmt: skip
+            self._procs.append(
+                subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            )
+        for p in self._procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if not line.startswith(ringfloor.READY):
+                raise BenchError(f"ring worker exited before its ring was connected ({p.poll()})")
+
+    def _generate(self, n: int) -> Sample:
+        head = self._procs[0]
+        assert head.stdin is not None and head.stdout is not None
+        head.stdin.write(f"gen {n} {' '.join(map(str, self.prompt))}\n")
+        head.stdin.flush()
+        line = head.stdout.readline()
+        if not line:
+            raise BenchError(f"ring worker 0 exited ({head.poll()})")
+        d = json.loads(line)
+        self.last_ids = [int(t) for t in d["ids"]]
+        return Sample(len(self.prompt), int(d["tokens"]), float(d["ttft_s"]), float(d["decode_s"]))
+
+    async def sample(self) -> Sample:
+        return await asyncio.to_thread(self._generate, self.gen_tokens)
+
+    def placement(self) -> tuple[Placed, ...]:
+        return tuple(Placed(f"ring{i}", s, e) for i, (s, e) in enumerate(ranges(self.spec.layers)))
+
+    async def close(self) -> None:
+        for p in self._procs:
+            p.kill()
+            p.wait()
+        self._procs = []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _grpc_text(e: BaseException) -> str:
@@ -827,6 +893,7 @@ def bench_runners(
     include_in_process_llama: bool = True,
     stage_counts: Sequence[int] | None = None,
     on_event: Events | None = None,
+    include_floor: bool = False,
 ) -> list[Runner]:
     """The configurations of one comparison: for each system its 1-stage reference and its
     splits (stage_counts, default: 1 and settings.stages), same layer counts in both."""
@@ -848,6 +915,11 @@ def bench_runners(
         for k in ks:
             spec = RunSpec(model_label, SYSTEM_LAYERLINK, deployment, k, counts_for[k])
             runners.append(LayerLinkRunner(spec, model, nodes[:k], prompt, gen, timeout))
+    if include_floor:
+        for k in ks:
+            if k > 1:
+                spec = RunSpec(model_label, SYSTEM_FLOOR, deployment, k, counts_for[k])
+                runners.append(FloorRunner(spec, model.path, prompt, gen))
     if SYSTEM_LLAMA in settings.systems and gguf is not None:
         if include_in_process_llama:
             spec = RunSpec(model_label, SYSTEM_LLAMA, DEPLOY_IN_PROCESS, 1, (n,))
@@ -1000,6 +1072,25 @@ def suite_checks(results: Sequence[RunResult], rtt_us: float) -> list[Check]:
         v = t3.decode_tps / t1.decode_tps
         checks.append(Check("tiny: LayerLink 3 stages / 1 stage, tokens per s", v, ">= 0.85",
                             v >= 0.85, f"{t3.decode_tps:.1f} vs {t1.decode_tps:.1f} tok/s"))  # fmt: skip
+    # Against the machine's floor (a bare ring of processes, the same split): what any
+    # split reaches here, and LayerLink's cost above it per hop (k hops per token: k - 1
+    # between stages and the ring back to stage 0). Reported, no target.
+    f3 = _find(results, "tiny", SYSTEM_FLOOR, 3, DEPLOY_LOOPBACK)
+    if t1 and f3 and t1.decode_tps and f3.decode_tps:
+        v = f3.decode_tps / t1.decode_tps
+        checks.append(Check("tiny: floor 3 stages / LayerLink 1 stage, tokens per s", v,
+                            "report", None, f"{f3.decode_tps:.1f} vs {t1.decode_tps:.1f} tok/s"))  # fmt: skip
+    for r in results:
+        s = r.spec
+        if s.system != SYSTEM_LAYERLINK or s.stages < 2 or r.ms_per_token is None:
+            continue
+        floor = _find(results, s.model, SYSTEM_FLOOR, s.stages, s.deployment)
+        if floor is None or floor.ms_per_token is None:
+            continue
+        above = (r.ms_per_token - floor.ms_per_token) / s.stages
+        checks.append(Check(f"{s.model}: LayerLink {s.stages} stages above the floor, ms per hop",
+                            above, "report", None,
+                            f"{r.ms_per_token:.2f} vs {floor.ms_per_token:.2f} ms per token"))  # fmt: skip
     return checks
 
 
@@ -1053,6 +1144,7 @@ async def run_suite(
                 include_mlx_lm=True,
                 stage_counts=settings.stage_counts,
                 on_event=on_event,
+                include_floor=True,
             )
             results += await measure(runners, settings.repeats, on_event)
             rtts.append(raw_socket_rtt())

@@ -17,6 +17,7 @@ from coordinator import bench
 from coordinator.bench import (
     DEPLOY_IN_PROCESS,
     DEPLOY_LOOPBACK,
+    SYSTEM_FLOOR,
     SYSTEM_LAYERLINK,
     SYSTEM_LLAMA,
     SYSTEM_MLX_LM,
@@ -25,6 +26,7 @@ from coordinator.bench import (
     Sample,
 )
 from coordinator.main import main
+from tests.helpers import reference_generate
 
 ModelFactory = Callable[..., Path]
 HAVE_LLAMA = bench.baseline_unavailable() == ""
@@ -91,6 +93,41 @@ def test_suite_checks_compute_issue_9_ratios() -> None:
     assert c.value == pytest.approx(0.1) and c.met
     c = checks["tiny: LayerLink 3 stages / 1 stage, tokens per s"]
     assert c.value == pytest.approx(20.0 / 20.4) and c.met
+
+
+def test_checks_compare_layerlink_with_the_floor() -> None:
+    runs = bench.with_per_hop([
+        result(SYSTEM_LAYERLINK, 1, 10.0),
+        result(SYSTEM_LAYERLINK, 3, 13.0),
+        result(SYSTEM_FLOOR, 3, 12.4),
+    ])  # fmt: skip
+    checks = {c.name: c for c in bench.suite_checks(runs, rtt_us=100.0)}
+    c = checks["tiny: LayerLink 3 stages above the floor, ms per hop"]
+    assert c.value == pytest.approx(0.2) and c.met is None  # 0.6 ms over 3 hops
+    c = checks["tiny: floor 3 stages / LayerLink 1 stage, tokens per s"]
+    assert c.value == pytest.approx(10.0 / 12.4)
+
+
+def test_floor_ring_generates_what_the_unsplit_model_does(model_factory: ModelFactory) -> None:
+    """The floor (a bare ring of worker processes) runs the real split: its greedy tokens
+    are mlx_lm's own."""
+    model = model_factory("tiny", "llama")
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    prompt = bench.prompt_ids(vocab, 8)
+    spec = bench.RunSpec("tiny", SYSTEM_FLOOR, DEPLOY_LOOPBACK, 3, (3, 3, 2))
+    runner = bench.FloorRunner(spec, model, prompt, 6)
+
+    async def run() -> bench.Sample:
+        await runner.setup()
+        try:
+            return await runner.sample()
+        finally:
+            await runner.close()
+
+    sample = asyncio.run(run())
+    want, _ = reference_generate(model, prompt, 6)
+    assert runner.last_ids == want
+    assert sample.tokens == 6 and sample.decode_s > 0
 
 
 def test_settings_are_checked() -> None:

@@ -1,0 +1,160 @@
+"""The machine's floor for a split: the least a pipeline of processes can cost here.
+
+`make bench` runs, beside LayerLink, the same layer split as a bare ring of worker
+processes: each holds its slice (the node's own `ModelStage`), reads its input with a
+blocking socket read, computes, and writes raw bytes to the next (the last stage's token goes
+straight back to stage 0), with no framing beyond two integers, no validation, no gRPC, no
+threads. It cannot serve anything; it measures what splitting costs on this machine before
+any framework: separate processes waking up for each token, each computing its slice on its
+own. LayerLink's split is compared with it (docs/performance.md).
+
+    python -m coordinator.ringfloor --model DIR --start A --end B --index K --count N
+        --listen PORT --next PORT
+
+Worker 0 also reads commands on stdin, one per line: `gen MAX_TOKENS ID ID ...` runs a
+greedy generation from that prompt and prints one JSON line: {"tokens", "ttft_s",
+"decode_s", "ids"} (the generated token ids). Every worker prints `RINGFLOOR_READY` once its ring is connected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+READY = "RINGFLOOR_READY"
+_HEAD = struct.Struct(">iii")  # kind, position (or request number), count (or token id)
+START, HIDDEN, TOKEN, END = 1, 2, 3, 4
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        piece = sock.recv(n - len(buf))
+        if not piece:
+            raise EOFError("ring connection closed")
+        buf += piece
+    return bytes(buf)
+
+
+def _connect(port: int, timeout_s: float = 30.0) -> socket.socket:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coordinator.ringfloor")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--start", type=int, required=True)
+    p.add_argument("--end", type=int, required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--listen", type=int, required=True)
+    p.add_argument("--next", type=int, required=True)
+    args = p.parse_args(argv)
+
+    import mlx.core as mx
+    import numpy as np
+
+    from node.stage import ModelStage, Sampling, StageSpec
+
+    last = args.index == args.count - 1
+    stage = ModelStage(
+        StageSpec(
+            "floor",
+            args.model,
+            args.start,
+            args.end,
+            args.index,
+            args.count,
+            next_address="" if last else "ring",
+        )  # fmt: skip
+    )
+    greedy = Sampling()
+    listener = socket.create_server(("127.0.0.1", args.listen))
+    down = _connect(args.next)
+    up, _ = listener.accept()
+    up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sys.stdout.write(READY + "\n")
+    sys.stdout.flush()
+    width = stage.hidden_size
+    dtype = np.dtype(np.float16 if stage.dtype == mx.float16 else np.float32)
+
+    def run(rid: str, pos: int, prefill: bool, tokens: list[int] | None, hidden: bytes) -> None:
+        h = None
+        if hidden:
+            h = mx.array(np.frombuffer(hidden, dtype=dtype).reshape(1, -1, width))
+        r = stage.step(rid, pos, prefill, greedy, tokens, h, True, False)
+        if last:
+            down.sendall(_HEAD.pack(TOKEN, pos, int(r.token or 0)))
+        else:
+            assert r.hidden is not None
+            data = np.asarray(r.hidden).tobytes()
+            down.sendall(_HEAD.pack(HIDDEN, pos, r.hidden.shape[1]) + data)
+
+    if args.index == 0:
+        rounds = 0
+        for line in sys.stdin:
+            words = line.split()
+            if not words or words[0] != "gen":
+                continue
+            max_tokens, prompt = int(words[1]), [int(w) for w in words[2:]]
+            rounds += 1
+            rid = f"g{rounds}"
+            down.sendall(_HEAD.pack(START, rounds, 0))
+            t0 = time.perf_counter()
+            run(rid, 0, True, prompt, b"")
+            pos, got, tokens = len(prompt), 0, []
+            t_first = t_end = t0
+            while True:
+                _, _, token = _HEAD.unpack(_recv_exact(up, _HEAD.size))
+                tokens.append(token)
+                got += 1
+                t_end = time.perf_counter()
+                if got == 1:
+                    t_first = t_end
+                if got >= max_tokens:
+                    break
+                run(rid, pos, False, [token], b"")
+                pos += 1
+            stage.release(rid)
+            down.sendall(_HEAD.pack(END, rounds, 0))
+            sys.stdout.write(json.dumps({"tokens": got, "ttft_s": t_first - t0,
+                                         "decode_s": t_end - t_first, "ids": tokens}) + "\n")  # fmt: skip
+            sys.stdout.flush()
+        return 0
+    rid = ""
+    while True:
+        try:
+            kind, pos, count = _HEAD.unpack(_recv_exact(up, _HEAD.size))
+        except EOFError:
+            return 0
+        if kind == START:
+            rid = f"g{pos}"
+            if not last:
+                down.sendall(_HEAD.pack(START, pos, 0))
+        elif kind == END:
+            stage.release(rid)
+            if not last:
+                down.sendall(_HEAD.pack(END, pos, 0))
+        elif kind == HIDDEN:
+            hidden = _recv_exact(up, count * width * dtype.itemsize)
+            run(rid, pos, count > 1 or pos == 0, None, hidden)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
