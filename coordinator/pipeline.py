@@ -26,6 +26,8 @@ from node._proto.layerlink.v1 import node_pb2 as pb
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512
+# This coordinator process, as the owner of the stages it loads (LoadStageRequest.owner).
+PROCESS_OWNER = uuid.uuid4().hex
 
 
 class PipelineError(RuntimeError):
@@ -84,9 +86,12 @@ class Pipeline:
     only watches tokens arrive. Control (load, unload) and per-stage error events use gRPC.
     """
 
-    def __init__(self, plan: Plan, model_path: str) -> None:
+    def __init__(self, plan: Plan, model_path: str, owner: str = "") -> None:
         self.plan = plan
         self.model_path = model_path
+        # Who loads the stages (LoadStageRequest.owner): this process, unless told; a node
+        # refuses to replace a stage that another owner still uses.
+        self.owner = owner or PROCESS_OWNER
         # Stage index -> its shipped weights in the node's cache (coordinator/shipping.py);
         # a stage not named here loads model_path on its node.
         self.weights_ids: dict[int, str] = {}
@@ -138,6 +143,7 @@ class Pipeline:
                 ring_data_address=self.data_addresses[0] if last else "",
                 stage_index=i,
                 stage_count=len(stages),
+                owner=self.owner,
             )
             try:
                 reply = await self.clients[s.address].load_stage(req)

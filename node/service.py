@@ -142,8 +142,9 @@ def _from_any_thread(put: Callable[[M], None]) -> Callable[[M], None]:
 class LoadedStage:
     """A stage plus its async plumbing (downstream stream, subscribers)."""
 
-    def __init__(self, stage: ModelStage) -> None:
+    def __init__(self, stage: ModelStage, owner: str = "") -> None:
         self.stage = stage
+        self.owner = owner  # the coordinator process that loaded it ("" unknown)
         self.subscribers: list[Callable[[pb.StageEvent], None]] = []
         # Where hidden states go (None on the last stage).
         self.downstream: Downstream | None = None
@@ -294,6 +295,22 @@ class NodeService(pb_grpc.NodeServicer):
             data_port=self.config.data_port,
         )
 
+    def _check_not_in_use(self, plan_id: str, owner: str) -> None:
+        """Plan ids follow from the model and the placement, so two coordinators with the
+        same plan over the same nodes ask for the same id. The stage of one that is still
+        connected (it has subscribers) is not replaced by another's; a coordinator that
+        went away (no subscribers left) or the same one loading again may replace it."""
+        old = self.stages.get(plan_id)
+        if old is None or not owner or not old.owner or old.owner == owner:
+            return
+        if old.subscribers:
+            raise StageError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"plan {plan_id} is loaded on this node by another coordinator that is still "
+                f"connected ({len(old.subscribers)} subscriber(s)); stop it first, or use a "
+                "different plan",
+            )
+
     async def LoadStage(
         self, request: pb.LoadStageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LoadStageReply:
@@ -307,6 +324,9 @@ class NodeService(pb_grpc.NodeServicer):
                     ErrorKind.INVALID_ARGUMENT,
                     f"stage_index {request.stage_index} >= stage_count {request.stage_count}",
                 )
+            if len(request.owner) > 128:
+                raise StageError(ErrorKind.INVALID_ARGUMENT, "owner must be at most 128 characters")
+            self._check_not_in_use(request.plan_id, request.owner)
             model_path, cached = await self._stage_source(request)
             spec = StageSpec(
                 plan_id=request.plan_id,
@@ -318,13 +338,14 @@ class NodeService(pb_grpc.NodeServicer):
                 next_address=request.next_address,
                 cached=cached,
             )
+            self._check_not_in_use(request.plan_id, request.owner)  # again, after awaiting
             old = self.stages.pop(request.plan_id, None)
             if old is not None:
                 await self._drop(old)
             stage = await self.run_compute(ModelStage, spec)
         except StageError as e:
             await context.abort(status_code(e.kind), str(e))
-        loaded = LoadedStage(stage)
+        loaded = LoadedStage(stage, request.owner)
         if request.next_data_address:
             loaded.downstream = TcpDownstream(request.next_data_address, loaded.hop_failed)
         elif spec.next_address:

@@ -208,3 +208,49 @@ def test_idle_pipeline_survives_keepalive_pings(tiny_llama: Path, session_dir: P
             os.environ["LAYERLINK_GRPC_KEEPALIVE_MS"] = old
         importlib.reload(node.service)
         importlib.reload(coordinator.nodeclient)
+
+
+def test_a_second_coordinator_cannot_take_over_a_plan_in_use(local_cluster, tiny_llama: Path) -> None:
+    """Plan ids follow from model and placement: another coordinator process (another owner)
+    asking for the same plan on the same nodes gets a clear refusal while the first is still
+    connected, and the first keeps generating; once the first has gone, the plan is free."""
+    from coordinator.pipeline import Pipeline, PipelineError
+    from coordinator.session import even_counts, fixed_plan, read_model
+    from tests.helpers import reference_generate
+
+    model = read_model(tiny_llama)
+    nodes = local_cluster.nodes[:2]
+    plan = fixed_plan(model, nodes, even_counts(model.num_layers, 2))
+    prompt = [1, 17, 42, 99, 7]
+    want, _ = reference_generate(tiny_llama, prompt, 6)
+
+    async def scenario() -> None:
+        first = Pipeline(plan, str(model.path), owner="coordinator-a")
+        await first.load()
+        await first.open()
+        try:
+            second = Pipeline(plan, str(model.path), owner="coordinator-b")
+            with pytest.raises(PipelineError, match="another coordinator that is still connected"):
+                await second.load()
+            await second.close()
+            got = await first.generate(prompt, GenerationParams(max_tokens=6))
+            assert list(got.tokens) == want
+        finally:
+            await first.close(unload=False)  # gone without unloading, as a crashed one
+        third = Pipeline(plan, str(model.path), owner="coordinator-b")
+        for attempt in range(50):  # until the nodes notice that its subscriptions ended
+            try:
+                await third.load()
+                break
+            except PipelineError:
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.1)
+        await third.open()
+        try:
+            got = await third.generate(prompt, GenerationParams(max_tokens=6))
+            assert list(got.tokens) == want
+        finally:
+            await third.close()
+
+    asyncio.run(scenario())

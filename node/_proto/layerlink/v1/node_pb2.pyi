@@ -131,7 +131,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("plan_id", "model_path", "start", "end", "next_address", "stage_index", "stage_count", "next_data_address", "ring_data_address", "weights_id")
+    __slots__ = ("plan_id", "model_path", "start", "end", "next_address", "stage_index", "stage_count", "next_data_address", "ring_data_address", "weights_id", "owner")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class LoadStageRequest(_message.Message):
     NEXT_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RING_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model_path: str
     start: int
@@ -152,7 +153,8 @@ class LoadStageRequest(_message.Message):
     next_data_address: str
     ring_data_address: str
     weights_id: str
-    def __init__(self, plan_id: _Optional[str] = ..., model_path: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., next_data_address: _Optional[str] = ..., ring_data_address: _Optional[str] = ..., weights_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, plan_id: _Optional[str] = ..., model_path: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., next_data_address: _Optional[str] = ..., ring_data_address: _Optional[str] = ..., weights_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("stage", "load_seconds")
