@@ -374,7 +374,8 @@ def test_aggregate_decode_rate_rises_with_concurrency(
         return decoded / span
 
     async def scenario() -> dict[str, dict[int, list[float]]]:
-        # Its own plan id (a new version), beside the plan `coordinator up` serves.
+        # Its own plan id (a new version), beside the plan `coordinator up` serves (the same
+        # id would be refused: another owner's stages, in use).
         mine = replace(fixed_plan(model, nodes, [3, 3, 2]), version=1000, plan_id="")
         assert mine.plan_id != plan["plan_id"]
         pipe = Pipeline(mine, str(model.path))
