@@ -234,7 +234,9 @@ async def _while_serving(serving: asyncio.Task[None], work: Any) -> Any:
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        raise UserError("stopped before the model was loaded")
+        error = None if serving.cancelled() else serving.exception()
+        why = f": {type(error).__name__}: {error}" if error is not None else ""
+        raise UserError(f"the HTTP server stopped before the model was loaded{why}")
     return task.result()
 
 
