@@ -13,7 +13,8 @@ own. LayerLink's split is compared with it (docs/performance.md).
 
 Worker 0 also reads commands on stdin, one per line: `gen MAX_TOKENS ID ID ...` runs a
 greedy generation from that prompt and prints one JSON line: {"tokens", "ttft_s",
-"decode_s", "ids"} (the generated token ids). Every worker prints `RINGFLOOR_READY` once its ring is connected.
+"decode_s", "ids"} (the generated token ids). Every worker prints `RINGFLOOR_READY` once its ring is connected. With LAYERLINK_TRACE set,
+the workers log `compute`, `done` and `sent` per step as the nodes do (node/trace.py).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlx.core as mx
     import numpy as np
 
+    from node import trace
     from node.stage import ModelStage, Sampling, StageSpec
 
     last = args.index == args.count - 1
@@ -98,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         h = None
         if hidden:
             h = mx.array(np.frombuffer(hidden, dtype=dtype).reshape(1, -1, width))
+        trace.mark("compute", rid, pos)
         r = stage.step(rid, pos, prefill, greedy, tokens, h, True, False)
+        trace.mark("done", rid, pos)
         if last:
             down.sendall(_HEAD.pack(TOKEN, pos, int(r.token or 0)))
         else:
             assert r.hidden is not None
             data = np.asarray(r.hidden).tobytes()
             down.sendall(_HEAD.pack(HIDDEN, pos, r.hidden.shape[1]) + data)
+        trace.mark("sent", rid, pos)
 
     if args.index == 0:
         rounds = 0
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 run(rid, pos, False, [token], b"")
                 pos += 1
             stage.release(rid)
+            trace.flush()  # workers are killed at the end, without exit handlers
             down.sendall(_HEAD.pack(END, rounds, 0))
             sys.stdout.write(json.dumps({"tokens": got, "ttft_s": t_first - t0,
                                          "decode_s": t_end - t_first, "ids": tokens}) + "\n")  # fmt: skip
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 down.sendall(_HEAD.pack(START, pos, 0))
         elif kind == END:
             stage.release(rid)
+            trace.flush()
             if not last:
                 down.sendall(_HEAD.pack(END, pos, 0))
         elif kind == HIDDEN:
