@@ -7,9 +7,11 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -281,3 +283,59 @@ def test_dashboard_in_chromium(
             )
         finally:
             browser.close()
+
+
+def test_dashboard_answers_while_the_coordinator_is_still_loading(
+    local_cluster: Any, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`coordinator up` serves /api/state (and the page) before its plan is loaded, so the
+    weights can be watched arriving; the API answers 503 until then. A long speed check
+    after loading holds it in that state long enough to look."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "coordinator.main", "up", "--model", str(tiny_llama),
+           "--port", str(port), "--check-tokens", "1500"]  # fmt: skip
+    for n in local_cluster.nodes:
+        cmd += ["--node", n.address]
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path / "up.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            early: dict[str, Any] | None = None
+            refused = None
+            deadline = time.monotonic() + 120
+            while (early is None or refused is None) and time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "up.log").read_text()[-2000:]
+                try:
+                    state = httpx.get(url + "/api/state", timeout=5).json()
+                    if state["plan"] is not None:
+                        break  # loaded already: too late to look
+                    bars = (state["shipping"] or {}).get("stages") or []
+                    if bars and all(b["done"] for b in bars):
+                        early = state
+                        refused = httpx.post(url + "/v1/completions", timeout=5, json={
+                            "model": tiny_llama.name, "prompt": "hi", "max_tokens": 2})  # fmt: skip
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            assert early is not None, "no state with finished weight bars before the plan loaded"
+            assert refused is not None and refused.status_code == 503, refused
+            assert "no plan is loaded yet" in refused.text
+            page = httpx.get(url + "/", timeout=5)
+            assert page.status_code == 200 and "weights-section" in page.text
+            # ... and once loaded it serves.
+            while time.monotonic() < deadline:
+                r = httpx.post(url + "/v1/completions", timeout=60, json={
+                    "model": tiny_llama.name, "prompt": "hi", "max_tokens": 2})  # fmt: skip
+                if r.status_code == 200:
+                    break
+                time.sleep(0.2)
+            assert r.status_code == 200, r.text
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
