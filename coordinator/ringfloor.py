@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             args.index,
             args.count,
             next_address="" if last else "ring",
-        )  # fmt: skip
+        )
     )
     greedy = Sampling()
     listener = socket.create_server(("127.0.0.1", args.listen))
@@ -94,12 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(READY + "\n")
     sys.stdout.flush()
     width = stage.hidden_size
-    dtype = np.dtype(np.float16 if stage.dtype == mx.float16 else np.float32)
+    # Activations travel as their raw bytes (bfloat16 as its 16-bit pattern: numpy has none).
+    wire = {mx.float16: np.float16, mx.bfloat16: np.uint16}.get(stage.dtype, np.float32)
+    dtype = np.dtype(wire)
+
+    def to_bytes(h: mx.array) -> bytes:
+        return np.asarray(h.view(mx.uint16) if h.dtype == mx.bfloat16 else h).tobytes()
+
+    def from_bytes(data: bytes) -> mx.array:
+        h = mx.array(np.frombuffer(data, dtype=dtype).reshape(1, -1, width))
+        return h.view(mx.bfloat16) if stage.dtype == mx.bfloat16 else h
 
     def run(rid: str, pos: int, prefill: bool, tokens: list[int] | None, hidden: bytes) -> None:
-        h = None
-        if hidden:
-            h = mx.array(np.frombuffer(hidden, dtype=dtype).reshape(1, -1, width))
+        h = from_bytes(hidden) if hidden else None
         trace.mark("compute", rid, pos)
         r = stage.step(rid, pos, prefill, greedy, tokens, h, True, False)
         trace.mark("done", rid, pos)
@@ -107,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             down.sendall(_HEAD.pack(TOKEN, pos, int(r.token or 0)))
         else:
             assert r.hidden is not None
-            data = np.asarray(r.hidden).tobytes()
-            down.sendall(_HEAD.pack(HIDDEN, pos, r.hidden.shape[1]) + data)
+            down.sendall(_HEAD.pack(HIDDEN, pos, r.hidden.shape[1]) + to_bytes(r.hidden))
         trace.mark("sent", rid, pos)
 
     if args.index == 0:
@@ -123,23 +129,22 @@ def main(argv: list[str] | None = None) -> int:
             down.sendall(_HEAD.pack(START, rounds, 0))
             t0 = time.perf_counter()
             run(rid, 0, True, prompt, b"")
-            pos, got, tokens = len(prompt), 0, []
+            pos, tokens = len(prompt), []
             t_first = t_end = t0
             while True:
                 _, _, token = _HEAD.unpack(_recv_exact(up, _HEAD.size))
                 tokens.append(token)
-                got += 1
                 t_end = time.perf_counter()
-                if got == 1:
+                if len(tokens) == 1:
                     t_first = t_end
-                if got >= max_tokens:
+                if len(tokens) >= max_tokens:
                     break
                 run(rid, pos, False, [token], b"")
                 pos += 1
             stage.release(rid)
             trace.flush()  # workers are killed at the end, without exit handlers
             down.sendall(_HEAD.pack(END, rounds, 0))
-            sys.stdout.write(json.dumps({"tokens": got, "ttft_s": t_first - t0,
+            sys.stdout.write(json.dumps({"tokens": len(tokens), "ttft_s": t_first - t0,
                                          "decode_s": t_end - t_first, "ids": tokens}) + "\n")  # fmt: skip
             sys.stdout.flush()
         return 0

@@ -108,10 +108,13 @@ def test_checks_compare_layerlink_with_the_floor() -> None:
     assert c.value == pytest.approx(10.0 / 12.4)
 
 
-def test_floor_ring_generates_what_the_unsplit_model_does(model_factory: ModelFactory) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_floor_ring_generates_what_the_unsplit_model_does(
+    model_factory: ModelFactory, dtype: str
+) -> None:
     """The floor (a bare ring of worker processes) runs the real split: its greedy tokens
-    are mlx_lm's own."""
-    model = model_factory("tiny", "llama")
+    are mlx_lm's own (bfloat16 activations travel as their bit patterns)."""
+    model = model_factory("tiny", "llama", dtype=dtype)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     prompt = bench.prompt_ids(vocab, 8)
     spec = bench.RunSpec("tiny", SYSTEM_FLOOR, DEPLOY_LOOPBACK, 3, (3, 3, 2))
