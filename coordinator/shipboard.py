@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from coordinator.shipping import StageShipment
+from coordinator.shipping import StageShipment, progress_label
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class ShipBoard:
             self.bars[key] = replace(bar, sent_bytes=bar.sent_bytes + nbytes)
 
     def finish(self, key: str, shipment: StageShipment) -> None:
-        label = f"stage {shipment.stage_index} → {shipment.node_name}"
+        label = progress_label(shipment.stage_index, shipment.node_name)
         bar = self.bars.get(key) or ShipBar(label, 0, 0, self._clock())
         self.bars[key] = replace(
             bar,

@@ -121,6 +121,11 @@ class ShipProgress(Protocol):
     def finish(self, key: str, shipment: StageShipment) -> None: ...
 
 
+def progress_label(stage_index: int, node_name: str) -> str:
+    """How a stage's shipment is named on the terminal and the dashboard."""
+    return f"stage {stage_index} → {node_name}"
+
+
 class ProgressTee:
     """Progress reported to several places (the terminal and the dashboard)."""
 
@@ -335,7 +340,7 @@ class Shipper:
                     )
                     if not started and self.progress is not None:
                         total = 0 if reply.local else reply.missing_bytes
-                        self.progress.start(key, f"stage {index} → {stage.node_name}", total)
+                        self.progress.start(key, progress_label(index, stage.node_name), total)
                         started = True
                     if reply.local or not reply.missing:
                         done = self._result(run, reply, time.perf_counter() - t0)
