@@ -1,4 +1,4 @@
-# LayerLink — every set-up step lives here, so a fresh clone needs only Python 3.10+.
+# LayerLink — every set-up step lives here, so a fresh clone needs only Python 3.11+.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,7 +45,7 @@ from coordinator.dashboard.state import (
 )
 from coordinator.httpsec import BodyLimit
 from coordinator.metrics import CONTENT_TYPE, RequestTrace, ServingMetrics
-from coordinator.pipeline import GenerationParams, Pipeline, PipelineError, TokenEvent
+from coordinator.pipeline import GenerationParams, Pipeline, PipelineError
 from coordinator.shipboard import ShipBoard
 from coordinator.supervisor import Supervisor
 
@@ -330,6 +330,8 @@ class EventStreamResponse(StreamingResponse):
                 }
             )
             async for chunk in self._body:
+                if self.disconnected:  # stop even if the cancel below was lost on its way
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -609,10 +611,7 @@ def create_app(state: ApiState) -> FastAPI:
         try:
             finish = "length"
             # Pipeline.stream is an async generator: closing it sends the RELEASE.
-            events = cast(
-                AsyncGenerator[TokenEvent, None],
-                pipeline.stream(list(job.prompt), job.params, request_id=trace.request_id),
-            )
+            events = pipeline.stream(list(job.prompt), job.params, request_id=trace.request_id)
             async with contextlib.aclosing(events):
                 async for ev in events:
                     trace.token()

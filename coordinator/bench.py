@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -603,7 +603,7 @@ async def measure(
                 await asyncio.wait_for(r.setup(), sample_timeout_s * 2)
             except BenchError as e:
                 errors[i] = str(e)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 errors[i] = f"set-up did not finish within {sample_timeout_s * 2:.0f}s"
         for rep in range(repeats):
             if between_rounds is not None:
@@ -618,7 +618,7 @@ async def measure(
                     errors[i] = str(e)
                     log.warning("%s failed: %s", r.spec.label, e)
                     continue
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     errors[i] = f"a generation did not finish within {sample_timeout_s:.0f}s"
                     continue
                 samples[i].append(s)
@@ -837,7 +837,7 @@ def machine_info() -> dict[str, Any]:
         "grpcio": _version("grpcio"),
         "git_commit": _git_commit(),
         "loadavg_start": [round(x, 2) for x in load] if load else None,
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

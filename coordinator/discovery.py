@@ -146,8 +146,9 @@ class Browser:
                 break
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), left)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(left):
+                    await self.changed.wait()
+            except TimeoutError:
                 break
         return self.snapshot()
 

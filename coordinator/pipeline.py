@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -170,7 +170,7 @@ class Pipeline:
         try:
             self._to_first = await datapath.Link(self.data_addresses[0]).connect()
             self._from_last = await datapath.Link(self.data_addresses[-1]).connect()
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise PipelineError(f"cannot open the data path: {e}") from None
         self._from_last.send(datapath.SUBSCRIBE, pb.SubscribeRequest(plan_id=self.plan.plan_id))
         assert self._from_last.reader is not None
@@ -279,7 +279,7 @@ class Pipeline:
 
     async def stream(
         self, prompt: list[int], params: GenerationParams, request_id: str | None = None
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         """Yield sampled tokens until a stop token or max_tokens. Leaving early (break,
         cancel, client disconnect) frees the request's KV cache on every stage."""
         if self._failed is not None:
@@ -340,9 +340,13 @@ class Pipeline:
         self, waiter: _Waiter, rid: str, step: int, timeout: float
     ) -> pb.StageEvent:
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result instead
+            # of raising when it is cancelled just as the token arrives, and that lost cancel
+            # kept a disconnected client's generation running to max_tokens.
             try:
-                msg = await asyncio.wait_for(waiter.queue.get(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    msg = await waiter.queue.get()
+            except TimeoutError:
                 raise PipelineError(
                     f"no token for request {rid} step {step} within {timeout:.0f}s"
                 ) from None

@@ -107,8 +107,9 @@ class MembershipProber:
         while True:
             self._dirty.clear()
             try:
-                await asyncio.wait_for(self._dirty.wait(), self.debounce_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.debounce_s):
+                    await self._dirty.wait()
+            except TimeoutError:
                 return
 
     async def _membership(self) -> dict[str, NodeRecord]:

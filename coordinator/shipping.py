@@ -332,7 +332,7 @@ class Shipper:
                     left = self.resume_timeout_s - (time.monotonic() - run.last_progress)
                     try:
                         await asyncio.wait_for(client.channel.channel_ready(), max(0.1, left))
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         self._resume_or_fail(run, "the node does not answer")
                         continue
                     reply: pb.PrepareWeightsReply = await client.stub.PrepareWeights(

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import replace
 
 import grpc
@@ -207,8 +207,9 @@ class Supervisor:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PipelineError(f"no new plan within {timeout:.0f}s after {broken.failed}")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
         if self.fatal is not None:
             raise PipelineError(self.fatal)
         return self.pipeline
@@ -221,7 +222,7 @@ class Supervisor:
         params: GenerationParams,
         request_id: str | None = None,
         recover_timeout_s: float = 120.0,
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         """Like Pipeline.stream, but survives the loss of stages by resuming elsewhere."""
         generated: list[int] = []
         while True:
@@ -233,10 +234,13 @@ class Supervisor:
             if pipe.failed is not None:
                 pipe = await self._wait_replaced(pipe, recover_timeout_s)
             left = replace(params, max_tokens=params.max_tokens - len(generated))
+            # Closed explicitly when this stream is: its RELEASE must not wait for the GC.
+            inner = pipe.stream(prompt + generated, left, request_id)
             try:
-                async for ev in pipe.stream(prompt + generated, left, request_id):
-                    generated.append(ev.token)
-                    yield TokenEvent(token=ev.token, step=len(generated) - 1, logits=ev.logits)
+                async with contextlib.aclosing(inner):
+                    async for ev in inner:
+                        generated.append(ev.token)
+                        yield TokenEvent(token=ev.token, step=len(generated) - 1, logits=ev.logits)
                 return
             except PipelineError:
                 if pipe.failed is None:

@@ -39,7 +39,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -713,7 +713,7 @@ def run_validation(
         clusters = ", ".join(sorted({o.label.split("/")[1] for o in obs}))
         provenance = (
             f"Fitted by `{settings.command}` on "
-            f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} at commit "
+            f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} at commit "
             f"{machine.get('git_commit') or '?'} ({machine.get('cpu')}, "
             f"{machine.get('logical_cpus')} logical CPUs, mlx {machine.get('mlx')}) from "
             f"{len(obs)} calibration plans (models {cal_models}; clusters {clusters})"

@@ -183,7 +183,7 @@ async def read_text(reader: asyncio.StreamReader, expected: tuple[int, ...]) -> 
 
     try:
         return await asyncio.wait_for(read(), HANDSHAKE_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise FrameError(f"no handshake within {HANDSHAKE_TIMEOUT_S:.0f} s") from None
 
 

@@ -92,7 +92,7 @@ class TcpDownstream:
                 log.error("%s", e)
                 self.on_failure(str(e))
                 return None
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 if loop.time() > deadline:
                     reason = f"next hop {self.address} unreachable: {e}"
                     log.error("%s", reason)
@@ -170,6 +170,6 @@ class GrpcDownstream:
         self._queue.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._task), 2.0)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
         await self._channel.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +61,6 @@ async def call_raw(
                 await channel.unary_unary(rpc.path)(body, timeout=timeout, metadata=md)
     except grpc.aio.AioRpcError as e:
         return e.code(), e.details() or ""
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "client-side timeout"
     return grpc.StatusCode.OK, ""

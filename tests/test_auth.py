@@ -302,7 +302,7 @@ def test_stage_to_stage_grpc_hop_carries_the_proof(secured: LocalCluster, tiny_l
                     ev = await asyncio.wait_for(events.read(), 0.2)
                     if ev.request_id == "ping":
                         break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             queue.put_nowait(None)
             pings.cancel()

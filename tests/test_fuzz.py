@@ -81,7 +81,7 @@ async def _generate(address: str) -> int:
                                                                phase=pb.PHASE_RELEASE))  # fmt: skip
                             assert ev.code == 0, ev.message
                             return int(ev.token)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             raise AssertionError("no token from a valid prefill")
         finally:
