@@ -35,6 +35,7 @@ class _Queued:
     done: Future[None]
     buf: mmap.mmap
     n: int
+    dfd: int
     fd: int  # the page-cache descriptor of the same file, for a refused direct write
     pos: int
     refused: Callable[[], None]
@@ -65,12 +66,18 @@ class DirectWriter:
             if self._disk is None:
                 self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk")
             future = self._disk.submit(_pwrite_all, dfd, memoryview(buf)[:n], pos + done)
-            self._queued.append(_Queued(future, buf, n, fd, pos + done, refused))
+            self._queued.append(_Queued(future, buf, n, dfd, fd, pos + done, refused))
             done += n
 
-    def settle(self) -> None:
-        """Wait until every queued write is on the file (or redone through the page cache)."""
-        while self._queued:
+    def settle(self, dfd: int | None = None) -> None:
+        """Wait until every queued write is on its file (or redone through the page cache);
+        with `dfd`, only until those of that descriptor are (and the ones queued before them),
+        so one file can be closed while the next one's pieces are still being written."""
+        if dfd is None:
+            last = len(self._queued)
+        else:
+            last = max((i + 1 for i, q in enumerate(self._queued) if q.dfd == dfd), default=0)
+        for _ in range(last):
             self._free.append(self._finish(self._queued.popleft()))
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -201,12 +202,41 @@ class WeightService:
         return await self._run(self.cache.stage, weights_id)
 
     async def push(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[pb.TensorAck]:
-        """Receive pieces of prepared tensors; ack each tensor once (0 = verified and filed)."""
+        """Receive pieces of prepared tensors; ack each tensor once (0 = verified and filed).
+
+        A tensor received whole is committed once its last pieces are hashed, while the next
+        tensor's pieces are already being written (its ack rides on a later piece or the end
+        of the stream): waiting for the hash at each tensor's end and committing took 0.36-0.45
+        s of a 0.8 s loopback shipment of 8 MiB tensors."""
         received = 0
         writer: TensorWriter | None = None
         failed: str | None = None  # a tensor already answered with an error
+        # Tensors received whole, in order, each with the future of its last hash job.
+        sealed: deque[tuple[TensorWriter, asyncio.Future[None]]] = deque()
+
+        async def commit(done: TensorWriter) -> pb.TensorAck:
+            sha = done.meta.sha256
+            self._forget(done)
+            try:
+                if await self._run(done.commit):
+                    self._expected.pop(sha, None)
+                    return pb.TensorAck(sha256=sha, bytes_received=received)
+                return pb.TensorAck(
+                    sha256=sha,
+                    code=_code(grpc.StatusCode.DATA_LOSS),
+                    message=f"tensor {sha[:12]} did not match its sha256; dropped",
+                    bytes_received=received,
+                )
+            except CacheError as e:
+                await self._run(done.close)
+                return pb.TensorAck(
+                    sha256=sha, code=_code(e.code), message=str(e), bytes_received=received
+                )
+
         try:
             async for chunk in _read_ahead(chunks, READ_AHEAD_CHUNKS):
+                while sealed and sealed[0][1].done():
+                    yield await commit(sealed.popleft()[0])
                 data = chunk.data  # (a protobuf bytes field is copied on every access)
                 received += len(data)
                 sha = chunk.sha256
@@ -234,18 +264,8 @@ class WeightService:
                     await self._run(writer.write, data, chunk.offset)
                     if not writer.complete:
                         continue
-                    done, writer = writer, None
-                    self._forget(done)
-                    if await self._run(done.commit):
-                        self._expected.pop(sha, None)
-                        yield pb.TensorAck(sha256=sha, bytes_received=received)
-                    else:
-                        yield pb.TensorAck(
-                            sha256=sha,
-                            code=_code(grpc.StatusCode.DATA_LOSS),
-                            message=f"tensor {sha[:12]} did not match its sha256; dropped",
-                            bytes_received=received,
-                        )
+                    done, writer = writer, None  # (in self._writers until committed)
+                    sealed.append((done, asyncio.wrap_future(done.when_hashed())))
                 except CacheError as e:
                     if writer is not None:
                         await self._release(writer)
@@ -254,9 +274,14 @@ class WeightService:
                     yield pb.TensorAck(
                         sha256=sha, code=_code(e.code), message=str(e), bytes_received=received
                     )
+            while sealed:
+                yield await commit(sealed.popleft()[0])
         finally:
             if writer is not None:
                 await self._release(writer)
+            # The stream ended early: tensors received whole are still verified and filed.
+            for done, _ in sealed:
+                await commit(done)
 
 
 async def _read_ahead(chunks: AsyncIterator[T], depth: int) -> AsyncIterator[T]:

@@ -298,6 +298,12 @@ class TensorWriter:
         self._write_at(memoryview(data), self._header_len + self.have)
         self.have += len(data)
 
+    def when_hashed(self) -> Future[None]:
+        """Done once every piece written so far is in the hash (the hasher runs its jobs in
+        order): wait for it elsewhere, and commit() then finds the hash ready. Safe from any
+        thread once the last write() has returned."""
+        return self.cache.hasher.submit(_nothing)
+
     def _hashed(self) -> None:
         """Wait until every received piece is in the hash."""
         while self._hashing:
@@ -310,7 +316,7 @@ class TensorWriter:
             self.cache.direct.write(self._dfd, self._fd, data[:done], pos, self._refused)
         if done < len(data):
             # Queued direct writes land first: a file never has a hole before its end.
-            self.cache.direct.settle()
+            self.cache.direct.settle(self._dfd)
             _pwrite_all(self._fd, data[done:], pos + done)
 
     def _refused(self) -> None:
@@ -325,7 +331,7 @@ class TensorWriter:
                 f"tensor {self.meta.sha256[:12]}: a newer stream took over its reception",
             )
         self._hashed()
-        self.cache.direct.settle()
+        self.cache.direct.settle(self._dfd)
         digest = self._hash.hexdigest()
         if digest != self.meta.sha256:
             log.warning(
@@ -343,11 +349,15 @@ class TensorWriter:
 
     def close(self) -> None:
         self._hashed()
-        self.cache.direct.settle()
+        self.cache.direct.settle(self._dfd)
         for fd in (self._dfd, self._fd):
             if fd >= 0:
                 os.close(fd)
         self._dfd = self._fd = -1
+
+
+def _nothing() -> None:
+    pass
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> int:

@@ -8,6 +8,7 @@ folder), each with a weight cache of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -267,6 +268,92 @@ def test_direct_writes_queued_past_their_buffers_land_in_order(tmp_path: Path) -
     os.close(fd)
     writer.close()
     assert path.read_bytes()[4096:] == data and refused == []
+
+
+def test_settling_one_files_direct_writes_leaves_the_next_files_queued(tmp_path: Path) -> None:
+    """A tensor is filed (its descriptors closed) while the next one's pieces still go out."""
+    fds = []
+    for name in ("a", "b"):
+        fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            dfd = os.open(tmp_path / name, os.O_WRONLY | O_DIRECT)
+        except OSError:
+            pytest.skip("this file system has no direct I/O")
+        fds.append((dfd, fd))
+    writer = DirectWriter(buffers=3, buffer_bytes=1 << 16)
+    a, b = os.urandom(2 << 16), os.urandom(1 << 16)
+    writer.write(*fds[0], memoryview(a), 0, lambda: None)
+    writer.write(*fds[1], memoryview(b), 0, lambda: None)
+    writer.settle(fds[0][0])
+    assert all(q.dfd != fds[0][0] for q in writer._queued), "a's writes are all on its file"
+    assert [q.dfd for q in writer._queued] in ([], [fds[1][0]])
+    for fd in fds[0]:
+        os.close(fd)
+    assert (tmp_path / "a").read_bytes() == a
+    writer.settle()
+    assert not writer._queued and (tmp_path / "b").read_bytes() == b
+    for fd in fds[1]:
+        os.close(fd)
+    writer.close()
+
+
+def test_push_acks_in_order_and_files_whole_tensors_of_a_stream_that_stops(
+    tmp_path: Path,
+) -> None:
+    """Tensors are committed after the next one's pieces started (their hash finishes
+    meanwhile): acks still come in order, and the tensors a vanished client sent whole are
+    verified and filed when its stream is cancelled."""
+    from node._proto.layerlink.v1 import node_pb2 as pb
+
+    tensors = [os.urandom((1 << 20) + 512 * i) for i in range(5)]
+    shas = [hashlib.sha256(t).hexdigest() for t in tensors]
+    request = pb.PrepareWeightsRequest(
+        model="m",
+        config_json=b"{}",
+        tensors=[pb.TensorRef(name=f"t{i}", sha256=sha, dtype="U8", shape=[len(t)],
+                              nbytes=len(t)) for i, (t, sha) in enumerate(zip(tensors, shas, strict=True))],  # fmt: skip
+    )
+
+    def pieces(indices: list[int]) -> list[Any]:
+        return [pb.TensorChunk(sha256=shas[i], offset=0, data=tensors[i]) for i in indices]
+
+    async def run() -> tuple[list[Any], list[Any], list[str]]:
+        service = WeightService(tmp_path / "c")
+        await service.prepare(request, lambda raw: Path(raw), frozenset())
+        never = asyncio.Event()
+
+        async def vanishing() -> Any:
+            for chunk in pieces([0, 1]):
+                yield chunk
+            await never.wait()  # no more pieces, no end
+
+        seen: list[Any] = []
+
+        async def consume() -> None:
+            async for ack in service.push(vanishing()):
+                seen.append(ack)
+
+        hung = asyncio.create_task(consume())
+        await asyncio.sleep(0.5)
+        hung.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hung
+        after = await service.prepare(request, lambda raw: Path(raw), frozenset())
+
+        async def rest() -> Any:
+            for chunk in pieces([2, 3, 4]):
+                yield chunk
+
+        acks = [a async for a in service.push(rest())]
+        service.close()
+        return seen, acks, list(after.missing)
+
+    seen, acks, missing = asyncio.run(run())
+    # The first is acked once the next piece finds its hash done; the second waits for more.
+    assert [a.sha256 for a in seen] in ([], shas[:1])
+    assert missing == shas[2:], "both whole tensors were filed when the stream was cancelled"
+    assert [(a.sha256, a.code) for a in acks] == [(s, 0) for s in shas[2:]]
+    assert blobs_intact(tmp_path / "c") == 5
 
 
 def test_ship_board_follows_a_shipment_for_the_dashboard() -> None:

@@ -73,6 +73,7 @@ def test_shipping_reaches_half_the_measured_link_bandwidth(
     link = statistics.median(r["link_gbs"] for r in runs)
     print(f"median shipping {ship:.3f} GB/s / median link {link:.3f} GB/s = {ship / link:.2f}")
     # Issue 8's target is 0.5; on this 2-core machine shipping is CPU-bound (both ends share
-    # the two cores) and measures 0.46-0.57 depending on the run (docs/weights.md), so the
-    # test guards against regressions at 0.4 and reports the figure rather than flip-flop.
+    # the two cores) and measures 0.54-0.61 on a quiet machine (docs/weights.md) but less
+    # under other load, so the test guards against regressions at 0.4 and reports the figure
+    # rather than flip-flop.
     assert ship / link >= 0.4, f"shipping / link bandwidth {ship / link:.2f} < 0.4: {runs}"
