@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from coordinator.api import EventStreamResponse
-from coordinator.pipeline import GenerationParams, Pipeline, TokenEvent, _Waiter
+from coordinator.pipeline import GenerationParams, Pipeline, PipelineError, TokenEvent, _Waiter
 from coordinator.supervisor import Supervisor
 from node._proto.layerlink.v1 import node_pb2 as pb
 
@@ -37,8 +37,6 @@ def test_token_wait_cancelled_as_its_token_arrives_raises() -> None:
 
 def test_token_wait_still_times_out() -> None:
     async def scenario() -> None:
-        from coordinator.pipeline import PipelineError
-
         with pytest.raises(PipelineError, match="no token for request r step 3"):
             await Pipeline._next_event(None, _Waiter(), "r", 3, 0.05)  # type: ignore[arg-type]
 

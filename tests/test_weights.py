@@ -84,6 +84,18 @@ def blobs_intact(cache_dir: Path) -> int:
     return n
 
 
+def byte_tensors_request(tensors: list[bytes]) -> Any:
+    """A PrepareWeights request for raw byte tensors t0, t1, ... of a model "m"."""
+    from node._proto.layerlink.v1 import node_pb2 as pb
+
+    refs = [
+        pb.TensorRef(name=f"t{i}", sha256=hashlib.sha256(t).hexdigest(), dtype="U8",
+                     shape=[len(t)], nbytes=len(t))
+        for i, t in enumerate(tensors)
+    ]  # fmt: skip
+    return pb.PrepareWeightsRequest(model="m", config_json=b"{}", tensors=refs)
+
+
 def stage_bytes(model_path: Path, start: int, end: int) -> int:
     """What the cost model says a stage holds (computed from the headers, independently)."""
     return stage_weight_bytes(ModelSpec.from_config_dir(model_path), start, end)
@@ -307,12 +319,7 @@ def test_push_acks_in_order_and_files_whole_tensors_of_a_stream_that_stops(
 
     tensors = [os.urandom((1 << 20) + 512 * i) for i in range(5)]
     shas = [hashlib.sha256(t).hexdigest() for t in tensors]
-    request = pb.PrepareWeightsRequest(
-        model="m",
-        config_json=b"{}",
-        tensors=[pb.TensorRef(name=f"t{i}", sha256=sha, dtype="U8", shape=[len(t)],
-                              nbytes=len(t)) for i, (t, sha) in enumerate(zip(tensors, shas, strict=True))],  # fmt: skip
-    )
+    request = byte_tensors_request(tensors)
 
     def pieces(indices: list[int]) -> list[Any]:
         return [pb.TensorChunk(sha256=shas[i], offset=0, data=tensors[i]) for i in indices]
@@ -515,12 +522,7 @@ def test_a_stream_that_hangs_mid_tensor_does_not_block_the_next(tmp_path: Path) 
 
     data = os.urandom(3 << 20)
     sha = hashlib.sha256(data).hexdigest()
-    request = pb.PrepareWeightsRequest(
-        model="m",
-        config_json=b"{}",
-        tensors=[pb.TensorRef(name="t", sha256=sha, dtype="U8", shape=[len(data)],
-                              nbytes=len(data))],  # fmt: skip
-    )
+    request = byte_tensors_request([data])
 
     async def run() -> list[Any]:
         service = WeightService(tmp_path / "c")
