@@ -294,8 +294,11 @@ def test_dashboard_answers_while_the_coordinator_is_still_loading(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Even placement: three stages, so never the module's dashboard_server's plan (which may
+    # be the planner's one-stage plan on the same node: the node would refuse to replace a
+    # plan another live coordinator uses).
     cmd = [sys.executable, "-m", "coordinator.main", "up", "--model", str(tiny_llama),
-           "--port", str(port), "--check-tokens", "1500"]  # fmt: skip
+           "--port", str(port), "--check-tokens", "1500", "--placement", "even"]  # fmt: skip
     for n in local_cluster.nodes:
         cmd += ["--node", n.address]
     url = f"http://127.0.0.1:{port}"
