@@ -38,11 +38,15 @@ class ModelInfo:
     hidden_size: int
     vocab_size: int
     config: dict[str, Any]
+    gguf: Path | None = None  # the GGUF file the folder was converted from, if any
 
 
 def read_model(path: str | Path) -> ModelInfo:
-    """A model folder, or a Hugging Face repo id (coordinator/modelsource.py)."""
+    """A model folder, a GGUF file, `ollama:NAME[:TAG]` or a Hugging Face repo id
+    (coordinator/modelsource.py); a model the stage engine cannot run exactly is refused
+    here, before any node is touched."""
     from coordinator.modelsource import ModelSourceError, resolve_model
+    from node.architectures import unsupported_reason
 
     try:
         source = resolve_model(str(path))
@@ -56,6 +60,11 @@ def read_model(path: str | Path) -> ModelInfo:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise SessionError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise SessionError(f"{cfg_path} does not hold a JSON object")
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise SessionError(f"{source.name}: {reason}")
     cfg = config.get("text_config", config)
     try:
         return ModelInfo(
@@ -65,6 +74,7 @@ def read_model(path: str | Path) -> ModelInfo:
             hidden_size=int(cfg["hidden_size"]),
             vocab_size=int(cfg["vocab_size"]),
             config=config,
+            gguf=source.gguf,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SessionError(f"{cfg_path} lacks a usable {e}") from None

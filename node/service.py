@@ -31,6 +31,7 @@ from node import (
     PROTOCOL_VERSION,
     __version__,
     codec,
+    computedtype,
     devicebench,
     hardware,
     inputs,
@@ -201,6 +202,7 @@ class LoadedStage:
             decode_steps=self.decode_steps,
             decode_seconds=self.decode_seconds,
             batched_steps=self.batched_steps,
+            compute_dtype=codec.dtype_name(self.stage.dtype),
         )
 
 
@@ -271,6 +273,7 @@ class NodeService(pb_grpc.NodeServicer):
                 )
                 if d.kind == "cuda"
                 else None,
+                compute_dtype=computedtype.policy(),
             )
             for d in self.hw.devices
         ]
@@ -622,9 +625,8 @@ class NodeService(pb_grpc.NodeServicer):
 
     @staticmethod
     def _hidden_of(msg: pb.ForwardRequest, stage: ModelStage) -> mx.array:
-        return codec.from_proto(
-            msg.hidden, dtype=codec.dtype_name(stage.dtype), ndim=3, last_dim=stage.hidden_size
-        )
+        # Any float dtype: ModelStage checks it (activations keep the dtype they were made in).
+        return codec.from_proto(msg.hidden, ndim=3, last_dim=stage.hidden_size)
 
     def _run_step(self, msg: pb.ForwardRequest, loaded: LoadedStage, reply: ReplySink) -> None:
         """On the compute thread: run one step and send its result on from here (no hand-back

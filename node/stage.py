@@ -19,12 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from node import computedtype
+from node.architectures import unsupported_reason
+
 if TYPE_CHECKING:
     from node.weightcache import CachedStage
 
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_TOKENS = 8192
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # Requests with a KV cache on one stage at once (each holds memory until released or idle).
 MAX_REQUESTS = 1024
 
@@ -176,6 +180,9 @@ class ModelStage:
                 f"layer range [{spec.start}, {spec.end}) is outside the model's {n} layers "
                 f"(valid: 0 <= start < end <= {n})",
             )
+        reason = unsupported_reason(config)
+        if reason is not None:
+            raise StageError(ErrorKind.FAILED_PRECONDITION, reason)
         self.num_layers = n
         self.config = config
         t0 = time.perf_counter()
@@ -236,6 +243,10 @@ class ModelStage:
                     ErrorKind.FAILED_PRECONDITION,
                     f"the shipped stage lacks {len(absent)} tensors it needs, e.g. {absent[:3]}",
                 )
+        # The CPU backend computes half-precision weights as float32 (node/computedtype.py).
+        self.compute_rule = computedtype.policy()
+        for m in kept:
+            computedtype.cast_for_compute(m, self.compute_rule)
         params = [m.parameters() for m in kept]
         mx.eval(params)
         self.weight_bytes = sum(int(v.nbytes) for m in kept for _, v in _flatten(m.parameters()))
@@ -249,7 +260,7 @@ class ModelStage:
     def _activation_dtype(mods: list[Any]) -> mx.Dtype:
         for m in mods:
             for name, v in _flatten(m.parameters()):
-                if v.dtype in (mx.float32, mx.float16, mx.bfloat16) and not name.endswith("biases"):
+                if v.dtype in FLOAT_DTYPES and not name.endswith(("scales", "biases")):
                     return v.dtype
         return mx.float32
 
@@ -399,10 +410,13 @@ class ModelStage:
                 ErrorKind.INVALID_ARGUMENT,
                 f"hidden states of shape {list(hidden.shape)}; expected [1, T, {self.hidden_size}]",
             )
-        if hidden.dtype != self.dtype:
+        # Activations arrive in the dtype the previous stage produced (a mixed-dtype model's
+        # float32 norms promote them; a GPU stage may send float16 to a CPU one), exactly as
+        # they would flow inside one process.
+        if hidden.dtype not in FLOAT_DTYPES:
             raise StageError(
                 ErrorKind.INVALID_ARGUMENT,
-                f"hidden states are {hidden.dtype}, the model runs in {self.dtype}",
+                f"hidden states are {hidden.dtype}; expected float32, float16 or bfloat16",
             )
         return int(hidden.shape[1])
 

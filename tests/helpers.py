@@ -14,11 +14,15 @@ from coordinator.session import even_counts, fixed_plan, read_model
 
 
 def reference_generate(model_path: Path, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    """mlx_lm's own single-process greedy generation: tokens and log-probabilities."""
+    """mlx_lm's own single-process greedy generation: tokens and log-probabilities, with the
+    weights held in the dtype a node on this machine computes in (node/computedtype.py)."""
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
+    from node.computedtype import cast_for_compute
+
     model, _ = load(str(model_path))
+    cast_for_compute(model)
     tokens: list[int] = []
     logprobs: list[np.ndarray] = []
     steps = generate_step(mx.array(prompt), model, max_tokens=n, sampler=lambda x: mx.argmax(x, axis=-1))

@@ -1,0 +1,509 @@
+"""GGUF files as a model source: the file llama.cpp, Ollama, LM Studio and Jan keep.
+
+A GGUF is read once on the coordinator and written as an MLX model folder in
+`$XDG_CACHE_HOME/layerlink/gguf/` (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json, and `model.gguf`, a link back to the file for the llama.cpp
+baseline). Everything after that — planning, shipping each node its stage's tensors, the
+nodes' caches — works on that folder as on any other; nodes never need the GGUF.
+
+What maps without loss: F32, F16 and BF16 tensors as they are; Q4_0, Q4_1 and Q8_0 as MLX
+affine quantization with group 32 (`mx.load` reads them so; the bytes are the GGUF's values
+exactly, scales and offsets in float16). K-quants (Q4_K, Q5_K, Q6_K) are dequantized and
+quantized again for MLX (group 32; Q4_K and Q5_K keep their bits, Q6_K goes to 8 bits): this
+adds a small error, which docs/weights.md reports. Anything else is refused before any node
+is touched, with a message naming what is supported.
+
+The tokenizer is built from the GGUF's own vocabulary and merges (GPT-2-style byte-level
+BPE, with the pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`), with its special
+tokens, end-of-turn ids and chat template: no download.
+
+Trust boundary: the file is the user's, but may be truncated or corrupt; every field read is
+checked, and any failure is a GGUFError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# GGUF architecture -> the mlx_lm model type its tensors become.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+LOSSLESS_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+# K-quants converted to MLX affine quantization (group 32) with these bits.
+REQUANT_BITS = {"Q4_K": 4, "Q5_K": 5, "Q6_K": 8}
+SUPPORTED_TYPES = (*LOSSLESS_TYPES, *REQUANT_BITS)
+GROUP_SIZE = 32
+CONVERTER_VERSION = 1  # bump when the folder written for a GGUF would change
+
+# llama.cpp's pre-tokenizer names -> the regex that splits text before byte-level BPE
+# (None: GPT-2's own, which ByteLevel applies itself). `digits`: numbers split one digit each.
+_GPT2 = None
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS: dict[str, tuple[str | None, bool]] = {
+    "default": (_GPT2, False),
+    "gpt2": (_GPT2, False),
+    "smollm": (_GPT2, True),
+    "starcoder": (_GPT2, True),
+    "llama-bpe": (_LLAMA3, False),
+    "llama3": (_LLAMA3, False),
+    "qwen2": (_QWEN2, False),
+}
+TOKEN_CONTROL = 3  # llama.cpp token types: 1 normal, 3 control, 4 user-defined, 6 byte
+TOKEN_USER_DEFINED = 4
+
+# GGUF tensor name parts -> mlx_lm (Hugging Face) names.
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_SUFFIXES = ("weight", "bias", "scales", "biases")
+
+
+class GGUFError(RuntimeError):
+    """A GGUF file LayerLink cannot serve; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class GGUFSummary:
+    """What a GGUF holds, read from its header without loading tensor data."""
+
+    path: Path
+    architecture: str
+    name: str
+    tensor_types: dict[str, int]  # GGML type name -> number of tensors
+    file_type: str  # the most common quantized type, e.g. "Q4_1"
+
+
+def cache_root() -> Path:
+    from node.identity import cache_dir
+
+    return cache_dir() / "gguf"
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def inspect_gguf(path: Path) -> GGUFSummary:
+    """Check the file's header and tensor table; refuse what cannot be served exactly."""
+    import gguf
+    import numpy as np
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError, IndexError, ... on bad bytes
+        raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise GGUFError(
+                f"{path} is truncated: tensor {t.name} ends at byte {end}, the file has {size}"
+            )
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    if not reader.tensors:
+        raise GGUFError(f"{path} holds no tensors")
+
+    def string(key: str, default: str = "") -> str:
+        field = reader.fields.get(key)
+        if field is None or not field.data:
+            return default
+        raw = field.parts[field.data[0]]
+        return bytes(np.asarray(raw, dtype=np.uint8)).decode("utf-8", "replace")
+
+    arch = string("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(
+            f"{path}: architecture {arch or '(none)'!r} is not supported; LayerLink serves "
+            f"GGUF architectures {', '.join(sorted(ARCHITECTURES))}"
+        )
+    bad = sorted(set(types) - set(SUPPORTED_TYPES))
+    if bad:
+        raise GGUFError(
+            f"{path}: tensor type(s) {', '.join(bad)} are not supported; LayerLink reads "
+            f"{', '.join(SUPPORTED_TYPES)}"
+        )
+    tok_model = string("tokenizer.ggml.model")
+    if tok_model != "gpt2":
+        raise GGUFError(
+            f"{path}: tokenizer model {tok_model or '(none)'!r} is not supported; LayerLink "
+            "builds byte-level BPE vocabularies ('gpt2': Llama 3, Qwen, SmolLM, Mistral Nemo), "
+            "not SentencePiece ones ('llama': Llama 2, Mistral 7B v0.1)"
+        )
+    pre = string("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise GGUFError(
+            f"{path}: pre-tokenizer {pre!r} is not supported; LayerLink knows "
+            f"{', '.join(sorted(PRE_TOKENIZERS))}"
+        )
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise GGUFError(
+            f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 and later) are not "
+            "supported yet"
+        )
+    quantized = {k: v for k, v in types.items() if k not in ("F32", "F16", "BF16")}
+    file_type = max(quantized, key=lambda k: quantized[k]) if quantized else max(types)
+    return GGUFSummary(
+        path=path,
+        architecture=arch,
+        name=string("general.name") or path.stem,
+        tensor_types=types,
+        file_type=file_type,
+    )
+
+
+def converted_folder(path: Path, *, root: Path | None = None) -> Path:
+    """The MLX folder for GGUF `path`, converting it on first use (later calls reuse it
+    while the file's size and modification time are unchanged)."""
+    path = path.expanduser().resolve()
+    summary = inspect_gguf(path)
+    st = path.stat()
+    key = hashlib.sha256(
+        f"{path}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}".encode()
+    ).hexdigest()[:16]
+    root = root or cache_root()
+    out = root / f"{_safe(path.stem)}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        convert(summary, tmp)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s (%s) to %s", path.name, summary.file_type, out)
+    return out
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:64] or "model"
+
+
+def convert(summary: GGUFSummary, out: Path) -> None:
+    """Write the MLX folder of a checked GGUF into `out`."""
+    import mlx.core as mx
+
+    try:
+        loaded = mx.load(str(summary.path), return_metadata=True)
+    except Exception as e:  # MLX raises RuntimeError/ValueError on bytes it cannot parse
+        raise GGUFError(f"{summary.path}: MLX cannot read it ({e})") from None
+    raw, meta = loaded  # type: ignore[misc]
+    config = model_config(summary, meta, raw)
+    weights = dict(_mlx_weights(summary, raw, config))
+    if config["tie_word_embeddings"] is False and "lm_head.weight" not in weights:
+        raise GGUFError(f"{summary.path}: no output tensor and the embeddings are not tied")
+    bits = _quantized_bits(weights)
+    if bits:
+        default = max(set(bits.values()), key=list(bits.values()).count)
+        quant: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default, "mode": "affine"}
+        for module, b in sorted(bits.items()):
+            if b != default:
+                quant[module] = {"group_size": GROUP_SIZE, "bits": b}
+        config["quantization"] = quant
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer, tok_config = build_tokenizer(summary, meta)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (out / "layerlink-source.json").write_text(
+        json.dumps(
+            {"gguf": str(summary.path), "types": summary.tensor_types,
+             "converter": CONVERTER_VERSION},
+            indent=2,
+        )
+    )  # fmt: skip
+    os.symlink(summary.path, out / "model.gguf")
+
+
+def _meta_int(meta: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    v = meta.get(key)
+    if v is None:
+        if default is None:
+            raise GGUFError(f"the GGUF metadata lacks {key}")
+        return default
+    try:
+        return int(v.item() if hasattr(v, "item") else v)
+    except (TypeError, ValueError):
+        raise GGUFError(f"the GGUF metadata's {key} is not a number") from None
+
+
+def _meta_float(meta: Mapping[str, Any], key: str, default: float) -> float:
+    v = meta.get(key)
+    if v is None:
+        return default
+    try:
+        return float(v.item() if hasattr(v, "item") else v)
+    except (TypeError, ValueError):
+        raise GGUFError(f"the GGUF metadata's {key} is not a number") from None
+
+
+def model_config(
+    summary: GGUFSummary, meta: Mapping[str, Any], raw: Mapping[str, Any]
+) -> dict[str, Any]:
+    """config.json for mlx_lm from the GGUF's `<arch>.*` metadata."""
+    a = summary.architecture
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise GGUFError(f"{summary.path}: the GGUF has no tokenizer vocabulary")
+    heads = _meta_int(meta, f"{a}.attention.head_count")
+    hidden = _meta_int(meta, f"{a}.embedding_length")
+    head_dim = _meta_int(meta, f"{a}.attention.key_length", hidden // max(heads, 1))
+    rope_dims = _meta_int(meta, f"{a}.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise GGUFError(
+            f"{summary.path}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are "
+            "not supported"
+        )
+    scaling = meta.get(f"{a}.rope.scaling.type")
+    rope_scaling: dict[str, Any] | None = None
+    if isinstance(scaling, str) and scaling not in ("none", ""):
+        if scaling != "linear":
+            raise GGUFError(f"{summary.path}: RoPE scaling {scaling!r} is not supported")
+        rope_scaling = {
+            "type": "linear",
+            "factor": _meta_float(meta, f"{a}.rope.scaling.factor", 1.0),
+        }
+    bos = _meta_int(meta, "tokenizer.ggml.bos_token_id", -1)
+    config: dict[str, Any] = {
+        "model_type": ARCHITECTURES[a],
+        "architectures": [_HF_CLASS[a]],
+        "hidden_size": hidden,
+        "num_hidden_layers": _meta_int(meta, f"{a}.block_count"),
+        "intermediate_size": _meta_int(meta, f"{a}.feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _meta_int(meta, f"{a}.attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _meta_float(meta, f"{a}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": _meta_float(meta, f"{a}.rope.freq_base", 10000.0),
+        "max_position_embeddings": _meta_int(meta, f"{a}.context_length", 4096),
+        "vocab_size": len(tokens),
+        "tie_word_embeddings": "output.weight" not in raw,
+        "eos_token_id": end_of_turn_ids(meta),
+        "torch_dtype": "float32",
+    }
+    if bos >= 0:
+        config["bos_token_id"] = bos
+    if rope_scaling:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def end_of_turn_ids(meta: Mapping[str, Any]) -> list[int]:
+    """eos, end-of-turn and end-of-generation ids the GGUF names (llama.cpp stops on all)."""
+    ids: list[int] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                "tokenizer.ggml.eom_token_id"):  # fmt: skip
+        v = _meta_int(meta, key, -1)
+        if v >= 0 and v not in ids:
+            ids.append(v)
+    return ids
+
+
+def _mlx_weights(
+    summary: GGUFSummary, raw: Mapping[str, Any], config: Mapping[str, Any]
+) -> Iterator[tuple[str, Any]]:
+    """(mlx_lm name, array) for every tensor: renamed, q/k rows restored for llama, K-quants
+    requantized."""
+    import gguf
+
+    reader: Any = None
+    types: dict[str, str] = {}
+    if any(t in summary.tensor_types for t in REQUANT_BITS):
+        reader = gguf.GGUFReader(summary.path)
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+    for name, arr in raw.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        hf = hf_name(name)
+        if hf is None:
+            raise GGUFError(
+                f"{summary.path}: tensor {name} has no place in a {summary.architecture} model"
+            )
+        base = name.rsplit(".", 1)[0]
+        if f"{base}.scales" in raw:
+            parts = {
+                "weight": arr,
+                "scales": raw[f"{base}.scales"],
+                "biases": raw[f"{base}.biases"],
+            }
+        elif types.get(name) in REQUANT_BITS:
+            parts = _requantized(reader, name, REQUANT_BITS[types[name]])
+        else:
+            parts = {"weight" if name.endswith(".weight") else "bias": arr}
+        if summary.architecture == "llama":
+            parts = _unpermute_qk(name, parts, config)
+        stem = hf.rsplit(".", 1)[0]
+        for suffix, value in parts.items():
+            yield f"{stem}.{suffix}", value
+
+
+def _requantized(reader: Any, name: str, bits: int) -> dict[str, Any]:
+    """A K-quant tensor dequantized by the gguf package, then MLX-quantized (group 32)."""
+    import gguf
+    import mlx.core as mx
+    import numpy as np
+
+    t = next(t for t in reader.tensors if t.name == name)
+    values = gguf.quants.dequantize(t.data, t.tensor_type)  # (rows, cols) float32
+    dense = mx.array(np.ascontiguousarray(values, dtype=np.float32)).astype(mx.float16)
+    w, scales, biases = mx.quantize(dense, group_size=GROUP_SIZE, bits=bits)
+    return {"weight": w, "scales": scales, "biases": biases}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    suffix = parts[-1]
+    if suffix not in _SUFFIXES:
+        return None
+    if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit() and parts[2] in _BLOCK:
+        return f"model.layers.{int(parts[1])}.{_BLOCK[parts[2]]}.{suffix}"
+    if len(parts) == 2 and parts[0] in _TOP:
+        return f"{_TOP[parts[0]]}.{suffix}"
+    return None
+
+
+def _unpermute_qk(name: str, parts: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """llama.cpp's converter reorders the rows of q and k per head for its RoPE layout
+    (pairs interleaved); put them back in Hugging Face's order (halves)."""
+    if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+        heads = int(config["num_attention_heads"])
+    elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+        heads = int(config["num_key_value_heads"])
+    else:
+        return parts
+    out = {}
+    for key, a in parts.items():
+        rows = a.shape[0]
+        rest = list(a.shape[1:])
+        out[key] = (
+            a.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+        )
+    return out
+
+
+def _quantized_bits(weights: Mapping[str, Any]) -> dict[str, int]:
+    """module path -> bits, for every quantized module (bits from the packed width)."""
+    out = {}
+    for name, w in weights.items():
+        if not name.endswith(".scales"):
+            continue
+        module = name[: -len(".scales")]
+        packed = weights[f"{module}.weight"]
+        in_features = int(w.shape[-1]) * GROUP_SIZE
+        out[module] = int(packed.shape[-1]) * 32 // in_features
+    return out
+
+
+def build_tokenizer(summary: GGUFSummary, meta: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(tokenizers.Tokenizer, tokenizer_config.json) from the GGUF's vocabulary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    merges_raw = meta.get("tokenizer.ggml.merges")
+    if not isinstance(merges_raw, list) or not merges_raw:
+        raise GGUFError(f"{summary.path}: the GGUF's BPE vocabulary has no merges")
+    merges = []
+    for m in merges_raw:
+        left, sep, right = str(m).partition(" ")
+        if not sep:
+            raise GGUFError(f"{summary.path}: malformed BPE merge {m!r}")
+        merges.append((left, right))
+    types_arr = meta.get("tokenizer.ggml.token_type")
+    types = [int(x) for x in types_arr.tolist()] if types_arr is not None else [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise GGUFError(f"{summary.path}: {len(types)} token types for {len(tokens)} tokens")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    regex, digits = PRE_TOKENIZERS[_pre_name(meta)]
+    steps: list[Any] = []
+    if digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if regex is not None:
+        steps.append(pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=regex is None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    special = [
+        AddedToken(t, special=ty == TOKEN_CONTROL, normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
+    ]
+    tok.add_tokens(special)
+
+    def token_at(key: str) -> str | None:
+        i = _meta_int(meta, key, -1)
+        return tokens[i] if 0 <= i < len(tokens) else None
+
+    add_bos = (
+        bool(meta["tokenizer.ggml.add_bos_token"].item())
+        if "tokenizer.ggml.add_bos_token" in meta
+        else False
+    )
+    bos = token_at("tokenizer.ggml.bos_token_id")
+    if add_bos and bos is not None:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
+    eos_ids = end_of_turn_ids(meta)
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": _meta_int(meta, f"{summary.architecture}.context_length", 4096),
+        "bos_token": bos,
+        "eos_token": tokens[eos_ids[0]] if eos_ids and eos_ids[0] < len(tokens) else None,
+        "unk_token": token_at("tokenizer.ggml.unknown_token_id"),
+        "pad_token": token_at("tokenizer.ggml.padding_token_id"),
+        "add_bos_token": add_bos,
+        "clean_up_tokenization_spaces": False,
+    }
+    template = meta.get("tokenizer.chat_template")
+    if isinstance(template, str) and template:
+        config["chat_template"] = template
+    return tok, config
+
+
+def _pre_name(meta: Mapping[str, Any]) -> str:
+    pre = meta.get("tokenizer.ggml.pre")
+    return pre if isinstance(pre, str) and pre else "default"

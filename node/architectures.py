@@ -1,0 +1,39 @@
+"""The model types the stage engine reproduces exactly, and the check that refuses others.
+
+A stage runs its slice of mlx_lm's layer list with one causal mask (node/stage.py). That is
+the whole forward pass for the types below; an architecture whose forward pass does more —
+Gemma scales its embeddings, others soft-cap logits or give some layers a sliding window —
+would load and silently produce wrong tokens. Every type listed has a test in which a
+3-stage pipeline equals mlx_lm (tests/test_equivalence.py). No MLX import: the coordinator
+checks a model with this before any node is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# mlx_lm model type -> what it covers (mistral is mlx_lm's llama code).
+SUPPORTED_MODEL_TYPES = {
+    "llama": "Llama 2/3, SmolLM, TinyLlama",
+    "mistral": "Mistral 7B",
+    "qwen2": "Qwen2, Qwen2.5",
+    "qwen3": "Qwen3 (dense)",
+}
+
+
+def unsupported_reason(config: Mapping[str, Any]) -> str | None:
+    """Why the stage engine cannot run this config exactly, or None if it can."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        names = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        return (
+            f"model type {model_type!r} is not supported: LayerLink serves only what its stage "
+            f"engine reproduces exactly ({names})"
+        )
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
+        return f"{model_type} with sliding-window layers is not supported (full attention only)"
+    if model_type == "qwen2" and config.get("use_sliding_window"):
+        return "qwen2 with use_sliding_window is not supported (full attention only)"
+    return None
