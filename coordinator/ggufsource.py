@@ -58,12 +58,19 @@ _QWEN2 = (
 )
 PRE_TOKENIZERS: dict[str, tuple[str | None, bool]] = {
     "default": (_GPT2, False),
+    "gpt-2": (_GPT2, False),
     "gpt2": (_GPT2, False),
+    "mpt": (_GPT2, False),
+    "olmo": (_GPT2, False),
     "smollm": (_GPT2, True),
     "starcoder": (_GPT2, True),
+    "refact": (_GPT2, True),
     "llama-bpe": (_LLAMA3, False),
+    "llama-v3": (_LLAMA3, False),
     "llama3": (_LLAMA3, False),
+    "smaug-bpe": (_LLAMA3, False),
     "qwen2": (_QWEN2, False),
+    "stablelm2": (_QWEN2, False),
 }
 TOKEN_CONTROL = 3  # llama.cpp token types: 1 normal, 3 control, 4 user-defined, 6 byte
 TOKEN_USER_DEFINED = 4
@@ -224,7 +231,10 @@ def convert(summary: GGUFSummary, out: Path) -> None:
         loaded = mx.load(str(summary.path), return_metadata=True)
     except Exception as e:  # MLX raises RuntimeError/ValueError on bytes it cannot parse
         raise GGUFError(f"{summary.path}: MLX cannot read it ({e})") from None
-    raw, meta = loaded  # type: ignore[misc]
+    if not isinstance(loaded, tuple) or len(loaded) != 2:
+        raise GGUFError(f"{summary.path}: MLX returned no tensors and metadata for it")
+    raw: dict[str, Any] = dict(loaded[0])
+    meta: dict[str, Any] = dict(loaded[1])
     config = model_config(summary, meta, raw)
     weights = dict(_mlx_weights(summary, raw, config))
     if config["tie_word_embeddings"] is False and "lm_head.weight" not in weights:

@@ -194,6 +194,24 @@ async def open_pipeline(
     return pipeline
 
 
+def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    """Token ids of `text`; with `chat`, as one user turn in the model's chat template."""
+    if chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer.encode(text)]
+
+
+def answer_text(tokenizer: Any, tokens: list[int]) -> str:
+    """The text of generated tokens, without the end-of-turn token that stopped them."""
+    stops = set(tokenizer.eos_token_ids)
+    if tokens and tokens[-1] in stops:
+        tokens = tokens[:-1]
+    return str(tokenizer.decode(tokens))
+
+
 def load_tokenizer(model: ModelInfo) -> Any:
     from mlx_lm.utils import load_tokenizer as _load
 

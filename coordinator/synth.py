@@ -30,7 +30,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("llama", "qwen2")
+# mistral is llama's weights under mlx_lm's "mistral" model type; qwen3 adds per-head q/k norms.
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+_HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 DTYPES = ("float32", "float16", "bfloat16")
 QUANT_BITS = (4, 8)
 QUANT_GROUP_SIZE = 64
@@ -204,7 +211,7 @@ def synthesize(
 
 def _config(shape: Preset, arch: str, dtype: str, bos_id: int, eos_id: int) -> dict[str, object]:
     return {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [_HF_CLASSES[arch]],
         "model_type": arch,
         "num_hidden_layers": shape.num_hidden_layers,
         "hidden_size": shape.hidden_size,
@@ -241,6 +248,10 @@ def _random_weights(shape: Preset, arch: str, seed: int) -> dict[str, np.ndarray
     def norm() -> np.ndarray:
         return (1.0 + NORM_JITTER * rng.standard_normal(h, dtype=np.float32)).astype(np.float32)
 
+    def head_norm() -> np.ndarray:
+        d = shape.head_dim
+        return (1.0 + NORM_JITTER * rng.standard_normal(d, dtype=np.float32)).astype(np.float32)
+
     w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal(v, h, EMBED_STD)}
     for i in range(shape.num_hidden_layers):
         p = f"model.layers.{i}"
@@ -252,6 +263,9 @@ def _random_weights(shape: Preset, arch: str, seed: int) -> dict[str, np.ndarray
             w[f"{p}.self_attn.q_proj.bias"] = normal(1, q_out, BIAS_STD)[0]
             w[f"{p}.self_attn.k_proj.bias"] = normal(1, kv_out, BIAS_STD)[0]
             w[f"{p}.self_attn.v_proj.bias"] = normal(1, kv_out, BIAS_STD)[0]
+        if arch == "qwen3":
+            w[f"{p}.self_attn.q_norm.weight"] = head_norm()
+            w[f"{p}.self_attn.k_norm.weight"] = head_norm()
         w[f"{p}.self_attn.o_proj.weight"] = proj(h, q_out)
         w[f"{p}.post_attention_layernorm.weight"] = norm()
         w[f"{p}.mlp.gate_proj.weight"] = proj(inter, h)

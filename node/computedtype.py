@@ -24,7 +24,7 @@ _HALF = (mx.float16, mx.bfloat16)
 
 
 def policy() -> str:
-    """"float32" on the CPU backend, "native" on a GPU or when the environment says so."""
+    """ "float32" on the CPU backend, "native" on a GPU or when the environment says so."""
     if os.environ.get(ENV, "").strip().lower() == NATIVE:
         return NATIVE
     return FLOAT32 if mx.default_device().type == mx.DeviceType.cpu else NATIVE
@@ -37,7 +37,9 @@ def cast_for_compute(module: Any, rule: str | None = None) -> bool:
 
     if (rule or policy()) != FLOAT32:
         return False
-    if not any(v.dtype in _HALF for _, v in tree_flatten(module.parameters())):
+    flat = tree_flatten(module.parameters())
+    assert isinstance(flat, list)
+    if not any(v.dtype in _HALF for _, v in flat):
         return False
     module.update(
         tree_map(lambda v: v.astype(mx.float32) if v.dtype in _HALF else v, module.parameters())

@@ -15,9 +15,13 @@ PROMPT = [1, 17, 42, 99, 7, 300, 12, 5]
 N_TOKENS = 48
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    ("preset", "arch"),
+    [("tiny", "llama"), ("small", "llama"), ("tiny", "qwen2"), ("small", "qwen2"),
+     ("tiny", "qwen3"), ("tiny", "mistral")],
+)  # fmt: skip
 def test_pipeline_matches_single_process(model_factory, local_cluster, preset: str, arch: str) -> None:
+    """Every model type node/architectures.py lists: 1, 2 and 3 stages equal mlx_lm."""
     path = model_factory(preset, arch)
     ref_tokens, ref_logprobs = reference_generate(path, PROMPT, N_TOKENS)
     assert len(set(ref_tokens)) >= 8, "the synthetic model should not repeat one token"
@@ -70,3 +74,32 @@ def test_mlx_quantized_model_over_two_stages(model_factory, local_cluster, bits:
     ref_tokens, _ = reference_generate(path, PROMPT, 24)
     (result,) = asyncio.run(run_on_nodes(local_cluster.nodes[:2], path, [PROMPT], GenerationParams(max_tokens=24)))
     assert list(result.tokens) == ref_tokens
+
+
+def test_supported_types_are_the_tested_ones() -> None:
+    """A type added to the supported list needs its equivalence case above."""
+    from node.architectures import SUPPORTED_MODEL_TYPES
+
+    tested = {"llama", "qwen2", "qwen3", "mistral"}
+    assert set(SUPPORTED_MODEL_TYPES) == tested
+
+
+def test_float16_model_computes_in_float32_on_cpu_nodes(model_factory, local_cluster) -> None:
+    """A float16 model on CPU nodes: each stage holds float32 (exact) and the pipeline equals
+    mlx_lm on the same weights cast the same way (tests.helpers.reference_generate)."""
+    path = model_factory("tiny", "llama", dtype="float16")
+    ref_tokens, _ = reference_generate(path, PROMPT, 16)
+    (result,) = asyncio.run(run_on_nodes(local_cluster.nodes, path, [PROMPT], GenerationParams(max_tokens=16)))
+    assert list(result.tokens) == ref_tokens
+
+    async def dtypes() -> list[str]:
+        from coordinator.nodeclient import NodeClient
+
+        out = []
+        for n in local_cluster.nodes:
+            async with NodeClient(n.address) as c:
+                info = await c.get_info(timeout=10.0)
+                out += [d.compute_dtype for d in info.devices]
+        return out
+
+    assert set(asyncio.run(dtypes())) == {"float32"}

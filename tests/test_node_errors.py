@@ -57,7 +57,7 @@ async def forward_replies(address: str, model: Path, messages: list[pb.ForwardRe
 
 
 def hidden(shape: tuple[int, ...], dtype: str = "float32") -> pb.Tensor:
-    arr = np.zeros(shape, dtype=np.float32 if dtype == "float32" else np.float16)
+    arr = np.zeros(shape, dtype={"float32": np.float32, "float16": np.float16, "int32": np.int32}[dtype])
     return pb.Tensor(dtype=dtype, shape=list(shape), data=arr.tobytes())
 
 
@@ -67,7 +67,7 @@ def test_forward_errors_keep_the_stream_alive(local_cluster, tiny_llama: Path) -
                            hidden=hidden((1, 3, 256)), sample=True, position=0)
     msgs = [
         pb.ForwardRequest(request_id="a", plan_id="err", phase=pb.PHASE_PREFILL, hidden=hidden((1, 3, 128)), position=0),
-        pb.ForwardRequest(request_id="b", plan_id="err", phase=pb.PHASE_PREFILL, hidden=hidden((1, 3, 256), "float16"), position=0),
+        pb.ForwardRequest(request_id="b", plan_id="err", phase=pb.PHASE_PREFILL, hidden=hidden((1, 3, 256), "int32"), position=0),
         pb.ForwardRequest(request_id="c", plan_id="err", phase=pb.PHASE_PREFILL,
                           hidden=pb.Tensor(dtype="float32", shape=[1, 3, 256], data=b"\0" * 10), position=0),
         pb.ForwardRequest(request_id="ghost", plan_id="err", phase=pb.PHASE_DECODE, hidden=hidden((1, 1, 256)), position=5),
@@ -77,7 +77,8 @@ def test_forward_errors_keep_the_stream_alive(local_cluster, tiny_llama: Path) -
     replies = asyncio.run(forward_replies(addr, tiny_llama, msgs, last=True))
     by_id = {r.request_id: r for r in replies}
     assert by_id["a"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "hidden size is 256" in by_id["a"].message
-    assert by_id["b"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "float16" in by_id["b"].message
+    # Activations of any float dtype are accepted (a mixed-dtype model promotes them); integers are not.
+    assert by_id["b"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "int32" in by_id["b"].message
     assert by_id["c"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "10 bytes" in by_id["c"].message
     assert by_id["ghost"].code == grpc.StatusCode.NOT_FOUND.value[0] and "unknown request id" in by_id["ghost"].message
     assert by_id["d"].code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "not loaded" in by_id["d"].message

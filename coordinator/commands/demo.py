@@ -1,8 +1,9 @@
 """`coordinator demo`: a whole cluster on this machine, end to end, in one command.
 
-Synthesizes a model if needed, starts N `cluster-node` processes on loopback, finds them over
-real mDNS, plans, loads, generates, prints the plan and the speed, and stops every process
-it started."""
+Starts N `cluster-node` processes on loopback, finds them over real mDNS, plans, loads a real
+model (SmolLM2-135M-Instruct from its GGUF, which `make install` puts in the venv; a
+synthetic model when it is absent), asks it a question in its chat template, prints the
+answer, the plan and the speed, and stops every process it started."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from coordinator import console
 from coordinator.commands.run import print_result
 from coordinator.localcluster import LocalCluster
 from coordinator.pipeline import GenerationParams
-from coordinator.session import load_tokenizer, memory_plan, open_pipeline, read_model
+from coordinator.session import (
+    answer_text,
+    encode_prompt,
+    load_tokenizer,
+    memory_plan,
+    open_pipeline,
+    read_model,
+)
 from node.identity import cache_dir
 
 
@@ -29,14 +37,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--model",
         default=None,
         metavar="PATH",
-        help="model folder (default: a synthetic 'small' llama model in the cache)",
+        help="model folder, GGUF file or ollama:NAME[:TAG] (default: the bundled "
+        "SmolLM2-135M-Instruct GGUF; a synthetic 'small' llama model if it is not installed)",
     )
-    p.add_argument("--prompt", default="The cluster of small machines", help="prompt text")
+    p.add_argument("--prompt", default=None, help="prompt text (default: a question)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as it is, not as a user turn of the model's chat template",
+    )
     p.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default: 48)")
     p.set_defaults(func=run)
 
 
+DEFAULT_QUESTION = "What is the capital of France?"
+SYNTHETIC_PROMPT = "The cluster of small machines"
+
+
 def default_model() -> Path:
+    from coordinator.bundled import INSTALL_HINT, smollm2_gguf
+
+    real = smollm2_gguf()
+    if real is not None:
+        return real
+    console.info(f"the bundled real model is not installed ({INSTALL_HINT}); using a synthetic one")
     path = cache_dir() / "models" / "synthetic-small-llama"
     if not (path / "config.json").is_file():
         from coordinator.synth import synthesize
@@ -56,17 +80,24 @@ async def demo(args: argparse.Namespace, model_path: Path, cluster: LocalCluster
         raise RuntimeError(f"mDNS found {len(records)} of {args.nodes} nodes")
     plan = await memory_plan(model, records)
     tokenizer = load_tokenizer(model)
+    chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
+    text = args.prompt or (DEFAULT_QUESTION if chat else SYNTHETIC_PROMPT)
+    prompt = encode_prompt(tokenizer, text, chat)
+    if chat:
+        console.info(f"asking: {text}")
     pipeline = await open_pipeline(plan, model)
     try:
-        prompt = list(tokenizer.encode(args.prompt))
         # Warm-up: the first request pays one-off costs (graph set-up, first allocations).
         await pipeline.generate(prompt, GenerationParams(max_tokens=4))
-        result = await pipeline.generate(prompt, GenerationParams(max_tokens=args.max_tokens))
+        params = GenerationParams(
+            max_tokens=args.max_tokens, stop_token_ids=frozenset(tokenizer.eos_token_ids)
+        )
+        result = await pipeline.generate(prompt, params)
     finally:
         await pipeline.close()
     print_result(
         {
-            "text": tokenizer.decode(list(result.tokens)),
+            "text": answer_text(tokenizer, list(result.tokens)),
             "tokens": list(result.tokens),
             "ttft_s": result.ttft_s,
             "decode_tps": result.decode_tps,

@@ -15,7 +15,15 @@ from coordinator.commands._common import (
 )
 from coordinator.errors import UserError
 from coordinator.pipeline import GenerationParams, PipelineError
-from coordinator.session import SessionError, choose_plan, load_tokenizer, open_pipeline, read_model
+from coordinator.session import (
+    SessionError,
+    answer_text,
+    choose_plan,
+    encode_prompt,
+    load_tokenizer,
+    open_pipeline,
+    read_model,
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,14 +65,7 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(str(e)) from None
     records = await discover(args)
     tokenizer = load_tokenizer(model)
-    if args.chat:
-        prompt = list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": args.prompt}], add_generation_prompt=True
-            )
-        )
-    else:
-        prompt = list(tokenizer.encode(args.prompt))
+    prompt = encode_prompt(tokenizer, args.prompt, args.chat)
     try:
         plan = await choose_plan(
             model, records, args.placement, args.objective, args.concurrency,
@@ -83,7 +84,7 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await pipeline.close()
     return {
-        "text": tokenizer.decode(list(result.tokens)),
+        "text": answer_text(tokenizer, list(result.tokens)),
         "tokens": list(result.tokens),
         "prompt_tokens": result.prompt_tokens,
         "finish_reason": result.finish_reason,
