@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -991,9 +991,15 @@ def bench_report(
 # `make bench`: the suite of issue 9
 
 
+# The real model of the suite: the bundled SmolLM2-135M-Instruct GGUF (coordinator/bundled.py).
+REAL_MODEL = "smollm2"
+# The cost model's prediction of the real model's LayerLink rows must land within this.
+PREDICTION_TARGET = 0.25
+
+
 @dataclass(frozen=True)
 class SuiteSettings:
-    models: tuple[str, ...] = ("tiny", "small")
+    models: tuple[str, ...] = ("tiny", "small", REAL_MODEL)
     stage_counts: tuple[int, ...] = (1, 2, 3)
     prompt_tokens: int = 32
     gen_tokens: int = 64
@@ -1018,9 +1024,18 @@ class Check:
 
 
 def suite_model(preset: str, root: Path | None) -> Path:
-    """The synthetic llama model of a preset, with its GGUF, written once and reused."""
+    """The synthetic llama model of a preset, with its GGUF, written once and reused; for
+    REAL_MODEL, the bundled GGUF (converted on first use by read_model)."""
     from coordinator.synth import synthesize
     from node.identity import cache_dir
+
+    if preset == REAL_MODEL:
+        from coordinator.bundled import INSTALL_HINT, smollm2_gguf
+
+        real = smollm2_gguf()
+        if real is None:
+            raise BenchError(f"the real model is not installed: {INSTALL_HINT}")
+        return real
 
     path = (root or cache_dir() / "models") / f"bench-{preset}-llama"
     if not (path / "config.json").is_file() or not (path / "model.gguf").is_file():
@@ -1039,9 +1054,33 @@ def _find(
     return None
 
 
-def suite_checks(results: Sequence[RunResult], rtt_us: float) -> list[Check]:
-    """Issue 9's acceptance ratios, computed from this run (reported, never asserted)."""
+def suite_checks(
+    results: Sequence[RunResult],
+    rtt_us: float,
+    predicted: Mapping[tuple[str, int], float] | None = None,
+) -> list[Check]:
+    """Issue 9's and issue 13's acceptance ratios, computed from this run (reported, never
+    asserted). `predicted`: (model, stages) -> the cost model's LayerLink tokens/s."""
     checks: list[Check] = []
+    for (label, k), tps in sorted((predicted or {}).items()):
+        run = _find(results, label, SYSTEM_LAYERLINK, k, DEPLOY_LOOPBACK)
+        if run is None or not run.decode_tps:
+            continue
+        err = abs(tps - run.decode_tps) / run.decode_tps
+        met = err <= PREDICTION_TARGET if label == REAL_MODEL else None
+        checks.append(Check(f"{label}: LayerLink {k} stages, predicted vs measured tokens per s",
+                            err, f"<= {PREDICTION_TARGET:.0%}" if met is not None else "report",
+                            met, f"{tps:.2f} predicted vs {run.decode_tps:.2f} measured tok/s"))  # fmt: skip
+    r1 = _find(results, REAL_MODEL, SYSTEM_LAYERLINK, 1, DEPLOY_LOOPBACK)
+    r3 = _find(results, REAL_MODEL, SYSTEM_LAYERLINK, 3, DEPLOY_LOOPBACK)
+    ref = _find(results, REAL_MODEL, SYSTEM_MLX_LM, 1, DEPLOY_IN_PROCESS)
+    floor3 = _find(results, REAL_MODEL, SYSTEM_FLOOR, 3, DEPLOY_LOOPBACK)
+    if r1 and r3 and ref and floor3 and r1.decode_tps and r3.decode_tps and ref.decode_tps:
+        ours = r3.decode_tps / r1.decode_tps
+        theirs = (floor3.decode_tps or 0.0) / ref.decode_tps
+        checks.append(Check(f"{REAL_MODEL}: LayerLink 3/1 stages minus the floor's 3 stages/unsplit",
+                            ours - theirs, ">= 0", ours >= theirs,
+                            f"LayerLink {ours:.3f} vs floor {theirs:.3f}"))  # fmt: skip
     ll1 = _find(results, "small", SYSTEM_LAYERLINK, 1, DEPLOY_LOOPBACK)
     ref = _find(results, "small", SYSTEM_MLX_LM, 1, DEPLOY_IN_PROCESS)
     if ll1 and ref and ll1.ms_per_token and ref.ms_per_token:
@@ -1111,7 +1150,9 @@ async def run_suite(
         if reason
         else [f"{LLAMA_THREADS_NOTE} (here: {settings.threads}, RPC {settings.rpc_threads})"]
     )
-    models = {p: suite_model(p, settings.model_root) for p in settings.models}
+    models = {p: read_model(suite_model(p, settings.model_root)) for p in settings.models}
+    predicted: dict[tuple[str, int], float] = {}
+    agreement: dict[str, Any] = {}
     # The raw socket round trip is measured before, between and after the models' runs, so
     # that it sees the same machine state they do; its median is the reference.
     say("raw socket round trip")
@@ -1123,8 +1164,8 @@ async def run_suite(
         nodes,
         endpoints,
     ):
-        for preset, path in models.items():
-            model = read_model(path)
+        for preset, model in models.items():
+            path = model.path
             bs = BenchSettings(
                 model_dir=path,
                 systems=systems,
@@ -1141,7 +1182,7 @@ async def run_suite(
                 preset,
                 nodes,
                 endpoints,
-                path / "model.gguf" if not reason else None,
+                path / "model.gguf" if not reason and (path / "model.gguf").is_file() else None,
                 include_mlx_lm=True,
                 stage_counts=settings.stage_counts,
                 on_event=on_event,
@@ -1149,8 +1190,16 @@ async def run_suite(
             )
             results += await measure(runners, settings.repeats, on_event)
             rtts.append(raw_socket_rtt())
+            predicted.update(_predictions(model, preset, settings))
+            if preset == REAL_MODEL and not reason:
+                say(f"{preset}: greedy agreement with llama.cpp")
+                from coordinator.agreement import greedy_agreement
+
+                agreement[preset] = greedy_agreement(
+                    path, path / "model.gguf", threads=settings.threads, on_progress=say
+                ).to_json()
     rtt_us = statistics.median(r.median_us for r in rtts)
-    checks = suite_checks(results, rtt_us)
+    checks = suite_checks(results, rtt_us, predicted)
     return {
         "machine": end_load(machine),
         "command": "make bench  (coordinator bench-suite --out bench/results/latest.json)",
@@ -1175,9 +1224,29 @@ async def run_suite(
             "p90_us": [round(r.p90_us, 2) for r in rtts],
         },
         "runs": [r.to_json() for r in results],
+        "predicted_tps": {f"{m}/{k}": round(v, 3) for (m, k), v in sorted(predicted.items())},
+        "agreement": agreement,
         "checks": [c.to_json() for c in checks],
         "notes": notes,
     }
+
+
+def _predictions(
+    model: ModelInfo, label: str, settings: SuiteSettings
+) -> dict[tuple[str, int], float]:
+    """The cost model's LayerLink decode tokens/s for each stage count (even splits, loopback)."""
+    from coordinator.experiment import make_predictor
+
+    predict, note = make_predictor(model, settings.prompt_tokens, settings.gen_tokens)
+    if predict is None:
+        log.warning("%s: %s", label, note)
+        return {}
+    out = {}
+    for k in settings.stage_counts:
+        tps = predict(even_counts(model.num_layers, k), None)
+        if tps is not None:
+            out[(label, k)] = tps
+    return out
 
 
 def scratch_dir() -> tempfile.TemporaryDirectory[str]:

@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+HALF_DTYPES = ("float16", "bfloat16")
 CALIBRATION_CSV = catalog.DATA / "calibration.csv"
 
 
@@ -112,15 +113,40 @@ class LiveCalibration:
 UNIT = LiveCalibration()  # the probe's figures as they are, no overheads
 
 
-def stream_dtype(config: Mapping[str, Any]) -> str:
-    """The dtype the model's weights stream in, as the probe names it (float32, float16,
-    bfloat16, q4, q8): what `probe_cluster(dtypes=[...])` should time for this model."""
+def stream_dtype(config: Mapping[str, Any], folder: Path | None = None) -> str:
+    """The dtype the model's weights are stored in, as the probe names it (float32, float16,
+    bfloat16, q4, q8): what `probe_cluster(dtypes=[...])` should time for this model. When
+    config.json does not say, the safetensors headers of `folder` do (by bytes)."""
     cfg = config.get("text_config", config)
     quant = config.get("quantization") or config.get("quantization_config")
     if isinstance(quant, Mapping) and quant.get("bits") in (4, 8):
         return f"q{quant['bits']}"
     raw = str(cfg.get("torch_dtype") or config.get("torch_dtype") or cfg.get("dtype") or "")
-    return raw if raw in FLOAT_DTYPES else "float16"
+    if raw in FLOAT_DTYPES:
+        return raw
+    stored = _stored_float_dtype(folder) if folder is not None else None
+    return stored or "float16"
+
+
+def probe_dtypes(dtype: str) -> list[str]:
+    """The dtypes to time for a model stored in `dtype`: float32 too for half-precision
+    models, which CPU nodes compute in float32."""
+    return [dtype, "float32"] if dtype in HALF_DTYPES else [dtype]
+
+
+def _stored_float_dtype(folder: Path) -> str | None:
+    from node.tensorfiles import TensorFileError, read_header
+
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    by_bytes: dict[str, int] = {}
+    try:
+        for f in sorted(folder.glob("*.safetensors")):
+            for e in read_header(f):
+                if e.dtype in names:
+                    by_bytes[names[e.dtype]] = by_bytes.get(names[e.dtype], 0) + e.nbytes
+    except (OSError, TensorFileError):
+        return None
+    return max(by_bytes, key=lambda k: by_bytes[k]) if by_bytes else None
 
 
 def _node_names(probe: Mapping[str, Any]) -> dict[str, str]:
@@ -161,12 +187,19 @@ def live_cluster(
         devices = []
         for d in node.get("devices", []):
             by_dtype = d.get("stream_by_dtype") or {}
-            stream = float(by_dtype.get(dtype) or d.get("stream_gbs") or 0.0)
-            if dtype not in by_dtype and stream > 0:
+            timed = dtype
+            if d.get("compute_dtype") == "float32" and dtype in HALF_DTYPES:
+                # The node holds half-precision weights as float32 (node/computedtype.py):
+                # twice the stored bytes stream at the float32 rate.
+                timed = "float32"
+            stream = float(by_dtype.get(timed) or d.get("stream_gbs") or 0.0)
+            if timed not in by_dtype and stream > 0:
                 log.warning(
                     "%s: no %s stream figure in the probe; using its %.2f GB/s",
-                    node.get("name"), dtype, stream,
+                    node.get("name"), timed, stream,
                 )  # fmt: skip
+            if timed != dtype:
+                stream /= 2.0
             matmul = float(d.get("matmul_tflops") or 0.0)
             extra: dict[str, Any] = {"stream_gbs": stream}
             if d.get("kind", "cpu") == "cpu":

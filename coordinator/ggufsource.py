@@ -6,12 +6,14 @@ tokenizer_config.json, and `model.gguf`, a link back to the file for the llama.c
 baseline). Everything after that — planning, shipping each node its stage's tensors, the
 nodes' caches — works on that folder as on any other; nodes never need the GGUF.
 
-What maps without loss: F32, F16 and BF16 tensors as they are; Q4_0, Q4_1 and Q8_0 as MLX
-affine quantization with group 32 (`mx.load` reads them so; the bytes are the GGUF's values
-exactly, scales and offsets in float16). K-quants (Q4_K, Q5_K, Q6_K) are dequantized and
-quantized again for MLX (group 32; Q4_K and Q5_K keep their bits, Q6_K goes to 8 bits): this
-adds a small error, which docs/weights.md reports. Anything else is refused before any node
-is touched, with a message naming what is supported.
+What maps without loss: F32, F16 and BF16 tensors as they are; Q4_0, Q4_1 and Q8_0 blocks
+repacked as MLX affine quantization with group 32 (each block of 32 values is an affine grid:
+the codes, scales and offsets are the GGUF's own, offsets and scales in float16). K-quants
+Q4_K (the bulk of a Q4_K_M file) is repacked too: each of its sub-blocks of 32 values is an
+affine grid, so only its scale and offset products are rounded to float16. Q5_K, Q6_K, Q5_0
+and Q5_1 (the rest of K-quant files) are dequantized by the gguf package and quantized again
+as MLX 8-bit with group 32: a small error, which docs/weights.md reports. Anything else is refused before any node is
+touched, with a message naming what is supported.
 
 The tokenizer is built from the GGUF's own vocabulary and merges (GPT-2-style byte-level
 BPE, with the pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`), with its special
@@ -39,11 +41,15 @@ log = logging.getLogger(__name__)
 # GGUF architecture -> the mlx_lm model type its tensors become.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 LOSSLESS_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
-# K-quants converted to MLX affine quantization (group 32) with these bits.
-REQUANT_BITS = {"Q4_K": 4, "Q5_K": 5, "Q6_K": 8}
-SUPPORTED_TYPES = (*LOSSLESS_TYPES, *REQUANT_BITS)
+# Types that MLX's affine quantization (group 32) cannot hold exactly: dequantized by the gguf
+# package and quantized again with these bits (Q4_K_M files mix in Q5_0/Q6_K; llama.cpp falls
+# back to Q5_0/Q5_1 for rows that are not a multiple of 256).
+REQUANT_BITS = {"Q5_K": 8, "Q6_K": 8, "Q5_0": 8, "Q5_1": 8}
+# Repacked, not requantized: Q4_K's sub-blocks of 32 are affine grids (see _q4_k).
+REPACKED_TYPES = ("Q4_K",)
+SUPPORTED_TYPES = (*LOSSLESS_TYPES, *REPACKED_TYPES, *REQUANT_BITS)
 GROUP_SIZE = 32
-CONVERTER_VERSION = 1  # bump when the folder written for a GGUF would change
+CONVERTER_VERSION = 4  # bump when the folder written for a GGUF would change
 
 # llama.cpp's pre-tokenizer names -> the regex that splits text before byte-level BPE
 # (None: GPT-2's own, which ByteLevel applies itself). `digits`: numbers split one digit each.
@@ -195,15 +201,18 @@ def converted_folder(path: Path, *, root: Path | None = None) -> Path:
     """The MLX folder for GGUF `path`, converting it on first use (later calls reuse it
     while the file's size and modification time are unchanged)."""
     path = path.expanduser().resolve()
-    summary = inspect_gguf(path)
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise GGUFError(f"cannot read {path}: {e.strerror}") from None
     key = hashlib.sha256(
         f"{path}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}".encode()
     ).hexdigest()[:16]
     root = root or cache_root()
     out = root / f"{_safe(path.stem)}-{key}"
     if (out / "config.json").is_file():
-        return out
+        return out  # converted before, from this very file
+    summary = inspect_gguf(path)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
     try:
@@ -225,20 +234,20 @@ def _safe(name: str) -> str:
 
 def convert(summary: GGUFSummary, out: Path) -> None:
     """Write the MLX folder of a checked GGUF into `out`."""
+    import gguf
     import mlx.core as mx
 
     try:
-        loaded = mx.load(str(summary.path), return_metadata=True)
-    except Exception as e:  # MLX raises RuntimeError/ValueError on bytes it cannot parse
-        raise GGUFError(f"{summary.path}: MLX cannot read it ({e})") from None
-    if not isinstance(loaded, tuple) or len(loaded) != 2:
-        raise GGUFError(f"{summary.path}: MLX returned no tensors and metadata for it")
-    raw: dict[str, Any] = dict(loaded[0])
-    meta: dict[str, Any] = dict(loaded[1])
-    config = model_config(summary, meta, raw)
-    weights = dict(_mlx_weights(summary, raw, config))
+        reader = gguf.GGUFReader(summary.path)
+        meta: dict[str, Any] = {k: f.contents() for k, f in reader.fields.items()}
+    except Exception as e:  # the gguf package raises freely on bytes it cannot parse
+        raise GGUFError(f"{summary.path}: cannot read its metadata ({e})") from None
+    names = {t.name for t in reader.tensors}
+    config = model_config(summary, meta, names)
+    weights = dict(_mlx_weights(summary, reader, config))
     if config["tie_word_embeddings"] is False and "lm_head.weight" not in weights:
         raise GGUFError(f"{summary.path}: no output tensor and the embeddings are not tied")
+    config["torch_dtype"] = _stored_dtype(weights)
     bits = _quantized_bits(weights)
     if bits:
         default = max(set(bits.values()), key=list(bits.values()).count)
@@ -286,7 +295,7 @@ def _meta_float(meta: Mapping[str, Any], key: str, default: float) -> float:
 
 
 def model_config(
-    summary: GGUFSummary, meta: Mapping[str, Any], raw: Mapping[str, Any]
+    summary: GGUFSummary, meta: Mapping[str, Any], tensor_names: set[str]
 ) -> dict[str, Any]:
     """config.json for mlx_lm from the GGUF's `<arch>.*` metadata."""
     a = summary.architecture
@@ -325,9 +334,8 @@ def model_config(
         "rope_theta": _meta_float(meta, f"{a}.rope.freq_base", 10000.0),
         "max_position_embeddings": _meta_int(meta, f"{a}.context_length", 4096),
         "vocab_size": len(tokens),
-        "tie_word_embeddings": "output.weight" not in raw,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
         "eos_token_id": end_of_turn_ids(meta),
-        "torch_dtype": "float32",
     }
     if bos >= 0:
         config["bos_token_id"] = bos
@@ -351,54 +359,127 @@ def end_of_turn_ids(meta: Mapping[str, Any]) -> list[int]:
 
 
 def _mlx_weights(
-    summary: GGUFSummary, raw: Mapping[str, Any], config: Mapping[str, Any]
+    summary: GGUFSummary, reader: Any, config: Mapping[str, Any]
 ) -> Iterator[tuple[str, Any]]:
-    """(mlx_lm name, array) for every tensor: renamed, q/k rows restored for llama, K-quants
-    requantized."""
-    import gguf
-
-    reader: Any = None
-    types: dict[str, str] = {}
-    if any(t in summary.tensor_types for t in REQUANT_BITS):
-        reader = gguf.GGUFReader(summary.path)
-        types = {t.name: t.tensor_type.name for t in reader.tensors}
-    for name, arr in raw.items():
-        if name.endswith((".scales", ".biases")):
-            continue
-        hf = hf_name(name)
+    """(mlx_lm name, array) for every tensor: renamed, q/k rows restored for llama, legacy
+    quants repacked exactly, K-quants requantized."""
+    for t in reader.tensors:
+        hf = hf_name(t.name)
         if hf is None:
             raise GGUFError(
-                f"{summary.path}: tensor {name} has no place in a {summary.architecture} model"
+                f"{summary.path}: tensor {t.name} has no place in a {summary.architecture} model"
             )
-        base = name.rsplit(".", 1)[0]
-        if f"{base}.scales" in raw:
-            parts = {
-                "weight": arr,
-                "scales": raw[f"{base}.scales"],
-                "biases": raw[f"{base}.biases"],
-            }
-        elif types.get(name) in REQUANT_BITS:
-            parts = _requantized(reader, name, REQUANT_BITS[types[name]])
-        else:
-            parts = {"weight" if name.endswith(".weight") else "bias": arr}
+        parts = tensor_parts(t)
         if summary.architecture == "llama":
-            parts = _unpermute_qk(name, parts, config)
+            parts = _unpermute_qk(t.name, parts, config)
         stem = hf.rsplit(".", 1)[0]
         for suffix, value in parts.items():
             yield f"{stem}.{suffix}", value
 
 
-def _requantized(reader: Any, name: str, bits: int) -> dict[str, Any]:
-    """A K-quant tensor dequantized by the gguf package, then MLX-quantized (group 32)."""
+def tensor_parts(t: Any) -> dict[str, Any]:
+    """One GGUF tensor (a gguf.ReaderTensor) as MLX arrays: {"weight"} (or {"bias"}) for
+    float types; {"weight", "scales", "biases"} (affine, group 32) for quantized ones."""
     import gguf
     import mlx.core as mx
     import numpy as np
 
-    t = next(t for t in reader.tensors if t.name == name)
-    values = gguf.quants.dequantize(t.data, t.tensor_type)  # (rows, cols) float32
-    dense = mx.array(np.ascontiguousarray(values, dtype=np.float32)).astype(mx.float16)
-    w, scales, biases = mx.quantize(dense, group_size=GROUP_SIZE, bits=bits)
-    return {"weight": w, "scales": scales, "biases": biases}
+    kind = t.tensor_type.name
+    data = np.asarray(t.data)
+    key = "bias" if t.name.endswith(".bias") else "weight"
+    if kind == "F32":
+        return {key: mx.array(data.astype(np.float32, copy=False))}
+    if kind == "F16":
+        return {key: mx.array(data.astype(np.float16, copy=False))}
+    if kind == "BF16":
+        return {key: mx.array(data.view(np.uint16)).view(mx.bfloat16)}
+    if kind in LEGACY_BLOCKS:
+        return _legacy_quant(data, kind)
+    if kind == "Q4_K":
+        return _q4_k(data)
+    if kind in REQUANT_BITS:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)  # (rows, cols) float32
+        dense = mx.array(np.ascontiguousarray(values, dtype=np.float32))
+        w, scales, biases = mx.quantize(dense, group_size=GROUP_SIZE, bits=REQUANT_BITS[kind])
+        return {
+            "weight": w,
+            "scales": scales.astype(mx.float16),
+            "biases": biases.astype(mx.float16),
+        }
+    raise GGUFError(f"tensor {t.name}: type {kind} is not supported")
+
+
+# Legacy GGML blocks of 32 values: (block bytes, MLX bits). Each block is an affine grid,
+# so it maps to one MLX group exactly: Q4_0 x = d*(q-8), Q4_1 x = d*q + m, Q8_0 x = d*q.
+LEGACY_BLOCKS = {"Q4_0": (18, 4), "Q4_1": (20, 4), "Q8_0": (34, 8)}
+
+
+def _pack(codes: Any, bits: int) -> Any:
+    """(rows, cols) codes -> MLX's packing: uint32 words, element k of a word at bits k*bits."""
+    import numpy as np
+
+    rows = codes.shape[0]
+    per_word = 32 // bits
+    words = codes.astype(np.uint32).reshape(rows, -1, per_word)
+    words = words << (np.arange(per_word, dtype=np.uint32) * bits)
+    return np.bitwise_or.reduce(words, axis=-1).astype(np.uint32)
+
+
+def _q4_k(data: Any) -> dict[str, Any]:
+    """Q4_K super-blocks (256 values: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins,
+    128 bytes of 4-bit codes) as MLX 4-bit groups of 32. Sub-block j is the grid
+    x = (d * sc_j) * q - (dmin * m_j): scale d*sc_j, bias -dmin*m_j, the codes as stored. The
+    only change is rounding those two products to float16."""
+    import mlx.core as mx
+    import numpy as np
+
+    rows = data.shape[0]
+    b = data.reshape(rows, -1, 144)  # (rows, super-blocks, bytes)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = b[..., 4:16].astype(np.uint16)  # 12 bytes of packed scales/mins
+    sc = np.empty((*q.shape[:2], 8), dtype=np.float32)
+    mn = np.empty_like(sc)
+    sc[..., :4] = q[..., 0:4] & 63
+    mn[..., :4] = q[..., 4:8] & 63
+    sc[..., 4:] = (q[..., 8:12] & 0x0F) | ((q[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    qs = b[..., 16:].reshape(rows, -1, 4, 32)  # 4 chunks of 64 values, 32 bytes each
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=3)  # (rows, sb, 4, 2, 32): sub-block 2c, 2c+1
+    scales = (d[..., None] * sc).astype(np.float16).reshape(rows, -1)
+    biases = (-(dmin[..., None] * mn)).astype(np.float16).reshape(rows, -1)
+    return {
+        "weight": mx.array(_pack(codes.reshape(rows, -1), 4)),
+        "scales": mx.array(scales),
+        "biases": mx.array(biases),
+    }
+
+
+def _legacy_quant(data: Any, kind: str) -> dict[str, Any]:
+    """Q4_0 / Q4_1 / Q8_0 blocks repacked as MLX affine (weight, scales, biases), exactly."""
+    import mlx.core as mx
+    import numpy as np
+
+    size, bits = LEGACY_BLOCKS[kind]
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, size)  # (rows, groups, block bytes)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # (rows, groups)
+    if kind == "Q8_0":
+        codes = blocks[..., 2:].view(np.int8).astype(np.int16) + 128  # 0..255
+        bias = d * np.float16(-128)
+    else:
+        packed = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]  # 16 bytes
+        codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)  # elements 0-15, 16-31
+        bias = (
+            blocks[..., 2:4].copy().view(np.float16)[..., 0]
+            if kind == "Q4_1"
+            else d * np.float16(-8)
+        )
+    return {
+        "weight": mx.array(_pack(codes.reshape(rows, -1), bits)),
+        "scales": mx.array(d.astype(np.float16)),
+        "biases": mx.array(bias.astype(np.float16)),
+    }
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -432,6 +513,19 @@ def _unpermute_qk(name: str, parts: dict[str, Any], config: Mapping[str, Any]) -
     return out
 
 
+def _stored_dtype(weights: Mapping[str, Any]) -> str:
+    """The float dtype most matrix bytes are in (quantized layers count by their scales)."""
+    import mlx.core as mx
+
+    names = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+    by_bytes: dict[str, int] = {}
+    for w in weights.values():
+        if w.ndim == 2 and w.dtype in names:
+            key = names[w.dtype]
+            by_bytes[key] = by_bytes.get(key, 0) + int(w.nbytes)
+    return max(by_bytes, key=lambda k: by_bytes[k]) if by_bytes else "float32"
+
+
 def _quantized_bits(weights: Mapping[str, Any]) -> dict[str, int]:
     """module path -> bits, for every quantized module (bits from the packed width)."""
     out = {}
@@ -460,7 +554,7 @@ def build_tokenizer(summary: GGUFSummary, meta: Mapping[str, Any]) -> tuple[Any,
             raise GGUFError(f"{summary.path}: malformed BPE merge {m!r}")
         merges.append((left, right))
     types_arr = meta.get("tokenizer.ggml.token_type")
-    types = [int(x) for x in types_arr.tolist()] if types_arr is not None else [1] * len(tokens)
+    types = [int(x) for x in types_arr] if types_arr is not None else [1] * len(tokens)
     if len(types) != len(tokens):
         raise GGUFError(f"{summary.path}: {len(types)} token types for {len(tokens)} tokens")
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -486,7 +580,7 @@ def build_tokenizer(summary: GGUFSummary, meta: Mapping[str, Any]) -> tuple[Any,
         return tokens[i] if 0 <= i < len(tokens) else None
 
     add_bos = (
-        bool(meta["tokenizer.ggml.add_bos_token"].item())
+        bool(meta["tokenizer.ggml.add_bos_token"])
         if "tokenizer.ggml.add_bos_token" in meta
         else False
     )

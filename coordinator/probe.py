@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -105,6 +105,8 @@ class DeviceFigures:
     pcie: PcieFigures | None
     unified_memory: bool
     note: str
+    # How the node computes half-precision weights on it (GetInfo): "float32" or "native".
+    compute_dtype: str = "native"
 
     @property
     def usable(self) -> bool:
@@ -143,6 +145,7 @@ class DeviceFigures:
             "unified_memory": self.unified_memory,
             "pcie": self.pcie.to_json() if self.pcie is not None else None,
             "note": self.note,
+            "compute_dtype": self.compute_dtype,
         }
 
 
@@ -397,6 +400,8 @@ def _node_figures(
             for d in info.devices
         )
         host_copy, nvml_status = 0.0, ""
+    rules = {d.index: d.compute_dtype for d in info.devices if d.compute_dtype}
+    devices = tuple(replace(d, compute_dtype=rules.get(d.index, d.compute_dtype)) for d in devices)
     return NodeFigures(
         node_id=rec.node_id, name=rec.name, address=rec.address, backend=info.backend or rec.backend,
         hostname=info.hostname, host_copy_gbs=host_copy, nvml_status=nvml_status, devices=devices,

@@ -260,15 +260,21 @@ async def measured_plan(
     """Probe the nodes and links, then let the planner choose devices, order and ranges.
     `prompt_tokens` (default: min(512, context / 2)) is the prompt the TTFT is predicted for."""
     from coordinator import planner
-    from coordinator.calibrate import LiveCalibration, live_cluster, live_workload, stream_dtype
+    from coordinator.calibrate import (
+        LiveCalibration,
+        live_cluster,
+        live_workload,
+        probe_dtypes,
+        stream_dtype,
+    )
     from coordinator.costmodel import ModelSpec
     from coordinator.probe import probe_cluster
 
     # Devices are timed in the dtype the model's weights stream in; the fitted constants
     # (coordinator/data/calibration.csv, `coordinator validate-planner --calibrate`) add what
     # the probe cannot see: achieved-vs-probed factors and per-layer/hop/token overheads.
-    dtype = stream_dtype(model.config)
-    probe = await probe_cluster(records, dtypes=[dtype])
+    dtype = stream_dtype(model.config, model.path)
+    probe = await probe_cluster(records, dtypes=probe_dtypes(dtype))
     probe_json = probe.to_json()
     cal = LiveCalibration.load()
     cluster = live_cluster(probe_json, dtype, cal)

@@ -659,7 +659,7 @@ def run_validation(
     paths = {k: model_path(_model_case(k), settings.model_root) for k in needed}
     infos: dict[str, ModelInfo] = {k: read_model(p) for k, p in paths.items()}
     specs = {k: ModelSpec.from_config_dir(p, k) for k, p in paths.items()}
-    dtypes = {calibrate.stream_dtype(i.config) for i in infos.values()}
+    dtypes = {calibrate.stream_dtype(i.config, i.path) for i in infos.values()}
     if len(dtypes) != 1:
         raise ValueError(f"the models stream in different dtypes: {sorted(dtypes)}")
     dtype = dtypes.pop()

@@ -4,7 +4,8 @@ The llama.cpp baseline puts model layers on remote machines through ggml's RPC b
 llama-cpp-python (built with `-DGGML_RPC=ON`) ships `libggml-rpc` but no `rpc-server`
 binary, so this module starts the server itself: it looks up
 `ggml_backend_rpc_start_server` on the "RPC" backend registry of libggml and calls it with an
-endpoint and the CPU device. That call never returns, so the server lives in a child process
+endpoint and its devices (the build's GPUs when it has any — CUDA, Metal — else the CPU). That
+call never returns, so the server lives in a child process
 (`python -m node.llama_rpc`) and stops when that process is killed.
 
 Traps this module handles (see docs/design "Baseline"):
@@ -53,6 +54,21 @@ _HEADER_DEFINE = re.compile(r"#define\s+RPC_PROTO_(MAJOR|MINOR|PATCH)_VERSION\s+
 _GGML_NAMES = ("libggml.so.0", "libggml.0.dylib", "libggml.dylib", "libggml.so")
 
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
+GGML_BACKEND_DEVICE_TYPE_GPU = 1
+GGML_BACKEND_DEVICE_TYPE_IGPU = 2
+
+
+def choose_server_devices(devices: list[tuple[int, int, str]]) -> list[int]:
+    """Of (handle, ggml device type, name), what a server offers its client: the build's GPUs
+    (CUDA, Metal, Vulkan; discrete or integrated) when it has any, so the baseline runs where
+    LayerLink's MLX does, else its CPU. RPC devices (other servers) are never re-served."""
+    gpus = [
+        h
+        for h, kind, name in devices
+        if kind in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU)
+        and not name.upper().startswith("RPC")
+    ]
+    return gpus or [h for h, kind, _ in devices if kind == GGML_BACKEND_DEVICE_TYPE_CPU]
 
 
 class LlamaRpcError(RuntimeError):
@@ -160,6 +176,11 @@ class GgmlApi:
             if self.lib.ggml_backend_dev_type(d) == GGML_BACKEND_DEVICE_TYPE_CPU
         ]
 
+    def server_devices(self) -> list[int]:
+        return choose_server_devices(
+            [(d, int(self.lib.ggml_backend_dev_type(d)), self.dev_name(d)) for d in self.devices()]
+        )
+
     def dev_name(self, dev: int) -> str:
         return bytes(self.lib.ggml_backend_dev_name(dev)).decode()
 
@@ -204,8 +225,9 @@ def _unbuffer_c_stdout() -> None:
 
 
 def serve_forever(host: str, port: int, threads: int) -> None:
-    """Run the ggml RPC server on host:port with this machine's CPU device. Never returns
-    unless the server fails to start (then it returns after printing why)."""
+    """Run the ggml RPC server on host:port with this machine's GPUs as the build registers
+    them (CUDA, Metal), else its CPU device. Never returns unless the server fails to start
+    (then it returns after printing why)."""
     api = load_ggml()
     start = ctypes.CFUNCTYPE(
         None,
@@ -215,12 +237,13 @@ def serve_forever(host: str, port: int, threads: int) -> None:
         ctypes.c_size_t,  # n_devices
         ctypes.POINTER(ctypes.c_void_p),  # ggml_backend_dev_t * devices
     )(api.rpc_proc("ggml_backend_rpc_start_server"))
-    cpus = api.cpu_devices()
-    if not cpus:
-        raise LlamaRpcError("ggml reports no CPU device")
-    devices = (ctypes.c_void_p * len(cpus))(*cpus)
+    chosen = api.server_devices()
+    if not chosen:
+        raise LlamaRpcError("ggml reports no GPU and no CPU device")
+    log.info("serving %s", ", ".join(api.dev_description(d) for d in chosen))
+    devices = (ctypes.c_void_p * len(chosen))(*chosen)
     _unbuffer_c_stdout()
-    start(f"{host}:{port}".encode(), None, threads, len(cpus), devices)
+    start(f"{host}:{port}".encode(), None, threads, len(chosen), devices)
 
 
 def _free_port(host: str) -> int:

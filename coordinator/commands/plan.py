@@ -105,19 +105,20 @@ def live_cluster(
     import asyncio
 
     from coordinator.calibrate import live_cluster as calibrated
-    from coordinator.calibrate import stream_dtype
+    from coordinator.calibrate import probe_dtypes, stream_dtype
     from coordinator.commands._common import discover
     from coordinator.probe import probe_cluster
     from coordinator.session import SessionError, device_map, read_model
 
     try:
-        dtype = stream_dtype(read_model(args.model).config)
+        info = read_model(args.model)
+        dtype = stream_dtype(info.config, info.path)
     except SessionError as e:
         raise UserError(str(e)) from None
 
     async def measure() -> tuple[list[Any], dict[str, Any]]:
         records = await discover(args)
-        probe = await probe_cluster(records, dtypes=[dtype])
+        probe = await probe_cluster(records, dtypes=probe_dtypes(dtype))
         return records, probe.to_json()
 
     records, probe_json = asyncio.run(measure())

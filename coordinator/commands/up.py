@@ -307,12 +307,12 @@ def membership_prober(
     nothing to watch); results go to the API state's `probe`."""
     if args.node:
         return None
-    from coordinator.calibrate import stream_dtype
+    from coordinator.calibrate import probe_dtypes, stream_dtype
     from coordinator.discovery import Browser
     from coordinator.probe import probe_cluster
     from coordinator.reprobe import MembershipProber
 
-    dtype = stream_dtype(model.config)
+    dtype = stream_dtype(model.config, model.path)
 
     def store(doc: dict[str, Any]) -> None:
         state.probe = doc
@@ -320,7 +320,7 @@ def membership_prober(
         console.info(f"re-probed the cluster after a membership change: {names}")
 
     async def probe(nodes: Any) -> Any:
-        result = await probe_cluster(nodes, dtypes=[dtype])
+        result = await probe_cluster(nodes, dtypes=probe_dtypes(dtype))
         if supervisor is not None:
             # A node that joined (or came back) is used when the new plan predicts faster.
             try:
