@@ -268,13 +268,10 @@ def test_second_libggml_copy_is_refused() -> None:
 def test_server_offers_the_builds_gpus_before_its_cpu() -> None:
     """On a CUDA or Metal build the baseline's servers run on the GPU, as LayerLink's MLX
     does (today's machines have only the CPU device: this checks the choice itself)."""
-    from node.llama_rpc import (
-        GGML_BACKEND_DEVICE_TYPE_CPU as CPU,
-        GGML_BACKEND_DEVICE_TYPE_GPU as GPU,
-        GGML_BACKEND_DEVICE_TYPE_IGPU as IGPU,
-        choose_server_devices,
-    )
+    from node import llama_rpc as r
 
+    CPU, GPU, IGPU = r.GGML_BACKEND_DEVICE_TYPE_CPU, r.GGML_BACKEND_DEVICE_TYPE_GPU, r.GGML_BACKEND_DEVICE_TYPE_IGPU
+    choose_server_devices = r.choose_server_devices
     assert choose_server_devices([(1, CPU, "CPU"), (2, GPU, "CUDA0"), (3, GPU, "CUDA1")]) == [2, 3]
     assert choose_server_devices([(1, CPU, "CPU"), (4, IGPU, "Metal")]) == [4]
     assert choose_server_devices([(1, CPU, "CPU"), (5, GPU, "RPC[10.0.0.2:50052]")]) == [1]
