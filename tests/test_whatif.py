@@ -294,7 +294,7 @@ def test_cli_errors_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     model.mkdir()
     (model / "config.json").write_text(
         json.dumps(
-            {"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 10}
+            {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 10}
         )  # fmt: skip
     )
     (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")

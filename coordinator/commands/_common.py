@@ -53,9 +53,10 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument(
         "--model",
         required=required,
-        metavar="PATH|ORG/NAME",
-        help="model folder (HF/MLX safetensors layout) or Hugging Face repo id (org/name[@rev], "
-        "fetched into the HF cache here); nodes that lack it receive their stages' tensors",
+        metavar="PATH|FILE.gguf|ollama:NAME|ORG/NAME",
+        help="model folder (HF/MLX safetensors layout), GGUF file, ollama:NAME[:TAG] from "
+        "Ollama's store, or Hugging Face repo id (org/name[@rev], fetched into the HF cache "
+        "here); nodes that lack it receive their stages' tensors",
     )
 
 

@@ -35,7 +35,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "results.json, results.csv, decode.png, ttft.png and report.md into --out."
         ),
     )
-    s.add_argument("--model", required=True, metavar="PATH", help="model folder")
+    s.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="model folder, GGUF file or ollama:NAME[:TAG]",
+    )
     s.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     s.add_argument("--stages", type=int, default=2, help="stages of the split rows (default: 2)")
     s.add_argument("--system", choices=sorted(SYSTEMS), default="both")

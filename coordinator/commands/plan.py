@@ -30,7 +30,11 @@ def register(subparsers: Any) -> None:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--what-if", metavar="FILE", help="plan hardware described in FILE (JSON)")
-    src.add_argument("--model", metavar="PATH", help="plan this model folder on the live cluster")
+    src.add_argument(
+        "--model",
+        metavar="PATH",
+        help="plan this model (folder, GGUF file, ollama:NAME or repo id) on the live cluster",
+    )
     src.add_argument(
         "--brief-table",
         action="store_true",
@@ -60,9 +64,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from e
         model, cluster, workload = w.model, w.cluster, w.workload
     else:
+        from coordinator.session import SessionError, read_model
+
         try:
-            model = ModelSpec.from_config_dir(args.model)
-        except ValueError as e:
+            info = read_model(args.model)  # a folder, a GGUF, ollama:NAME or a repo id
+            model = ModelSpec.from_config_dir(info.path, info.name)
+        except (SessionError, ValueError) as e:
             raise UserError(str(e)) from e
         cluster, _ = live_cluster(args)
         cal = LiveCalibration.load()
