@@ -228,6 +228,14 @@ async def serve(args: argparse.Namespace) -> int:
     await health_servicer.set("layerlink.v1.Node", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
+    # Handle SIGINT/SIGTERM from here on: a signal that arrived between the READY line and
+    # the handler would kill the node with its default action, without the mDNS goodbye,
+    # leaving its record listed until the TTL ran out (a test caught this race).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
     advertiser = None
     adv_host = _advertised_host(args.host)
     if not args.no_advertise:
@@ -259,10 +267,6 @@ async def serve(args: argparse.Namespace) -> int:
         )
     print(f"{READY_PREFIX} {adv_host}:{port} {node_id}", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
     if advertiser is not None:
