@@ -439,12 +439,18 @@ class FloorRunner:
         await asyncio.to_thread(self._generate, min(self.gen_tokens, 8))  # warm-up
 
     def _start(self) -> None:
+        from node.cpus import local_cpus
+
         ports = [_free_port() for _ in self.spec.layers]
         k = len(ports)
         for i, (start, end) in enumerate(ranges(self.spec.layers)):
             argv = [sys.executable, "-m", "coordinator.ringfloor", "--model", str(self.model_dir),
                     "--start", str(start), "--end", str(end), "--index", str(i), "--count",
                     str(k), "--listen", str(ports[i]), "--next", str(ports[(i + 1) % k])]  # fmt: skip
+            # Placed on the cores as the local nodes are (node/cpus.py), for a like-for-like floor.
+            pinned = local_cpus(i)
+            if pinned is not None:
+                argv += ["--cpus", pinned]
             self._procs.append(
                 subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             )
@@ -917,10 +923,9 @@ def bench_runners(
             spec = RunSpec(model_label, SYSTEM_LAYERLINK, deployment, k, counts_for[k])
             runners.append(LayerLinkRunner(spec, model, nodes[:k], prompt, gen, timeout))
     if include_floor:
-        for k in ks:
-            if k > 1:
-                spec = RunSpec(model_label, SYSTEM_FLOOR, deployment, k, counts_for[k])
-                runners.append(FloorRunner(spec, model.path, prompt, gen))
+        for k in ks:  # k = 1 too: a ring of one process, the floor's own unsplit reference
+            spec = RunSpec(model_label, SYSTEM_FLOOR, deployment, k, counts_for[k])
+            runners.append(FloorRunner(spec, model.path, prompt, gen))
     if SYSTEM_LLAMA in settings.systems and gguf is not None:
         if include_in_process_llama:
             spec = RunSpec(model_label, SYSTEM_LLAMA, DEPLOY_IN_PROCESS, 1, (n,))
@@ -980,6 +985,7 @@ def bench_report(
             "warmup_excluded": True,
             "llama_threads": settings.threads,
             "llama_rpc_threads": settings.rpc_threads,
+            "local_cpus": local_cpu_policy(),
         },
         "runs": [r.to_json() for r in results],
         "machine": end_load(machine),
@@ -1071,15 +1077,18 @@ def suite_checks(
         checks.append(Check(f"{label}: LayerLink {k} stages, predicted vs measured tokens per s",
                             err, f"<= {PREDICTION_TARGET:.0%}" if met is not None else "report",
                             met, f"{tps:.2f} predicted vs {run.decode_tps:.2f} measured tok/s"))  # fmt: skip
-    r1 = _find(results, REAL_MODEL, SYSTEM_LAYERLINK, 1, DEPLOY_LOOPBACK)
-    r3 = _find(results, REAL_MODEL, SYSTEM_LAYERLINK, 3, DEPLOY_LOOPBACK)
-    ref = _find(results, REAL_MODEL, SYSTEM_MLX_LM, 1, DEPLOY_IN_PROCESS)
-    floor3 = _find(results, REAL_MODEL, SYSTEM_FLOOR, 3, DEPLOY_LOOPBACK)
-    if r1 and r3 and ref and floor3 and r1.decode_tps and r3.decode_tps and ref.decode_tps:
+    for label in sorted({r.spec.model for r in results}):
+        r1 = _find(results, label, SYSTEM_LAYERLINK, 1, DEPLOY_LOOPBACK)
+        r3 = _find(results, label, SYSTEM_LAYERLINK, 3, DEPLOY_LOOPBACK)
+        f1 = _find(results, label, SYSTEM_FLOOR, 1, DEPLOY_LOOPBACK)
+        f3 = _find(results, label, SYSTEM_FLOOR, 3, DEPLOY_LOOPBACK)
+        if not (r1 and r3 and f1 and f3 and r1.decode_tps and r3.decode_tps and f1.decode_tps):
+            continue
         ours = r3.decode_tps / r1.decode_tps
-        theirs = (floor3.decode_tps or 0.0) / ref.decode_tps
-        checks.append(Check(f"{REAL_MODEL}: LayerLink 3/1 stages minus the floor's 3 stages/unsplit",
-                            ours - theirs, ">= 0", ours >= theirs,
+        theirs = (f3.decode_tps or 0.0) / f1.decode_tps
+        real = label == REAL_MODEL
+        checks.append(Check(f"{label}: LayerLink 3/1 stages minus the floor's 3/1 stages, tokens per s",
+                            ours - theirs, ">= 0" if real else "report", ours >= theirs if real else None,
                             f"LayerLink {ours:.3f} vs floor {theirs:.3f}"))  # fmt: skip
     ll1 = _find(results, "small", SYSTEM_LAYERLINK, 1, DEPLOY_LOOPBACK)
     ref = _find(results, "small", SYSTEM_MLX_LM, 1, DEPLOY_IN_PROCESS)
@@ -1188,9 +1197,15 @@ async def run_suite(
                 on_event=on_event,
                 include_floor=True,
             )
-            results += await measure(runners, settings.repeats, on_event)
+            measured = await measure(runners, settings.repeats, on_event)
             rtts.append(raw_socket_rtt())
             predicted.update(_predictions(model, preset, settings))
+            results += [
+                replace(r, predicted_tps=predicted.get((preset, r.spec.stages)))
+                if r.spec.system == SYSTEM_LAYERLINK
+                else r
+                for r in measured
+            ]
             if preset == REAL_MODEL and not reason:
                 say(f"{preset}: greedy agreement with llama.cpp")
                 from coordinator.agreement import greedy_agreement
@@ -1229,6 +1244,13 @@ async def run_suite(
         "checks": [c.to_json() for c in checks],
         "notes": notes,
     }
+
+
+def local_cpu_policy() -> str:
+    """How the local nodes and floor workers are placed on the cores (node/cpus.py)."""
+    from node import cpus
+
+    return os.environ.get(cpus.ENV) or cpus.DEFAULT_POLICY
 
 
 def _predictions(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from node.cpus import local_cpus
 from node.main import READY_PREFIX
 
 
@@ -36,7 +37,10 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         name_prefix: str = "node",
+        cpu_policy: str | None = None,
     ) -> None:
+        """`cpu_policy`: how the nodes share this machine's cores (node/cpus.py: "spread",
+        "one" or "none"; default: $LAYERLINK_LOCAL_CPUS, else "spread")."""
         self.count = count
         self.cluster = cluster
         self.host = host
@@ -44,6 +48,8 @@ class LocalCluster:
         self.env = {**os.environ, "LAYERLINK_MDNS_INTERFACES": host, **(env or {})}
         self.log_dir = log_dir
         self.name_prefix = name_prefix
+        self.cpu_policy = cpu_policy
+        self.started = 0
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.nodes: list[LocalNode] = []
 
@@ -67,6 +73,10 @@ class LocalCluster:
             *self.extra_args,
             *(extra_args or []),
         ]
+        pinned = local_cpus(self.started, self.cpu_policy)
+        self.started += 1
+        if pinned is not None:
+            cmd += ["--cpus", pinned]
         stderr = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env)
         self.procs[name] = proc

@@ -9,7 +9,7 @@ any framework: separate processes waking up for each token, each computing its s
 own. LayerLink's split is compared with it (docs/performance.md).
 
     python -m coordinator.ringfloor --model DIR --start A --end B --index K --count N
-        --listen PORT --next PORT
+        --listen PORT --next PORT [--cpus LIST]
 
 Worker 0 also reads commands on stdin, one per line: `gen MAX_TOKENS ID ID ...` runs a
 greedy generation from that prompt and prints one JSON line: {"tokens", "ttft_s",
@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--listen", type=int, required=True)
     p.add_argument("--next", type=int, required=True)
+    p.add_argument("--cpus", default=None, help="CPU cores to run on (as cluster-node up)")
     args = p.parse_args(argv)
+    if args.cpus:
+        from node import cpus
+
+        cpus.pin(cpus.parse(args.cpus))
 
     import mlx.core as mx
     import numpy as np

@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--no-advertise", action="store_true", help="do not announce over mDNS")
     up.add_argument(
+        "--cpus",
+        default=None,
+        metavar="LIST",
+        help="run on these CPU cores only (Linux; e.g. 0, 0,2 or 0-3): for nodes that share a "
+        "machine, whose MLX processes otherwise slow each other down (docs/performance.md)",
+    )
+    up.add_argument(
         "--token",
         default=None,
         help="the cluster token (`coordinator up` prints it); every call must prove it "
@@ -290,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         else logging.DEBUG
     )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "up" and args.cpus:
+        from node import cpus
+
+        try:
+            cores = cpus.parse(args.cpus)
+            cpus.pin(cores)
+        except cpus.CpuError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        log.info("pinned to CPU cores %s", ",".join(map(str, sorted(cores))))
     if args.command == "up":
         return asyncio.run(serve(args))
     if args.command == "cache":
