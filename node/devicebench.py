@@ -91,13 +91,19 @@ def _float_operands(
 
 
 def _quant_operands(bits: int, nbytes: int) -> tuple[Callable[[], mx.array], list[mx.array], int]:
-    # Bytes per row: packed weights + float16 scale and bias per group.
-    row_bytes = IN_FEATURES * bits // 8 + 2 * 2 * (IN_FEATURES // QUANT_GROUP)
+    # Bytes per row as stored: packed weights + float16 scale and bias per group. Scales and
+    # activations are in the dtype a stage computes in here: a CPU node holds the scales of a
+    # quantized model as float32 (node/computedtype.py; float16 arithmetic is ~30x slower).
+    from node.computedtype import FLOAT32, policy
+
+    act = mx.float32 if policy() == FLOAT32 else mx.float16
+    groups = IN_FEATURES // QUANT_GROUP
+    row_bytes = IN_FEATURES * bits // 8 + 2 * 2 * groups
     rows = max(1, nbytes // row_bytes)
     wq = mx.full((rows, IN_FEATURES * bits // 32), 0x5A5A5A5A, dtype=mx.uint32)
-    scales = mx.full((rows, IN_FEATURES // QUANT_GROUP), 0.01, dtype=mx.float16)
-    biases = mx.full((rows, IN_FEATURES // QUANT_GROUP), -0.5, dtype=mx.float16)
-    x = mx.full((1, IN_FEATURES), 1.0, dtype=mx.float16)
+    scales = mx.full((rows, groups), 0.01, dtype=act)
+    biases = mx.full((rows, groups), -0.5, dtype=act)
+    x = mx.full((1, IN_FEATURES), 1.0, dtype=act)
     mx.eval(wq, scales, biases, x)
 
     def product() -> mx.array:
@@ -105,7 +111,7 @@ def _quant_operands(bits: int, nbytes: int) -> tuple[Callable[[], mx.array], lis
             x, wq, scales, biases, transpose=True, group_size=QUANT_GROUP, bits=bits
         )
 
-    return product, [wq, scales, biases, x], wq.nbytes + scales.nbytes + biases.nbytes
+    return product, [wq, scales, biases, x], wq.nbytes + rows * groups * 2 * 2
 
 
 def _operands(dtype: str, nbytes: int) -> tuple[Callable[[], mx.array], list[mx.array], int]:
