@@ -163,8 +163,9 @@ class Pipeline:
         if not self.data_addresses:
             self.data_addresses = await self._data_ports()
         for i, s in enumerate(self.plan.stages):
+            # Errors only: tokens come over the data path (below), once.
             call = self.clients[s.address].stub.Subscribe(
-                pb.SubscribeRequest(plan_id=self.plan.plan_id)
+                pb.SubscribeRequest(plan_id=self.plan.plan_id, errors_only=True)
             )
             self._tasks.append(asyncio.create_task(self._pump_control_events(i, call)))
         try:

@@ -412,7 +412,17 @@ class NodeService(pb_grpc.NodeServicer):
             )
         assert loaded is not None  # abort raised otherwise
         queue: asyncio.Queue[pb.StageEvent] = asyncio.Queue()
-        unsubscribe = loaded.subscribe(_from_any_thread(queue.put_nowait))
+        put = _from_any_thread(queue.put_nowait)
+        if request.errors_only:
+            # Filtered on the compute thread: a token costs this stream nothing, not even a
+            # wake-up of the event loop.
+            def push(event: pb.StageEvent) -> None:
+                if event.code != 0:
+                    put(event)
+
+            unsubscribe = loaded.subscribe(push)
+        else:
+            unsubscribe = loaded.subscribe(put)
         try:
             while True:
                 yield await queue.get()

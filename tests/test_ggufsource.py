@@ -276,3 +276,19 @@ def test_k_quants_convert_with_the_measured_error(small_f32_gguf: Path, tmp_path
     folder = ggufsource.converted_folder(q4km, root=tmp_path / "cache")
     tokens, _ = reference_generate(folder, PROMPT, 8)
     assert len(tokens) == 8
+
+
+def test_cli_refuses_a_bad_gguf_before_touching_any_node(tmp_path: Path) -> None:
+    """Through the command line: one clear line, exit 2, no traceback. The node address is
+    unreachable, so an error about the node would mean the model was read too late."""
+    bad = _write_gguf(tmp_path / "gemma.gguf", "gemma2")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(real_gguf().read_bytes()[:5_000_000])
+    for path, message in ((bad, "architecture 'gemma2' is not supported"), (cut, "truncated")):
+        out = subprocess.run(
+            [sys.executable, "-m", "coordinator.main", "run", "--model", str(path), "--prompt", "hi",
+             "--node", "127.0.0.1:1"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -255,3 +256,55 @@ def test_a_second_coordinator_cannot_take_over_a_plan_in_use(local_cluster, tiny
             await third.close()
 
     asyncio.run(scenario())
+
+
+def test_errors_only_subscription_gets_failures_but_no_tokens(local_cluster, tiny_llama: Path) -> None:
+    """The coordinator's gRPC subscriptions ask for errors only (tokens come over the data
+    path): a plain subscriber sees the token of a prefill, an errors-only one sees only the
+    failure of a step for an unknown request."""
+    addr = local_cluster.nodes[2].address
+
+    async def run() -> tuple[list[pb.StageEvent], list[pb.StageEvent]]:
+        async with NodeClient(addr) as c:
+            await c.load_stage(pb.LoadStageRequest(plan_id="eo", model_path=str(tiny_llama), start=0,
+                                                   end=8, stage_count=1))  # fmt: skip
+            try:
+                plain = c.stub.Subscribe(pb.SubscribeRequest(plan_id="eo"))
+                errors = c.stub.Subscribe(pb.SubscribeRequest(plan_id="eo", errors_only=True))
+                got: dict[str, list[pb.StageEvent]] = {"plain": [], "errors": []}
+
+                async def drain(name: str, call: Any) -> None:
+                    async for ev in call:
+                        got[name].append(ev)
+
+                tasks = [asyncio.create_task(drain("plain", plain)), asyncio.create_task(drain("errors", errors))]
+                queue: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
+
+                async def requests():  # type: ignore[no-untyped-def]
+                    while (m := await queue.get()) is not None:
+                        yield m
+
+                stream = c.stub.Forward(requests())
+                deadline = asyncio.get_running_loop().time() + 60
+                n = 0
+                # Until both subscriptions are live a step may go unseen: repeat until each has
+                # what it should (a token for the plain one, the failure for the other).
+                while not (any(e.code == 0 for e in got["plain"]) and got["errors"]):
+                    assert asyncio.get_running_loop().time() < deadline, got
+                    n += 1
+                    queue.put_nowait(pb.ForwardRequest(request_id=f"ok{n}", plan_id="eo", phase=pb.PHASE_PREFILL,
+                                                       tokens=[1, 2, 3], sample=True))  # fmt: skip
+                    queue.put_nowait(pb.ForwardRequest(request_id=f"ghost{n}", plan_id="eo", phase=pb.PHASE_DECODE,
+                                                       tokens=[1], sample=True, position=9))  # fmt: skip
+                    await asyncio.sleep(0.3)
+                queue.put_nowait(None)
+                stream.cancel()
+                for t in tasks:
+                    t.cancel()
+                return got["plain"], got["errors"]
+            finally:
+                await c.unload_stage("eo")
+
+    plain, errors = asyncio.run(run())
+    assert any(e.code == 0 and e.token >= 0 for e in plain)
+    assert errors and all(e.code != 0 for e in errors)

