@@ -1229,6 +1229,7 @@ async def run_suite(
             "statistic": "median over repeats",
             "llama_threads": settings.threads,
             "llama_rpc_threads": settings.rpc_threads,
+            "local_cpus": local_cpu_policy(),
         },
         "raw_socket_rtt_us": round(rtt_us, 2),
         "raw_socket": {

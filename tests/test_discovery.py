@@ -16,7 +16,6 @@ from coordinator.discovery import Browser
 from coordinator.localcluster import LocalCluster
 from node.mdns import SERVICE_TYPE, make_zeroconf
 
-
 # Quiet, a node appears in about 1 s and a stopped one is gone in under 1 s (its goodbye
 # packet). The deadline is generous so that a busy CI machine cannot fail the test: what is
 # checked is that both events happen, through real mDNS, not how fast (a timing, not a test).
