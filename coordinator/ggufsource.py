@@ -136,7 +136,9 @@ def inspect_gguf(path: Path) -> GGUFSummary:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises ValueError, IndexError, ... on bad bytes
-        raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise GGUFError(
+            f"{path} is not a readable GGUF file: truncated or corrupt ({type(e).__name__}: {e})"
+        ) from None
     size = path.stat().st_size
     types: dict[str, int] = {}
     for t in reader.tensors:

@@ -3,8 +3,8 @@ machine.
 
 Measured here (2 cores, the real model, a bare ring of 3 stage processes): left to the
 scheduler, co-located stage processes cost 7.9 ms per hop; pinned, 0.2-1.2 ms; and LayerLink's
-3 stages kept 0.83 of its 1-stage speed unpinned, 0.95-0.97 pinned, as much as the bare ring
-once the coordinator had a core of its own (docs/performance.md, "Co-located stages"). `cluster-node up --cpus 0` (or `0,2`, `0-3`) pins a
+3 stages kept 0.83 of its 1-stage speed unpinned, 0.95-0.97 pinned (docs/performance.md,
+"Co-located stages"). `cluster-node up --cpus 0` (or `0,2`, `0-3`) pins a
 node; local clusters (demo, bench, tests) choose a placement for their nodes with
 `local_cpus`. Pinning is a Linux feature (`sched_setaffinity`); elsewhere it is refused with a
 clear error.
@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 
 ENV = "LAYERLINK_LOCAL_CPUS"
-# Placements of co-located processes: "spread" over every core but the first, which stays
-# free for the coordinator and its clients (with 2 cores: all on the second); "one": all on
-# the first core; "none": the scheduler's choice.
+# Placements of co-located processes: "spread": one core each in turn over all cores, so that
+# stages computing at once (concurrent requests) do not share a core; "one": all on the first
+# core; "none": the scheduler's choice.
 POLICIES = ("spread", "one", "none")
 DEFAULT_POLICY = "spread"
 
@@ -79,7 +79,4 @@ def local_cpus(index: int, policy: str | None = None) -> str | None:
     if policy == "none" or not hasattr(os, "sched_setaffinity"):
         return None
     cores = sorted(available())
-    if policy == "one":
-        return str(cores[0])
-    spare = cores[1:] or cores
-    return str(spare[index % len(spare)])
+    return str(cores[0] if policy == "one" else cores[index % len(cores)])

@@ -17,6 +17,10 @@ os.environ["LAYERLINK_MDNS_INTERFACES"] = "127.0.0.1"
 os.environ["LAYERLINK_CLUSTER"] = f"t{uuid.uuid4().hex[:10]}"
 os.environ["XDG_CONFIG_HOME"] = str(_SESSION_DIR / "config")
 os.environ["XDG_CACHE_HOME"] = str(_SESSION_DIR / "cache")
+# Local nodes are left to the scheduler in the tests (node/cpus.py's "none"): their timing-based
+# checks were set without pinning; tests/test_cpus.py tests the placements themselves, and the
+# demo and `make bench` pin (docs/performance.md, "Co-located stages").
+os.environ.setdefault("LAYERLINK_LOCAL_CPUS", "none")
 # Nodes run open on loopback unless a test gives them a token (a developer's own cluster
 # token in the environment must not leak into the test nodes).
 os.environ.pop("LAYERLINK_TOKEN", None)

@@ -22,13 +22,13 @@ def test_parse_core_lists() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
-def test_local_policies_place_nodes_off_the_first_core(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_policies_place_nodes_on_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpus, "available", lambda: frozenset({0, 1, 2, 3}))
-    assert [cpus.local_cpus(i, "spread") for i in range(4)] == ["1", "2", "3", "1"]
+    assert [cpus.local_cpus(i, "spread") for i in range(5)] == ["0", "1", "2", "3", "0"]
     assert [cpus.local_cpus(i, "one") for i in range(3)] == ["0", "0", "0"]
     assert cpus.local_cpus(0, "none") is None
     monkeypatch.setattr(cpus, "available", lambda: frozenset({5}))
-    assert cpus.local_cpus(2, "spread") == "5"  # one core: nothing to leave free
+    assert cpus.local_cpus(2, "spread") == "5"
     monkeypatch.setenv(cpus.ENV, "bogus")
     with pytest.raises(cpus.CpuError, match="spread, one, none"):
         cpus.local_cpus(0)
