@@ -244,9 +244,9 @@ class ModelStage:
                     f"the shipped stage lacks {len(absent)} tensors it needs, e.g. {absent[:3]}",
                 )
         # The CPU backend computes half-precision weights as float32 (node/computedtype.py).
-        self.compute_rule = computedtype.policy()
+        rule = computedtype.policy()
         for m in kept:
-            computedtype.cast_for_compute(m, self.compute_rule)
+            computedtype.cast_for_compute(m, rule)
         params = [m.parameters() for m in kept]
         mx.eval(params)
         self.weight_bytes = sum(int(v.nbytes) for m in kept for _, v in _flatten(m.parameters()))
