@@ -28,6 +28,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from coordinator.errors import UserError
+    from coordinator.gguf_export import SUPPORTED_ARCHS
+
+    if args.gguf and args.arch not in SUPPORTED_ARCHS:
+        raise UserError(
+            f"--gguf exports {', '.join(SUPPORTED_ARCHS)} models, not --arch {args.arch}"
+        )
     out = synthesize(
         args.dir,
         preset=args.preset,
