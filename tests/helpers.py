@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,19 @@ def reference_generate(model_path: Path, prompt: list[int], n: int) -> tuple[lis
         tokens.append(int(tok))
         logprobs.append(np.array(lp.astype(mx.float32)))
     return tokens, logprobs
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll `cond` until it holds; the seconds it took. `timeout` is a generous deadline that
+    only stops a test that would otherwise hang (an event that never comes), not a timing."""
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not within {timeout:.0f} s") from None
+    return time.monotonic() - t0
 
 
 def to_logprobs(logits: np.ndarray) -> np.ndarray:

@@ -770,10 +770,9 @@ def test_shipping_gives_up_on_a_dead_node_with_a_clear_error(tiny_llama: Path) -
     manifest = model_manifest(model.path, model.name, 8, model.config)
     plan = Plan(model="m", num_layers=8,
                 stages=(Stage(node_id="x", node_name="gone", address="127.0.0.1:9", start=0, end=8),))  # fmt: skip
-    t0 = time.monotonic()
-    with pytest.raises(ShipError, match="gone.*no progress"):
+    # "no progress": the 2 s resume window gave up, not a longer deadline or a hang.
+    with pytest.raises(ShipError, match="gone.*no progress for 2s"):
         asyncio.run(Shipper(manifest, resume_timeout_s=2.0).ship(plan))
-    assert time.monotonic() - t0 < 30
 
 
 def test_a_node_without_weight_shipping_loads_its_own_copy(tiny_llama: Path) -> None:
