@@ -128,6 +128,15 @@ def stream_dtype(config: Mapping[str, Any], folder: Path | None = None) -> str:
     return stored or "float16"
 
 
+def computed_as(dtype: str, compute_dtype: str) -> tuple[str, float]:
+    """(the dtype whose streaming rate prices a model stored in `dtype`, how many times its
+    stored bytes stream) on a device computing as `compute_dtype` (node/computedtype.py): a
+    half-precision model on a float32 node streams twice its bytes at the float32 rate."""
+    if compute_dtype == "float32" and dtype in HALF_DTYPES:
+        return "float32", 2.0
+    return dtype, 1.0
+
+
 def probe_dtypes(dtype: str) -> list[str]:
     """The dtypes to time for a model stored in `dtype`: float32 too for half-precision
     models, which CPU nodes compute in float32."""
@@ -187,19 +196,14 @@ def live_cluster(
         devices = []
         for d in node.get("devices", []):
             by_dtype = d.get("stream_by_dtype") or {}
-            timed = dtype
-            if d.get("compute_dtype") == "float32" and dtype in HALF_DTYPES:
-                # The node holds half-precision weights as float32 (node/computedtype.py):
-                # twice the stored bytes stream at the float32 rate.
-                timed = "float32"
+            timed, factor = computed_as(dtype, str(d.get("compute_dtype") or ""))
             stream = float(by_dtype.get(timed) or d.get("stream_gbs") or 0.0)
             if timed not in by_dtype and stream > 0:
                 log.warning(
                     "%s: no %s stream figure in the probe; using its %.2f GB/s",
                     node.get("name"), timed, stream,
                 )  # fmt: skip
-            if timed != dtype:
-                stream /= 2.0
+            stream /= factor
             matmul = float(d.get("matmul_tflops") or 0.0)
             extra: dict[str, Any] = {"stream_gbs": stream}
             if d.get("kind", "cpu") == "cpu":

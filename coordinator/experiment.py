@@ -173,18 +173,15 @@ def make_predictor(
     and a note saying what it rests on (or why there is none)."""
     try:
         from coordinator import catalog, costmodel
-        from coordinator.calibrate import HALF_DTYPES, stream_dtype
+        from coordinator.calibrate import HALF_DTYPES, computed_as, stream_dtype
         from node import computedtype, devicebench
     except ImportError as e:
         return None, f"no prediction: the cost model is not available ({e})"
     try:
         spec = costmodel.ModelSpec.from_config_dir(model.path, model.name)
-        stored = stream_dtype(model.config, model.path)
-        # Priced in the dtype the nodes compute in: a CPU node holds half-precision weights
-        # as float32 (node/computedtype.py), twice the bytes at the float32 rate.
-        upcast = stored in HALF_DTYPES and computedtype.policy() == computedtype.FLOAT32
-        dtype = "float32" if upcast else stored
-        stream = devicebench.stream_bandwidth(dtype, 64 << 20).gbs / (2.0 if upcast else 1.0)
+        # Priced in the dtype the nodes compute in (node/computedtype.py).
+        dtype, factor = computed_as(stream_dtype(model.config, model.path), computedtype.policy())
+        stream = devicebench.stream_bandwidth(dtype, 64 << 20).gbs / factor
         tflops = devicebench.matmul_tflops("float16" if dtype in HALF_DTYPES else "float32")
         per_layer_s = catalog.calibration("cpu_per_layer_overhead_us") * 1e-6
         latency_s = catalog.calibration("same_host_latency_us") * 1e-6
