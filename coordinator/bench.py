@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -1060,18 +1060,15 @@ def _find(
     return None
 
 
-def suite_checks(
-    results: Sequence[RunResult],
-    rtt_us: float,
-    predicted: Mapping[tuple[str, int], float] | None = None,
-) -> list[Check]:
+def suite_checks(results: Sequence[RunResult], rtt_us: float) -> list[Check]:
     """Issue 9's and issue 13's acceptance ratios, computed from this run (reported, never
-    asserted). `predicted`: (model, stages) -> the cost model's LayerLink tokens/s."""
+    asserted); a LayerLink run's `predicted_tps` is the cost model's tokens/s for it."""
     checks: list[Check] = []
-    for (label, k), tps in sorted((predicted or {}).items()):
-        run = _find(results, label, SYSTEM_LAYERLINK, k, DEPLOY_LOOPBACK)
-        if run is None or not run.decode_tps:
+    predicted = [r for r in results if r.spec.system == SYSTEM_LAYERLINK and r.predicted_tps]
+    for run in sorted(predicted, key=lambda r: (r.spec.model, r.spec.stages)):
+        if not run.decode_tps or run.predicted_tps is None:
             continue
+        label, k, tps = run.spec.model, run.spec.stages, run.predicted_tps
         err = abs(tps - run.decode_tps) / run.decode_tps
         met = err <= PREDICTION_TARGET if label == REAL_MODEL else None
         checks.append(Check(f"{label}: LayerLink {k} stages, predicted vs measured tokens per s",
@@ -1160,7 +1157,6 @@ async def run_suite(
         else [f"{LLAMA_THREADS_NOTE} (here: {settings.threads}, RPC {settings.rpc_threads})"]
     )
     models = {p: read_model(suite_model(p, settings.model_root)) for p in settings.models}
-    predicted: dict[tuple[str, int], float] = {}
     agreement: dict[str, Any] = {}
     # The raw socket round trip is measured before, between and after the models' runs, so
     # that it sees the same machine state they do; its median is the reference.
@@ -1199,7 +1195,7 @@ async def run_suite(
             )
             measured = await measure(runners, settings.repeats, on_event)
             rtts.append(raw_socket_rtt())
-            predicted.update(_predictions(model, preset, settings))
+            predicted = _predictions(model, preset, settings)
             results += [
                 replace(r, predicted_tps=predicted.get((preset, r.spec.stages)))
                 if r.spec.system == SYSTEM_LAYERLINK
@@ -1214,7 +1210,7 @@ async def run_suite(
                     path, path / "model.gguf", threads=settings.threads, on_progress=say
                 ).to_json()
     rtt_us = statistics.median(r.median_us for r in rtts)
-    checks = suite_checks(results, rtt_us, predicted)
+    checks = suite_checks(results, rtt_us)
     return {
         "machine": end_load(machine),
         "command": "make bench  (coordinator bench-suite --out bench/results/latest.json)",
@@ -1240,7 +1236,6 @@ async def run_suite(
             "p90_us": [round(r.p90_us, 2) for r in rtts],
         },
         "runs": [r.to_json() for r in results],
-        "predicted_tps": {f"{m}/{k}": round(v, 3) for (m, k), v in sorted(predicted.items())},
         "agreement": agreement,
         "checks": [c.to_json() for c in checks],
         "notes": notes,

@@ -274,3 +274,27 @@ def test_negative_per_hop_is_noise_not_a_pass() -> None:
     checks = bench.suite_checks(runs, rtt_us=50.0)
     assert checks and all(c.met is None for c in checks)
     assert all("noise" in c.detail for c in checks)
+
+
+def test_suite_checks_judge_the_real_models_predictions_and_floor_ratio() -> None:
+    """From the runs alone: each LayerLink run's own prediction against its measured speed
+    (a target on the real model, a report elsewhere), and its 3/1 ratio against the floor's."""
+    from dataclasses import replace
+
+    real = bench.REAL_MODEL
+    runs = bench.with_per_hop([
+        replace(result(SYSTEM_LAYERLINK, 1, 100.0, model=real), predicted_tps=8.0),  # 10 tok/s
+        replace(result(SYSTEM_LAYERLINK, 3, 125.0, model=real), predicted_tps=5.0),  # 8 tok/s
+        result(SYSTEM_FLOOR, 1, 100.0, model=real),
+        result(SYSTEM_FLOOR, 3, 110.0, model=real),
+        replace(result(SYSTEM_LAYERLINK, 1, 10.0), predicted_tps=50.0),
+    ])  # fmt: skip
+    checks = {c.name: c for c in bench.suite_checks(runs, rtt_us=100.0)}
+    c = checks[f"{real}: LayerLink 1 stages, predicted vs measured tokens per s"]
+    assert c.value == pytest.approx(0.2) and c.met is True
+    c = checks[f"{real}: LayerLink 3 stages, predicted vs measured tokens per s"]
+    assert c.value == pytest.approx(0.375) and c.met is False
+    c = checks["tiny: LayerLink 1 stages, predicted vs measured tokens per s"]
+    assert c.value == pytest.approx(0.5) and c.met is None
+    c = checks[f"{real}: LayerLink 3/1 stages minus the floor's 3/1 stages, tokens per s"]
+    assert c.value == pytest.approx(0.8 - 100 / 110) and c.met is False
