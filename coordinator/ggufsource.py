@@ -32,9 +32,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from node.architectures import HF_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,11 @@ class GGUFSummary:
 
     path: Path
     architecture: str
-    name: str
     tensor_types: dict[str, int]  # GGML type name -> number of tensors
     file_type: str  # the most common quantized type, e.g. "Q4_1"
+    # The open gguf.GGUFReader (a memory map; parsing the header takes seconds on a large
+    # vocabulary, so convert() reuses it rather than reading the file again).
+    reader: Any = field(default=None, repr=False, compare=False)
 
 
 def cache_root() -> Path:
@@ -152,10 +156,10 @@ def inspect_gguf(path: Path) -> GGUFSummary:
         raise GGUFError(f"{path} holds no tensors")
 
     def string(key: str, default: str = "") -> str:
-        field = reader.fields.get(key)
-        if field is None or not field.data:
+        f = reader.fields.get(key)
+        if f is None or not f.data:
             return default
-        raw = field.parts[field.data[0]]
+        raw = f.parts[f.data[0]]
         return bytes(np.asarray(raw, dtype=np.uint8)).decode("utf-8", "replace")
 
     arch = string("general.architecture")
@@ -193,9 +197,9 @@ def inspect_gguf(path: Path) -> GGUFSummary:
     return GGUFSummary(
         path=path,
         architecture=arch,
-        name=string("general.name") or path.stem,
         tensor_types=types,
         file_type=file_type,
+        reader=reader,
     )
 
 
@@ -236,11 +240,10 @@ def _safe(name: str) -> str:
 
 def convert(summary: GGUFSummary, out: Path) -> None:
     """Write the MLX folder of a checked GGUF into `out`."""
-    import gguf
     import mlx.core as mx
 
+    reader = summary.reader
     try:
-        reader = gguf.GGUFReader(summary.path)
         meta: dict[str, Any] = {k: f.contents() for k, f in reader.fields.items()}
     except Exception as e:  # the gguf package raises freely on bytes it cannot parse
         raise GGUFError(f"{summary.path}: cannot read its metadata ({e})") from None
@@ -281,7 +284,7 @@ def _meta_int(meta: Mapping[str, Any], key: str, default: int | None = None) -> 
             raise GGUFError(f"the GGUF metadata lacks {key}")
         return default
     try:
-        return int(v.item() if hasattr(v, "item") else v)
+        return int(v)
     except (TypeError, ValueError):
         raise GGUFError(f"the GGUF metadata's {key} is not a number") from None
 
@@ -291,7 +294,7 @@ def _meta_float(meta: Mapping[str, Any], key: str, default: float) -> float:
     if v is None:
         return default
     try:
-        return float(v.item() if hasattr(v, "item") else v)
+        return float(v)
     except (TypeError, ValueError):
         raise GGUFError(f"the GGUF metadata's {key} is not a number") from None
 
@@ -325,7 +328,7 @@ def model_config(
     bos = _meta_int(meta, "tokenizer.ggml.bos_token_id", -1)
     config: dict[str, Any] = {
         "model_type": ARCHITECTURES[a],
-        "architectures": [_HF_CLASS[a]],
+        "architectures": [HF_CLASSES[ARCHITECTURES[a]]],
         "hidden_size": hidden,
         "num_hidden_layers": _meta_int(meta, f"{a}.block_count"),
         "intermediate_size": _meta_int(meta, f"{a}.feed_forward_length"),
@@ -344,9 +347,6 @@ def model_config(
     if rope_scaling:
         config["rope_scaling"] = rope_scaling
     return config
-
-
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def end_of_turn_ids(meta: Mapping[str, Any]) -> list[int]:

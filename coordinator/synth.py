@@ -28,16 +28,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from node.architectures import HF_CLASSES
+
 log = logging.getLogger(__name__)
 
 # mistral is llama's weights under mlx_lm's "mistral" model type; qwen3 adds per-head q/k norms.
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-_HF_CLASSES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 DTYPES = ("float32", "float16", "bfloat16")
 QUANT_BITS = (4, 8)
 QUANT_GROUP_SIZE = 64
@@ -211,7 +207,7 @@ def synthesize(
 
 def _config(shape: Preset, arch: str, dtype: str, bos_id: int, eos_id: int) -> dict[str, object]:
     return {
-        "architectures": [_HF_CLASSES[arch]],
+        "architectures": [HF_CLASSES[arch]],
         "model_type": arch,
         "num_hidden_layers": shape.num_hidden_layers,
         "hidden_size": shape.hidden_size,

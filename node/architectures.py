@@ -21,6 +21,14 @@ SUPPORTED_MODEL_TYPES = {
     "qwen3": "Qwen3 (dense)",
 }
 
+# The Hugging Face class a config.json of each type names in "architectures".
+HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
 
 def unsupported_reason(config: Mapping[str, Any]) -> str | None:
     """Why the stage engine cannot run this config exactly, or None if it can."""
