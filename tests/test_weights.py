@@ -107,6 +107,21 @@ def ship(plan: Any, model_path: Path, **kw: Any) -> tuple[Any, ...]:
     return asyncio.run(Shipper(manifest, **kw).ship(plan))
 
 
+def generate_shipped(plan: Any, model: Any, prompt: list[int], n: int) -> tuple[list[int], dict[int, str]]:
+    """Open the plan (shipping what its nodes lack), generate greedily: the tokens, and the
+    weights id each stage loaded (absent for a stage that loaded a folder)."""
+
+    async def run() -> tuple[list[int], dict[int, str]]:
+        pipeline = await open_pipeline(plan, model, show_progress=False)
+        try:
+            result = await pipeline.generate(prompt, GenerationParams(max_tokens=n))
+            return list(result.tokens), dict(pipeline.weights_ids)
+        finally:
+            await pipeline.close()
+
+    return asyncio.run(run())
+
+
 def write_tensor(cache: WeightCache, data: bytes, dtype: str = "U8") -> TensorMeta:
     meta = TensorMeta(hashlib.sha256(data).hexdigest(), dtype, (len(data),), len(data))
     w = cache.open_writer(meta, 0)
@@ -622,16 +637,7 @@ def test_mlx_4bit_model_over_two_shipped_stages_matches_single_process(
     model = read_model(path)
     plan = fixed_plan(model, cluster.nodes[1:], [4, 4])
     ref, _ = reference_generate(path, PROMPT, 24)
-
-    async def run() -> tuple[list[int], dict[int, str]]:
-        pipeline = await open_pipeline(plan, model, show_progress=False)
-        try:
-            result = await pipeline.generate(PROMPT, GenerationParams(max_tokens=24))
-            return list(result.tokens), dict(pipeline.weights_ids)
-        finally:
-            await pipeline.close()
-
-    tokens, ids = asyncio.run(run())
+    tokens, ids = generate_shipped(plan, model, PROMPT, 24)
     assert len(ids) == 2, "both stages should load shipped weights"
     assert tokens == ref
 
@@ -871,16 +877,7 @@ def test_a_gguf_ships_each_node_its_stages_and_a_restart_ships_nothing(ship_node
     tokenizer = load_tokenizer(model)
     prompt = encode_prompt(tokenizer, "What is the capital of France?", chat=True)
     ref, _ = reference_generate(model.path, prompt, 12)
-
-    async def generate() -> tuple[list[int], dict[int, str]]:
-        pipeline = await open_pipeline(plan, model, show_progress=False)
-        try:
-            result = await pipeline.generate(prompt, GenerationParams(max_tokens=12))
-            return list(result.tokens), dict(pipeline.weights_ids)
-        finally:
-            await pipeline.close()
-
-    tokens, ids = asyncio.run(generate())
+    tokens, ids = generate_shipped(plan, model, prompt, 12)
     assert len(ids) == 3, "every stage should load shipped weights"
     assert tokens == ref
     assert "Paris" in tokenizer.decode(tokens)
