@@ -4,7 +4,7 @@ model's inputs, how they are applied, and how they are fitted from measured runs
 The probe (coordinator.probe) measures what it can measure directly: each device's weight
 streaming in the model's dtype, its matmul throughput, and every link's latency and bandwidth
 over the transport that carries activations. What a real decode step costs beyond those figures
-is fitted, not typed in, by `coordinator validate-planner --calibrate` (coordinator.validation),
+is fitted, not typed in, by `coordinator validate-planner --calibrate` (coordinator.lab.validation),
 which runs calibration plans on this machine's nodes and writes the result, with the command,
 the date and the fit's residual, into coordinator/data/calibration.csv:
 

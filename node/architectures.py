@@ -4,8 +4,8 @@ A stage runs its slice of mlx_lm's layer list with one causal mask (node/stage.p
 the whole forward pass for the types below; an architecture whose forward pass does more —
 Gemma scales its embeddings, others soft-cap logits or give some layers a sliding window —
 would load and silently produce wrong tokens. Every type listed has a test in which a
-3-stage pipeline equals mlx_lm (tests/test_equivalence.py). No MLX import: the coordinator
-checks a model with this before any node is touched.
+3-stage pipeline equals mlx_lm (tests/test_equivalence.py). MLX is not loaded here: the
+coordinator checks a model with this before any node is touched.
 """
 
 from __future__ import annotations

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from coordinator.lab.lan import Lan, unavailable_reason
+
 # Every node and browser started by the tests speaks mDNS on loopback only, in a cluster
 # name of its own, with config/cache dirs of its own.
-_SESSION_DIR = Path(os.environ.get("LAYERLINK_TEST_DIR", "/tmp")) / f"layerlink-tests-{uuid.uuid4().hex[:8]}"
+_SESSION_DIR = (
+    Path(os.environ.get("LAYERLINK_TEST_DIR", "/tmp")) / f"layerlink-tests-{uuid.uuid4().hex[:8]}"
+)
 os.environ["LAYERLINK_MDNS_INTERFACES"] = "127.0.0.1"
 os.environ["LAYERLINK_CLUSTER"] = f"t{uuid.uuid4().hex[:10]}"
 os.environ["XDG_CONFIG_HOME"] = str(_SESSION_DIR / "config")
@@ -35,7 +39,7 @@ def session_dir() -> Path:
 @pytest.fixture(scope="session")
 def model_factory(session_dir: Path):  # type: ignore[no-untyped-def]
     """model_factory(preset, arch, **kw) -> Path, synthesized once per session."""
-    from coordinator.synth import synthesize
+    from coordinator.lab.synth import synthesize
 
     made: dict[tuple[object, ...], Path] = {}
 
@@ -59,13 +63,37 @@ def tiny_llama(model_factory) -> Path:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def local_cluster(session_dir: Path) -> Iterator[object]:
     """Three real node processes on loopback, advertised over mDNS, for the whole session."""
-    from coordinator.localcluster import LocalCluster
+    from coordinator.lab.localcluster import LocalCluster
 
     log_dir = session_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(3, os.environ["LAYERLINK_CLUSTER"], log_dir=log_dir, name_prefix="shared")
+    cluster = LocalCluster(
+        3, os.environ["LAYERLINK_CLUSTER"], log_dir=log_dir, name_prefix="shared"
+    )
     cluster.start()
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def lan_factory() -> Iterator[Callable[[int], Lan]]:
+    """lan_factory(n) -> a built namespace LAN of n nodes (coordinator/lab/lan.py); all torn
+    down after the test. Skips the test (with the reason) where namespaces cannot be made."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    made: list[Lan] = []
+
+    def make(n: int) -> Lan:
+        lan = Lan(n)
+        made.append(lan)
+        lan.build()
+        return lan
+
+    try:
+        yield make
+    finally:
+        for lan in made:
+            lan.close()

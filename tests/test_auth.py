@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from coordinator.nodeclient import NodeClient
 from node import auth, datapath
 from node._proto.layerlink.v1 import node_pb2 as pb

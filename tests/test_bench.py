@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import bench
-from coordinator.bench import (
+from coordinator.lab import bench
+from coordinator.lab.bench import (
     DEPLOY_IN_PROCESS,
     DEPLOY_LOOPBACK,
     SYSTEM_FLOOR,

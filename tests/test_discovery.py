@@ -12,7 +12,7 @@ from pathlib import Path
 from zeroconf import ServiceInfo
 
 from coordinator.discovery import Browser
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from node.mdns import SERVICE_TYPE, make_zeroconf
 from tests.helpers import wait_until
 

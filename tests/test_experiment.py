@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import bench, experiment
+from coordinator.lab import bench, experiment
 from coordinator.main import main
 from coordinator.session import read_model
 

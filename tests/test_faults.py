@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from coordinator.pipeline import GenerationParams, PipelineError
 from coordinator.session import even_counts, fixed_plan, open_pipeline, read_model
 from coordinator.supervisor import Supervisor
@@ -129,7 +129,7 @@ def test_stream_survives_a_cut_link(tiny_llama: Path) -> None:
     import subprocess
     import sys
 
-    from tests.lan import Lan, unavailable_reason
+    from coordinator.lab.lan import Lan, unavailable_reason
 
     reason = unavailable_reason()
     if reason:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from coordinator.gguf_export import export_gguf
-from coordinator.synth import PRESETS, synthesize
+from coordinator.lab.gguf_export import export_gguf
+from coordinator.lab.synth import PRESETS, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]

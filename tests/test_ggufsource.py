@@ -15,7 +15,7 @@ import pytest
 
 from coordinator import ggufsource
 from coordinator.bundled import smollm2_gguf
-from coordinator.gguf_export import export_gguf
+from coordinator.lab.gguf_export import export_gguf
 from coordinator.modelsource import ModelSourceError, ollama_blob, resolve_model
 from coordinator.session import SessionError, read_model
 from tests.helpers import reference_generate

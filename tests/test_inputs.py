@@ -15,7 +15,7 @@ import grpc
 import pytest
 from zeroconf import ServiceInfo
 
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from coordinator.nodeclient import NodeClient
 from node import inputs, stage
 from node._proto.layerlink.v1 import node_pb2 as pb

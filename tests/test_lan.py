@@ -1,4 +1,5 @@
-"""Acceptance of the cluster probe on a LAN in network namespaces (root only; see tests/lan.py).
+"""Acceptance of the cluster probe on a LAN in network namespaces (root only; see
+coordinator/lab/lan.py).
 
 - One node's link shaped to 100 Mbit/s: every link touching it measures within 15% of that,
   the others at least 5x faster, and the probe names exactly those links the slowest.
@@ -18,24 +19,31 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tests import lan as lanlib
-from tests.lan import RATE_100MBIT, Lan
+from coordinator.lab import lan as lanlib
+from coordinator.lab.lan import RATE_100MBIT, Lan
 
-lan_factory = lanlib.lan_factory
-
-SCHEMA = json.loads(
-    (Path(__file__).resolve().parent.parent / "coordinator/schemas/probe.schema.json").read_text()
-)
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((REPO / "coordinator/schemas/probe.schema.json").read_text())
 SHAPED_GBS = RATE_100MBIT / 8 / 1e9  # 0.0125 GB/s
 
 
 def probe(lan: Lan, addresses: list[str], *extra: str) -> dict[str, Any]:
     """`coordinator probe --json` run from the hub namespace (the coordinator's seat)."""
-    # The namespace nodes run open (tests/lan.py): --insecure lets the coordinator use them.
-    argv = [sys.executable, "-m", "coordinator.main", "probe", "--json", "--wait", "0", "--insecure"]
+    # The namespace nodes run open (coordinator/lab/lan.py): --insecure lets the coordinator
+    # use them.
+    argv = [
+        sys.executable,
+        "-m",
+        "coordinator.main",
+        "probe",
+        "--json",
+        "--wait",
+        "0",
+        "--insecure",
+    ]
     argv += [a for addr in addresses for a in ("--node", addr)]
     done = subprocess.run(lan.hub_cmd([*argv, *extra]), capture_output=True, text=True,
-                          cwd=lanlib.REPO, timeout=120)  # fmt: skip
+                          cwd=REPO, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     doc: dict[str, Any] = json.loads(done.stdout)
     jsonschema.validate(doc, SCHEMA)

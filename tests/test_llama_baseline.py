@@ -17,7 +17,7 @@ pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python (built with GGML_RPC=ON) is not installed"
 )
 
-from coordinator.llama_baseline import (  # noqa: E402
+from coordinator.lab.llama_baseline import (  # noqa: E402
     BaselineResult,
     LlamaBaselineError,
     run_llama,

@@ -131,7 +131,7 @@ def test_kv_caches_are_freed(local_cluster, tiny_llama: Path) -> None:
 
 
 def test_idle_request_caches_expire(tiny_llama: Path, session_dir: Path) -> None:
-    from coordinator.localcluster import LocalCluster
+    from coordinator.lab.localcluster import LocalCluster
 
     async def go(address: str) -> tuple[int, int]:
         async with NodeClient(address) as c:
@@ -171,7 +171,7 @@ def test_idle_pipeline_survives_keepalive_pings(tiny_llama: Path, session_dir: P
     pipeline idle for a few ping intervals hung on its next request."""
     import os
 
-    from coordinator.localcluster import LocalCluster
+    from coordinator.lab.localcluster import LocalCluster
 
     fast_pings = {"LAYERLINK_GRPC_KEEPALIVE_MS": "500"}
     old = os.environ.get("LAYERLINK_GRPC_KEEPALIVE_MS")

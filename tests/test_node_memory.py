@@ -8,7 +8,7 @@ import re
 import struct
 from pathlib import Path
 
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from coordinator.nodeclient import NodeClient
 from node._proto.layerlink.v1 import node_pb2 as pb
 

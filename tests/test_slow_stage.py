@@ -27,7 +27,7 @@ from coordinator.dashboard.state import (
     stage_alerts,
     with_recent_rate,
 )
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from coordinator.pipeline import GenerationParams, Pipeline
 from coordinator.plan import Plan, Prediction, Stage
 from coordinator.session import even_counts, fixed_plan, read_model

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from coordinator.nodeclient import NodeClient
 from node import auth
 from tests.soak import soak, summary

@@ -13,7 +13,7 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from coordinator.synth import EOS_TOKEN, PRESETS, synthesize
+from coordinator.lab.synth import EOS_TOKEN, PRESETS, synthesize
 
 PROMPTS = ("The harbour town", "Hello, how are you today?", "Write a poem about the sea.")
 REPO = Path(__file__).resolve().parents[1]

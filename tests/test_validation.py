@@ -1,4 +1,4 @@
-"""The planner's validation harness (coordinator/validation.py), without running a cluster: the
+"""The planner's validation harness (coordinator/lab/validation.py), without running a cluster: the
 plan sets meet issue 4's shape, predictions are compared with measurements correctly, and the
 reports are written where they belong."""
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import validation
-from coordinator.bench import SYSTEM_LAYERLINK, RunResult, RunSpec, Sample
 from coordinator.calibrate import LiveCalibration
 from coordinator.costmodel import ModelSpec
-from coordinator.validation import (
+from coordinator.lab import validation
+from coordinator.lab.bench import SYSTEM_LAYERLINK, RunResult, RunSpec, Sample
+from coordinator.lab.validation import (
     CALIBRATION_CASES,
     VALIDATION_CASES,
     Case,

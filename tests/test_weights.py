@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from coordinator.costmodel import ModelSpec, stage_weight_bytes
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from coordinator.modelsource import ModelSourceError, resolve_model
 from coordinator.nodeclient import NodeClient
 from coordinator.pipeline import GenerationParams

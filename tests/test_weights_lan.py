@@ -1,4 +1,4 @@
-"""Shipping throughput on an unshaped namespace link (root only; see tests/lan.py).
+"""Shipping throughput on an unshaped namespace link (root only; see coordinator/lab/lan.py).
 
 The coordinator's seat (the hub namespace) measures its link to a node with the probe's echo
 sweep (node/linkprobe.py; median of three sweeps), then ships a 512 MB model to that node as
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests import lan as lanlib
+from coordinator.lab import lan as lanlib
 from tests.shipbench import synth_weights
 
-lan_factory = lanlib.lan_factory
+REPO = Path(__file__).resolve().parents[1]
 REPEATS = 7
 
 
@@ -54,7 +54,7 @@ def test_shipping_reaches_half_the_measured_link_bandwidth(
             ),  # fmt: skip
             capture_output=True,
             text=True,
-            cwd=lanlib.REPO,
+            cwd=REPO,
             timeout=180,
         )
         assert done.returncode == 0, done.stderr[-3000:]

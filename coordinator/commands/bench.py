@@ -1,6 +1,6 @@
 """`coordinator bench` (one model, LayerLink next to llama.cpp RPC on the same split) and
 `coordinator bench-suite` (`make bench`: the tiny and small models, every system, 1-3 stages,
-and the raw socket round trip, all in one run). Definitions live in coordinator/bench.py."""
+and the raw socket round trip, all in one run). Definitions live in coordinator/lab/bench.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from coordinator import bench, console
+from coordinator import console
 from coordinator.commands._common import add_discovery_args, add_model_args, discover
 from coordinator.errors import UserError
+from coordinator.lab import bench
 from coordinator.session import ModelInfo, SessionError, read_model
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ def _int_list(raw: str, what: str) -> tuple[int, ...]:
 
 
 def run_suite(args: argparse.Namespace) -> int:
-    from coordinator.synth import PRESETS
+    from coordinator.lab.synth import PRESETS
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     known = [*sorted(PRESETS), bench.REAL_MODEL]

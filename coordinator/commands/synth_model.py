@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from coordinator import console
-from coordinator.synth import ARCHS, DTYPES, PRESETS, QUANT_BITS, synthesize
+from coordinator.lab.synth import ARCHS, DTYPES, PRESETS, QUANT_BITS, synthesize
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from coordinator.errors import UserError
-    from coordinator.gguf_export import SUPPORTED_ARCHS
+    from coordinator.lab.gguf_export import SUPPORTED_ARCHS
 
     if args.gguf and args.arch not in SUPPORTED_ARCHS:
         raise UserError(

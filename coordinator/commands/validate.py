@@ -1,5 +1,5 @@
 """`coordinator validate-planner`: predicted against measured decode time and TTFT over many
-plans on this machine's clusters (coordinator/validation.py); `--calibrate` refits the live
+plans on this machine's clusters (coordinator/lab/validation.py); `--calibrate` refits the live
 constants in coordinator/data/calibration.csv first."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from coordinator import console
-from coordinator.bench import BenchError
 from coordinator.errors import UserError
-from coordinator.validation import (
+from coordinator.lab.bench import BenchError
+from coordinator.lab.validation import (
     ACCEPT_MEDIAN,
     ACCEPT_WORST,
     DEFAULT_DOCS,

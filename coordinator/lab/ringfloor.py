@@ -8,7 +8,7 @@ threads. It cannot serve anything; it measures what splitting costs on this mach
 any framework: separate processes waking up for each token, each computing its slice on its
 own. LayerLink's split is compared with it (docs/performance.md).
 
-    python -m coordinator.ringfloor --model DIR --start A --end B --index K --count N
+    python -m coordinator.lab.ringfloor --model DIR --start A --end B --index K --count N
         --listen PORT --next PORT [--cpus LIST]
 
 Worker 0 also reads commands on stdin, one per line: `gen MAX_TOKENS ID ID ...` runs a
@@ -58,7 +58,7 @@ def _connect(port: int, timeout_s: float = 30.0) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coordinator.ringfloor")
+    p = argparse.ArgumentParser(prog="python -m coordinator.lab.ringfloor")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--start", type=int, required=True)
     p.add_argument("--end", type=int, required=True)

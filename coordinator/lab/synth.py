@@ -199,7 +199,7 @@ def synthesize(
     if quant_bits is not None:
         _quantize_in_place(out_dir, quant_bits)
     if gguf:
-        from coordinator.gguf_export import export_gguf
+        from coordinator.lab.gguf_export import export_gguf
 
         export_gguf(out_dir, out_dir / "model.gguf", ftype="f32")
     return out_dir

@@ -3,7 +3,7 @@
 LayerLink's tokens equal mlx_lm's on the same weights (tests/test_real_model.py checks it over
 3 stages), so the MLX side is computed in this process with mlx_lm, in the dtype a node here
 computes in. The llama.cpp side runs the user's GGUF file itself, one child process per prompt
-(coordinator/llama_baseline.py). The two are not expected to agree exactly: llama.cpp
+(coordinator/lab/llama_baseline.py). The two are not expected to agree exactly: llama.cpp
 quantizes activations to 8 bits for its quantized matmuls, MLX keeps them in float.
 """
 
@@ -87,7 +87,7 @@ def greedy_agreement(
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    from coordinator.llama_baseline import run_llama
+    from coordinator.lab.llama_baseline import run_llama
     from coordinator.session import encode_prompt
     from node.computedtype import cast_for_compute
 

@@ -17,11 +17,11 @@ k-stage row, so that load from other processes drifting between conditions cance
 per-hop ms = (ms/token of the k-stage row - ms/token of the same system's 1-stage row of the
 same condition, else of the "1 stage" loopback row) / (k - 1).
 
-The namespace rows need root (tests/lan.py builds the LAN). LayerLink nodes and llama.cpp RPC
-servers run inside the node namespaces; the measuring process (LayerLink's coordinator and the
-llama.cpp client) runs in the LAN's hub namespace, which holds the bridge, via
-`python -m coordinator.experiment --worker` under `ip netns exec`. Nothing touches the host's
-own network namespace.
+The namespace rows need root (coordinator/lab/lan.py builds the LAN). LayerLink nodes and
+llama.cpp RPC servers run inside the node namespaces; the measuring process (LayerLink's
+coordinator and the llama.cpp client) runs in the LAN's hub namespace, which holds the bridge,
+via `python -m coordinator.lab.experiment --worker` under `ip netns exec`. Nothing touches the
+host's own network namespace.
 
 Where the cost model (coordinator.costmodel) is present, LayerLink rows carry its predicted
 tokens/s for the same split, from this machine's measured weight-streaming bandwidth and the
@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -48,11 +46,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from coordinator import bench
-from coordinator.bench import (
+from coordinator.lab import bench
+from coordinator.lab.bench import (
     DEPLOY_IN_PROCESS,
     DEPLOY_LOOPBACK,
     SYSTEM_LAYERLINK,
@@ -62,13 +59,14 @@ from coordinator.bench import (
     NodeRef,
     RunResult,
 )
+from coordinator.lab.lan import Lan, unavailable_reason
 from coordinator.session import ModelInfo, even_counts, read_model
 
 log = logging.getLogger(__name__)
 
 RPC_PORT = 50152  # inside each node namespace; the namespaces keep it from colliding
 UNSHAPED_BPS = 10e9  # bytes/s assumed for an unshaped link in the prediction
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _BANNER = re.compile(r"Starting RPC server v\d+")
 
 
@@ -236,31 +234,9 @@ def make_predictor(
 # The namespace LAN
 
 
-def lan_module() -> ModuleType:
-    """tests/lan.py, the namespace-LAN helper (importable from a source checkout)."""
-    try:
-        return importlib.import_module("tests.lan")
-    except ImportError:
-        path = REPO / "tests" / "lan.py"
-        if not path.is_file():
-            raise BenchError(
-                "the namespace LAN helper tests/lan.py is missing: run from a source checkout"
-            ) from None
-        spec = importlib.util.spec_from_file_location("layerlink_tests_lan", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
 def netns_unavailable() -> str:
     """Why the namespace rows cannot run here; empty when they can."""
-    try:
-        reason: str = lan_module().unavailable_reason()
-    except BenchError as e:
-        return str(e)
-    return reason
+    return unavailable_reason()
 
 
 def _wait_banners(procs: Sequence[Any], timeout_s: float = 60.0) -> None:
@@ -302,9 +278,9 @@ def _drain(stream: Any) -> None:
 def run_worker(
     cmd_prefix: list[str], request: dict[str, Any], log_path: Path, timeout_s: float
 ) -> list[RunResult]:
-    """Run `python -m coordinator.experiment --worker` (under cmd_prefix, e.g. `ip netns exec
+    """Run `python -m coordinator.lab.experiment --worker` (under cmd_prefix, e.g. `ip netns exec
     HUB`) with a JSON request; its RunResults come back as JSON on stdout."""
-    argv = [*cmd_prefix, sys.executable, "-m", "coordinator.experiment", "--worker"]
+    argv = [*cmd_prefix, sys.executable, "-m", "coordinator.lab.experiment", "--worker"]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -351,7 +327,7 @@ async def _worker(request: dict[str, Any]) -> list[RunResult]:
 
 
 def worker_main() -> int:
-    """Entry point of `python -m coordinator.experiment --worker` (JSON in, JSON out)."""
+    """Entry point of `python -m coordinator.lab.experiment --worker` (JSON in, JSON out)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -374,10 +350,9 @@ def netns_rows(
     say: Callable[[str], None],
 ) -> list[RunResult]:
     """k nodes and k RPC servers in namespaces; one measuring process per link condition."""
-    lan_mod = lan_module()
     k = settings.stages
     results: list[RunResult] = []
-    with lan_mod.Lan(k) as lan:
+    with Lan(k) as lan:
         say(f"namespace LAN: {k} node namespaces, hub {lan.hub}")
         nodes = (
             [lan.start_node(i, name=f"exp{i}") for i in range(k)]
@@ -784,4 +759,4 @@ def command_line(argv: Sequence[str]) -> str:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         sys.exit(worker_main())
-    sys.exit("usage: python -m coordinator.experiment --worker  (JSON request on stdin)")
+    sys.exit("usage: python -m coordinator.lab.experiment --worker  (JSON request on stdin)")

@@ -1,11 +1,12 @@
-"""A TCP relay that adds a fixed one-way delay for traffic that crosses the emulated wire.
+r"""A TCP relay that adds a fixed one-way delay for traffic that crosses the emulated wire.
 
 The namespace LAN's veth pairs have no latency of their own (netem, the kernel's way to add
 some, is not available here), so a node's LAN path is only ~10 us slower than loopback:
 below the jitter of a Python gRPC round trip. For latency tests, run this relay in a node's
 namespace in front of its gRPC port:
 
-    python -m tests.wire --listen 10.213.0.3:50251 --target 10.213.0.3:50151 --delay-us 500
+    python -m coordinator.lab.wire --listen 10.213.0.3:50251 --target 10.213.0.3:50151 \
+        --delay-us 500
 
 Peers connecting from another address (another namespace: another "machine") get every
 byte delayed by delay_us in each direction; peers connecting from the relay's own address

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from coordinator import ringfloor
+from coordinator.lab import ringfloor
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError
 from coordinator.plan import Plan, Stage
 from coordinator.session import ModelInfo, even_counts
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 SYSTEM_MLX_LM = "mlx_lm"
 SYSTEM_LAYERLINK = "layerlink"
 SYSTEM_LLAMA = "llama.cpp"
-SYSTEM_FLOOR = "floor"  # a bare ring of processes (coordinator/ringfloor.py)
+SYSTEM_FLOOR = "floor"  # a bare ring of processes (coordinator/lab/ringfloor.py)
 
 DEPLOY_IN_PROCESS = "in-process"  # the engine alone, in this process
 DEPLOY_LOOPBACK = "loopback"  # worker processes on 127.0.0.1
@@ -423,7 +423,7 @@ class LayerLinkRunner:
 
 
 class FloorRunner:
-    """The same split as a bare ring of worker processes (coordinator/ringfloor.py): what
+    """The same split as a bare ring of worker processes (coordinator/lab/ringfloor.py): what
     splitting costs on this machine before any framework."""
 
     def __init__(self, spec: RunSpec, model_dir: Path, prompt: list[int], gen_tokens: int) -> None:
@@ -444,8 +444,8 @@ class FloorRunner:
         ports = [_free_port() for _ in self.spec.layers]
         k = len(ports)
         for i, (start, end) in enumerate(ranges(self.spec.layers)):
-            argv = [sys.executable, "-m", "coordinator.ringfloor", "--model", str(self.model_dir),
-                    "--start", str(start), "--end", str(end), "--index", str(i), "--count",
+            argv = [sys.executable, "-m", "coordinator.lab.ringfloor",
+                    "--model", str(self.model_dir), "--start", str(start), "--end", str(end), "--index", str(i), "--count",
                     str(k), "--listen", str(ports[i]), "--next", str(ports[(i + 1) % k])]  # fmt: skip
             # Placed on the cores as the local nodes are (node/cpus.py), for a like-for-like floor.
             pinned = local_cpus(i)
@@ -498,7 +498,7 @@ def _grpc_text(e: BaseException) -> str:
 
 
 class LlamaRunner:
-    """llama.cpp's client in a child process (coordinator.llama_baseline), in one process or
+    """llama.cpp's client in a child process (coordinator.lab.llama_baseline), in one process or
     with its layers on ggml RPC servers (k servers for k stages; the client keeps none)."""
 
     def __init__(
@@ -532,7 +532,7 @@ class LlamaRunner:
             raise BenchError(f"no GGUF model at {self.gguf}")
 
     async def sample(self) -> Sample:
-        from coordinator.llama_baseline import LlamaBaselineError, run_llama
+        from coordinator.lab.llama_baseline import LlamaBaselineError, run_llama
 
         label = self.spec.label
 
@@ -655,10 +655,10 @@ def baseline_unavailable() -> str:
             "(`make install` builds it with -DGGML_RPC=ON)"
         )
     if (
-        importlib.util.find_spec("coordinator.llama_baseline") is None
+        importlib.util.find_spec("coordinator.lab.llama_baseline") is None
         or importlib.util.find_spec("node.llama_rpc") is None
     ):
-        return "llama.cpp baseline not available in this build (coordinator.llama_baseline)"
+        return "llama.cpp baseline not available in this build (coordinator.lab.llama_baseline)"
     from node.llama_rpc import LlamaRpcError, llama_cpp_dir
 
     try:
@@ -675,7 +675,7 @@ def gguf_for(model_dir: Path, scratch: Path) -> Path:
     beside = model_dir / "model.gguf"
     if beside.is_file():
         return beside
-    from coordinator.gguf_export import export_gguf
+    from coordinator.lab.gguf_export import export_gguf
 
     out = scratch / f"{model_dir.name}.gguf"
     if not out.is_file():
@@ -690,7 +690,7 @@ def local_workers(
 ) -> Iterator[tuple[list[NodeRef], list[str]]]:
     """Start `nodes` cluster-node processes and `rpc_servers` ggml RPC servers on 127.0.0.1;
     stop all of them on exit."""
-    from coordinator.localcluster import LocalCluster
+    from coordinator.lab.localcluster import LocalCluster
 
     log_dir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(
@@ -813,7 +813,7 @@ def _mem_total_bytes() -> int | None:
 
 
 def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -1032,7 +1032,7 @@ class Check:
 def suite_model(preset: str, root: Path | None) -> Path:
     """The synthetic llama model of a preset, with its GGUF, written once and reused; for
     REAL_MODEL, the bundled GGUF (converted on first use by read_model)."""
-    from coordinator.synth import synthesize
+    from coordinator.lab.synth import synthesize
     from node.identity import cache_dir
 
     if preset == REAL_MODEL:
@@ -1204,7 +1204,7 @@ async def run_suite(
             ]
             if preset == REAL_MODEL and not reason:
                 say(f"{preset}: greedy agreement with llama.cpp")
-                from coordinator.agreement import greedy_agreement
+                from coordinator.lab.agreement import greedy_agreement
 
                 agreement[preset] = greedy_agreement(
                     path, path / "model.gguf", threads=settings.threads, on_progress=say
@@ -1253,7 +1253,7 @@ def _predictions(
     model: ModelInfo, label: str, settings: SuiteSettings
 ) -> dict[tuple[str, int], float]:
     """The cost model's LayerLink decode tokens/s for each stage count (even splits, loopback)."""
-    from coordinator.experiment import make_predictor
+    from coordinator.lab.experiment import make_predictor
 
     predict, note = make_predictor(model, settings.prompt_tokens, settings.gen_tokens)
     if predict is None:

@@ -31,14 +31,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+# The folder that holds the coordinator and node packages (a checkout, or site-packages).
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "LAYERLINK_NODE_READY"
 WIRE_READY_PREFIX = "WIRE_READY"
 NODE_PORT = 50151
@@ -207,7 +206,7 @@ class Lan:
                 stderr=log_file,
                 text=True,
                 env=full_env,
-                cwd=REPO,
+                cwd=PACKAGE_ROOT,
                 start_new_session=True,  # its own process group, killed as one
             )
         node = NodeProcess(name, self.nodes[k].netns, f"{self.nodes[k].ip}:{port}", "", proc,
@@ -235,11 +234,11 @@ class Lan:
         return self.start(k, argv, name, port, env)
 
     def start_wire(self, k: int, port: int, target_port: int, delay_us: float) -> NodeProcess:
-        """Start a wire-delay relay (tests/wire.py) in node k's namespace on `port`, in
+        """Start a wire-delay relay (coordinator/lab/wire.py) in node k's namespace on `port`, in
         front of `target_port`: peers from other namespaces see delay_us more one-way
         latency, peers in the same namespace none. Call wait_ready() before use."""
         ip = self.nodes[k].ip
-        argv = [sys.executable, "-m", "tests.wire", "--listen", f"{ip}:{port}",
+        argv = [sys.executable, "-m", "coordinator.lab.wire", "--listen", f"{ip}:{port}",
                 "--target", f"{ip}:{target_port}", "--delay-us", str(delay_us)]  # fmt: skip
         return self.start(k, argv, f"wire{k}-{port}", port)
 
@@ -294,27 +293,3 @@ class Lan:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
-
-
-@pytest.fixture
-def lan_factory() -> Iterator[Callable[[int], Lan]]:
-    """lan_factory(n) -> a built Lan of n node namespaces; all torn down after the test.
-
-    Skips the test (with the reason) where namespaces cannot be made. Use it in a module
-    with `lan_factory = tests.lan.lan_factory`, or register this module as a plugin."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    made: list[Lan] = []
-
-    def make(n: int) -> Lan:
-        lan = Lan(n)
-        made.append(lan)
-        lan.build()
-        return lan
-
-    try:
-        yield make
-    finally:
-        for lan in made:
-            lan.close()

@@ -121,7 +121,7 @@ def run_llama(
         "warmup": bool(warmup),
     }
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     # On abort ggml attaches gdb to print a backtrace (seconds, pages of output); the error
     # line before it says what happened.
@@ -129,7 +129,7 @@ def run_llama(
     read_fd, write_fd = os.pipe()
     with tempfile.TemporaryFile() as output:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.llama_baseline", str(write_fd)],
+            [sys.executable, "-m", "coordinator.lab.llama_baseline", str(write_fd)],
             stdin=subprocess.PIPE,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -249,7 +249,7 @@ def even_counts(n_layers: int, parts: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------
-# The child process: everything below runs inside `python -m coordinator.llama_baseline`.
+# The child process: everything below runs inside `python -m coordinator.lab.llama_baseline`.
 
 
 class _Events:
