@@ -24,22 +24,21 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
 import mlx.core as mx
 import numpy as np
+
+if TYPE_CHECKING:
+    import gguf  # imported where it is used: every `coordinator` command builds this parser
 
 log = logging.getLogger(__name__)
 
 FTYPES = ("f32", "f16", "q8_0")
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
-_FILE_TYPE = {
-    "f32": gguf.LlamaFileType.ALL_F32,
-    "f16": gguf.LlamaFileType.MOSTLY_F16,
-    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-}
+# ftype -> the name of its gguf.LlamaFileType member.
+_FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
 # HF module path inside a layer -> GGUF tensor base name inside `blk.{i}`.
 _LAYER_NAMES = {
@@ -74,10 +73,11 @@ def export_gguf(model_dir: Path, out_path: Path, ftype: str = "f32") -> Path:
             f"rope_scaling {config['rope_scaling']!r} is not supported by this exporter"
         )
     hp = _Hyper.from_config(config)
+    import gguf
 
     writer = gguf.GGUFWriter(str(out_path), arch)
     writer.add_name(model_dir.name)
-    writer.add_file_type(int(_FILE_TYPE[ftype]))
+    writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPE[ftype]]))
     writer.add_vocab_size(hp.vocab_size)
     writer.add_context_length(hp.context_length)
     writer.add_embedding_length(hp.hidden_size)
@@ -166,6 +166,8 @@ def _interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _encode(data: np.ndarray, ftype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    import gguf
+
     if data.ndim < 2 or ftype == "f32":
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
     if (
@@ -231,6 +233,8 @@ def _token_id(tokenizer_config: dict[str, Any], key: str, vocab: dict[str, int])
 def _add_tokenizer(
     writer: gguf.GGUFWriter, model_dir: Path, config: dict[str, Any], n_vocab: int
 ) -> None:
+    import gguf
+
     spec = json.loads((model_dir / "tokenizer.json").read_text())
     model = spec["model"]
     if model.get("type") != "BPE":
