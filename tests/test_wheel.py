@@ -67,9 +67,12 @@ def test_no_module_imports_tests_or_a_test_only_package() -> None:
             if name.split(".")[0] in TEST_ONLY:
                 found.append(f"{rel(path)}:{line}: imports {name}")
         for node in ast.walk(tree):
-            value = node.value if isinstance(node, ast.Constant) else None
-            if isinstance(value, str) and value.startswith("tests."):
-                found.append(f"{rel(path)}:{node.lineno}: names the module {value!r}")
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value.startswith("tests.")
+            ):
+                found.append(f"{rel(path)}:{node.lineno}: names the module {node.value!r}")
     assert not found, "\n".join(found)
 
 
