@@ -20,14 +20,16 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator.api import ApiError, ApiState, EventStreamResponse, Job, Piece
 from coordinator.pipeline import GenerationParams, PipelineError
+from coordinator.session import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,27 @@ def _quantization(folder: Path, config: Mapping[str, Any]) -> str:
     return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype, dtype.upper())
 
 
+def _weight_files(info: ModelInfo) -> tuple[str, int, float, str]:
+    """(format, bytes, modification time, digest) of the model's weight files. The digest is
+    the name of an Ollama blob (sha256-<hex>), else a hash of the names and sizes (with the
+    config): it tells models apart, it does not hash the weights."""
+    if info.gguf is not None:
+        st = info.gguf.stat()
+        name = info.gguf.name
+        if name.startswith("sha256-"):
+            digest = name.removeprefix("sha256-")
+        else:
+            digest = hashlib.sha256(f"{name}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        return "gguf", st.st_size, st.st_mtime, digest
+    files = sorted(info.path.glob("*.safetensors"))
+    config = info.path / "config.json"
+    h = hashlib.sha256(config.read_bytes())
+    for f in files:
+        h.update(f"|{f.name}|{f.stat().st_size}".encode())
+    size = sum(f.stat().st_size for f in files)
+    return "safetensors", size, config.stat().st_mtime, h.hexdigest()
+
+
 def describe(state: ApiState) -> ModelCard:
     """The card of the served model; what cannot be read is left empty."""
     from coordinator.costmodel import ModelSpec
@@ -279,8 +302,18 @@ def describe(state: ApiState) -> ModelCard:
     info = state.model_info
     template = str(getattr(state.tokenizer, "chat_template", None) or "")
     if info is None:
-        return ModelCard(tagged(state.model_name), "", "", None, "", 0, "", _rfc3339(state.created),
-                         template, {})  # fmt: skip
+        return ModelCard(
+            name=tagged(state.model_name),
+            format="",
+            family="",
+            parameter_count=None,
+            quantization_level="",
+            size=0,
+            digest="",
+            modified_at=_rfc3339(state.created),
+            template=template,
+            model_info={},
+        )
     config = info.config.get("text_config", info.config)
     family = str(config.get("model_type") or info.config.get("model_type") or "")
     try:
@@ -288,24 +321,11 @@ def describe(state: ApiState) -> ModelCard:
     except ValueError as e:
         log.info("cannot size %s for the Ollama API: %s", info.path, e)
         spec = None
-    if info.gguf is not None:
-        st = info.gguf.stat()
-        size, modified = st.st_size, st.st_mtime
-        name = info.gguf.name
-        digest = (
-            name.removeprefix("sha256-")
-            if name.startswith("sha256-")
-            else hashlib.sha256(f"{name}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-        )
-        fmt = "gguf"
-    else:
-        files = sorted(info.path.glob("*.safetensors"))
-        size = sum(f.stat().st_size for f in files)
-        modified = (info.path / "config.json").stat().st_mtime
-        h = hashlib.sha256((info.path / "config.json").read_bytes())
-        for f in files:
-            h.update(f"|{f.name}|{f.stat().st_size}".encode())
-        digest, fmt = h.hexdigest(), "safetensors"
+    try:
+        fmt, size, modified, digest = _weight_files(info)
+    except OSError as e:
+        log.info("cannot read %s for the Ollama API: %s", info.path, e)
+        fmt, size, modified, digest = "", 0, state.created, ""
     model_info: dict[str, Any] = {"general.architecture": family, "general.basename": info.name}
     if spec is not None:
         model_info["general.parameter_count"] = spec.params
@@ -398,7 +418,7 @@ def mount_ollama(app: FastAPI, state: ApiState, serving: Serving) -> None:
                 param="model",
             )
 
-    def make_job(prompt: list[int], body: _Generating, stream: bool) -> Job:
+    def make_job(kind: Literal["chat", "completion"], prompt: list[int], body: _Generating) -> Job:
         opts = body.options or Options()
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -444,11 +464,11 @@ def mount_ollama(app: FastAPI, state: ApiState, serving: Serving) -> None:
             stop_token_ids=frozenset(state.tokenizer.eos_token_ids),
         )
         return Job(
-            kind="chat",
+            kind=kind,
             prompt=tuple(prompt),
             params=params,
             stops=tuple(stops),
-            stream=stream,
+            stream=body.stream is not False,  # Ollama streams unless told not to
             include_usage=False,
         )
 
@@ -534,7 +554,7 @@ def mount_ollama(app: FastAPI, state: ApiState, serving: Serving) -> None:
                 raise ApiError(
                     400, f"messages: the chat template rejected them: {e}", param="messages"
                 ) from None
-            job = make_job(prompt, body, body.stream is not False)
+            job = make_job("chat", prompt, body)
             return await run(request, job, "ollama_chat", clock, shape)
 
         return await guarded(request, handle)
@@ -578,7 +598,7 @@ def mount_ollama(app: FastAPI, state: ApiState, serving: Serving) -> None:
                     raise ApiError(
                         400, f"prompt: the chat template rejected it: {e}", param="prompt"
                     ) from None
-            job = make_job(prompt, body, body.stream is not False)
+            job = make_job("completion" if body.raw else "chat", prompt, body)
             return await run(request, job, "ollama_generate", clock, shape)
 
         return await guarded(request, handle)
@@ -659,7 +679,7 @@ def mount_ollama(app: FastAPI, state: ApiState, serving: Serving) -> None:
         async def handler(request: Request) -> Response:
             return ollama_error(
                 ApiError(
-                    501,
+                    404,
                     f"{path}: {what} is not supported by LayerLink; the coordinator serves the "
                     "one model it was started with (coordinator up --model)",
                 )
@@ -670,3 +690,24 @@ def mount_ollama(app: FastAPI, state: ApiState, serving: Serving) -> None:
     for path, what in _NOT_SUPPORTED.items():
         method = "DELETE" if path == "/api/delete" else "POST"
         app.add_api_route(path, refuse(path, what), methods=[method], include_in_schema=False)
+
+    # Registered last: any other /api/ request gets Ollama's error shape too (the dashboard's
+    # GET /api/state is matched before this).
+    @app.api_route(
+        "/api/{rest:path}",
+        methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
+        include_in_schema=False,
+    )
+    async def unknown(request: Request, rest: str) -> Response:
+        path = request.url.path
+        allowed = sorted(
+            m
+            for r in app.routes
+            if isinstance(r, APIRoute) and r.path == path and r.endpoint is not unknown
+            for m in r.methods or ()
+        )
+        if allowed:
+            return ollama_error(
+                ApiError(405, f"{path} takes {', '.join(allowed)}, not {request.method}")
+            )
+        return ollama_error(ApiError(404, f"{path}: no such endpoint"))

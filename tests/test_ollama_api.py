@@ -265,8 +265,12 @@ def test_bad_requests_get_ollama_errors_and_the_server_keeps_serving(
     assert "raw" in ollama_shaped(
         post("/api/generate", {"model": name, "prompt": "x", "raw": True, "system": "s"}), 400
     )
-    assert "not supported" in ollama_shaped(post("/api/pull", {"model": name}), 501)
-    assert "embeddings" in ollama_shaped(post("/api/embed", {"model": name, "input": "x"}), 501)
+    assert "not supported" in ollama_shaped(post("/api/pull", {"model": name}), 404)
+    assert "embeddings" in ollama_shaped(post("/api/embed", {"model": name, "input": "x"}), 404)
+    assert "no such endpoint" in ollama_shaped(httpx.get(server.url + "/api/nothing"), 404)
+    assert "takes POST" in ollama_shaped(httpx.get(server.url + "/api/chat"), 405)
+    assert "takes GET" in ollama_shaped(post("/api/tags", {}), 405)
+    assert httpx.get(server.url + "/api/state").json()["model"] == name  # the dashboard's
 
     still = client.chat(model=name, messages=msgs, options={**GREEDY, "num_predict": 3})
     assert still.done and still.eval_count == 3
@@ -356,5 +360,18 @@ def test_api_key_and_no_plan_in_process(tokenizer: Any) -> None:
             "/api/version"
         )
         assert version.status_code == 200, "the version needs no key"
+
+    asyncio.run(scenario())
+
+
+def test_oversized_body_is_refused_in_ollama_shape(tokenizer: Any) -> None:
+    async def scenario() -> None:
+        state = ApiState("m", tokenizer, None)
+        transport = httpx.ASGITransport(app=create_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            big = b"x" * (9 << 20)
+            assert "exceeds" in ollama_shaped(await c.post("/api/chat", content=big), 413)
+            openai_big = await c.post("/v1/chat/completions", content=big)
+            assert openai_big.json()["error"]["code"] == "request_too_large"
 
     asyncio.run(scenario())
