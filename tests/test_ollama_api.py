@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from coordinator.api import ApiState, create_app
+from coordinator.pipeline import GenerationParams, PipelineError, TokenEvent
 from tests.test_api import CoordinatorProcess, ScriptedPipeline, server, tokenizer
 from tests.test_api_stream import active_requests
 
@@ -373,5 +374,43 @@ def test_oversized_body_is_refused_in_ollama_shape(tokenizer: Any) -> None:
             assert "exceeds" in ollama_shaped(await c.post("/api/chat", content=big), 413)
             openai_big = await c.post("/v1/chat/completions", content=big)
             assert openai_big.json()["error"]["code"] == "request_too_large"
+
+    asyncio.run(scenario())
+
+
+class FailingPipeline(ScriptedPipeline):
+    """Yields its tokens, then fails as a pipeline whose stage died."""
+
+    async def stream(
+        self, prompt: list[int], params: GenerationParams, request_id: str | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        try:
+            for i, t in enumerate(self.tokens):
+                yield TokenEvent(token=t, step=i)
+            raise PipelineError("stage 1 on node-b stopped answering")
+        finally:
+            self.released.append(request_id or "")
+
+
+def test_a_failure_mid_stream_is_an_error_line(tokenizer: Any) -> None:
+    async def scenario() -> None:
+        ids = list(tokenizer.encode("abc def ghi jkl", add_special_tokens=False))
+        pipe = FailingPipeline(ids)
+        state = ApiState("m", tokenizer, pipe)  # type: ignore[arg-type]
+        client = ollama.AsyncClient(
+            host="http://t", transport=httpx.ASGITransport(create_app(state))
+        )
+        parts: list[str] = []
+        with pytest.raises(ollama.ResponseError) as failed:
+            async for part in await client.chat(
+                model="m", messages=chat_messages("x"), stream=True, options={"num_predict": 20}
+            ):
+                parts.append(part.message.content or "")
+        assert "stage 1 on node-b stopped answering" in failed.value.error
+        assert "".join(parts) == tokenizer.decode(ids)[: len("".join(parts))] and parts
+        with pytest.raises(ollama.ResponseError) as whole:
+            await client.generate(model="m", prompt="x", raw=True, options={"num_predict": 20})
+        assert whole.value.status_code == 503 and "stopped answering" in whole.value.error
+        assert len(pipe.released) == 2 and state.admission.running == 0
 
     asyncio.run(scenario())
