@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI under uvicorn), the dashboard and /metrics.
+"""The OpenAI-compatible HTTP API (FastAPI under uvicorn), the dashboard and /metrics;
+Ollama's API is mounted beside it from coordinator/ollama_api.py.
 
 Thin edge: validate the body, tokenize, wait for a pipeline slot, run the request on the
 pipeline and shape the answer, streamed as server-sent events or whole. Errors use OpenAI's
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +49,9 @@ from coordinator.metrics import CONTENT_TYPE, RequestTrace, ServingMetrics
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError
 from coordinator.shipboard import ShipBoard
 from coordinator.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from coordinator.session import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +264,8 @@ class ApiState:
     api_key: str | None = None
     # Weight shipments (coordinator up): the dashboard's progress bars.
     shipping: ShipBoard | None = None
+    # The served model's folder and config (coordinator up): the Ollama API's model details.
+    model_info: ModelInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -863,4 +869,7 @@ def create_app(state: ApiState) -> FastAPI:
             "usage": usage(job, done.completion_tokens),
         }
 
+    from coordinator.ollama_api import Serving, mount_ollama  # it imports this module
+
+    mount_ollama(app, state, Serving(authorize, start, collect_unless_gone))
     return app

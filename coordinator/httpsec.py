@@ -2,9 +2,9 @@
 bodies, checked before any JSON is parsed (docs/security.md).
 
 Trust boundary: every byte of a request is untrusted. uvicorn and Starlette read a body of
-any size into memory; a body over the cap is answered 413 in OpenAI's error shape without
-reaching the endpoint, and the rest of the checks (schema, token limits against the context)
-are the endpoints' own (coordinator/api.py).
+any size into memory; a body over the cap is answered 413 in OpenAI's error shape (Ollama's
+under /api/) without reaching the endpoint, and the rest of the checks (schema, token limits
+against the context) are the endpoints' own (coordinator/api.py, coordinator/ollama_api.py).
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def url_scheme(args: argparse.Namespace) -> str:
     return "https" if getattr(args, "tls_cert", None) is not None else "http"
 
 
-def _error(message: str, code: str) -> bytes:
+def _error(message: str, code: str, path: str = "") -> bytes:
+    """OpenAI's error shape, or Ollama's (`{"error": message}`) under Ollama's /api/ routes."""
+    if path.startswith("/api/"):
+        return json.dumps({"error": message}).encode()
     body = {
         "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
     }
@@ -77,7 +80,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send, 413, self._too_large(), "request_too_large")
+            await self._refuse(send, 413, self._too_large(), "request_too_large", scope)
             return
         chunks: list[bytes] = []
         size = 0
@@ -88,7 +91,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send, 413, self._too_large(), "request_too_large")
+                await self._refuse(send, 413, self._too_large(), "request_too_large", scope)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -109,8 +112,8 @@ class BodyLimit:
         return f"the request body exceeds {self.max_bytes} bytes"
 
     @staticmethod
-    async def _refuse(send: Send, status: int, message: str, code: str) -> None:
-        payload = _error(message, code)
+    async def _refuse(send: Send, status: int, message: str, code: str, scope: Scope) -> None:
+        payload = _error(message, code, str(scope.get("path", "")))
         await send(
             {
                 "type": "http.response.start",

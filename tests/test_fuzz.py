@@ -337,6 +337,10 @@ def bodies(model_name: str) -> st.SearchStrategy[Any]:
 ENDPOINTS = [("POST", "/v1/completions")] * 4 + [("POST", "/v1/chat/completions")] * 4 + [("GET", "/v1/models"),
              ("GET", "/api/state"), ("GET", "/metrics"), ("GET", "/"), ("POST", "/v1/models"),
              ("GET", "/v1/completions"), ("POST", "/v1/embeddings"), ("GET", "/static/../secret")]  # fmt: skip
+# Ollama's API (coordinator/ollama_api.py): its own error shape, NDJSON streams.
+ENDPOINTS += [("POST", "/api/chat")] * 3 + [("POST", "/api/generate")] * 3 + [("POST", "/api/show"),
+              ("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/api/version"), ("POST", "/api/pull"),
+              ("GET", "/api/chat"), ("POST", "/api/nothing")]  # fmt: skip
 
 
 @dataclass
@@ -398,6 +402,9 @@ def test_every_http_endpoint_survives_random_json(target: Target, api: Api) -> N
     @example(endpoint=("POST", "/v1/chat/completions"), raw=None,
              body={"model": api.model_name, "messages": [{"role": "user", "content": "hi"}],
                    "max_tokens": 3})  # fmt: skip
+    @example(endpoint=("POST", "/api/chat"), raw=None,
+             body={"model": api.model_name, "messages": [{"role": "user", "content": "hi"}],
+                   "options": {"num_predict": 3}})  # fmt: skip
     def check(endpoint: tuple[str, str], body: Any, raw: bytes | None) -> None:
         method, path = endpoint
         content = raw if raw is not None else json.dumps(body).encode()
@@ -408,6 +415,13 @@ def test_every_http_endpoint_survives_random_json(target: Target, api: Api) -> N
         assert r.status_code < 500, (method, path, content[:300], r.status_code, r.text[:300])
         if r.status_code >= 400 and path.startswith("/v1/"):
             assert "message" in r.json()["error"]  # OpenAI's error shape
+        if r.status_code >= 400 and path.startswith("/api/"):
+            assert isinstance(r.json()["error"], str)  # Ollama's error shape
+        if r.status_code == 200 and r.headers.get("content-type", "").startswith(
+            "application/x-ndjson"
+        ):
+            lines = [json.loads(line) for line in r.text.splitlines()]
+            assert lines[-1]["done"] is True and not any("error" in x for x in lines)
         if r.status_code == 200 and r.headers.get("content-type", "").startswith(
             "text/event-stream"
         ):
@@ -417,6 +431,7 @@ def test_every_http_endpoint_survives_random_json(target: Target, api: Api) -> N
     check()
     assert statuses.get("POST /v1/completions 200", 0) > 0
     assert statuses.get("POST /v1/chat/completions 200", 0) > 0
+    assert statuses.get("POST /api/chat 200", 0) > 0
     done = target.run(_valid_completion(api))
     assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
     assert target.cluster.procs["fuzz0"].poll() is None

@@ -2,7 +2,8 @@
 over 3 real node processes: the GGUF itself, its MLX 4-bit mixed-dtype conversion and a
 float32 dequantization each equal mlx_lm's greedy tokens on the same weights, answer
 "Paris", and stop at <|im_end|>; `coordinator up --model ollama:...` serves it to the official
-OpenAI client with its own chat template.
+OpenAI client with its own chat template, and the same answer to the official ollama client
+through Ollama's API.
 
 A random model cannot show any of this: the tokenizer, the chat template, the end-of-turn
 id and the mixed dtypes are only right if a real answer comes out."""
@@ -122,12 +123,12 @@ def test_mixed_dtype_stages_pass_activations_in_the_dtype_they_make(
     assert stages[0].dtype != mx.float16 or stages[1].dtype != mx.float16  # mixed, not all half
 
 
-def test_up_serves_ollama_model_to_the_openai_client(
+def test_up_serves_ollama_model_to_the_openai_and_ollama_clients(
     real_gguf: Path, local_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`coordinator up --model ollama:smollm2:135m` on a store laid out as Ollama's: the
-    official client streams a chat answer in the model's own template and it stops at end of
-    turn."""
+    official OpenAI client streams a chat answer in the model's own template and it stops at
+    end of turn; the official ollama client gets the same answer from Ollama's API."""
     from openai import OpenAI
 
     store = _ollama_store(tmp_path / "ollama", real_gguf)
@@ -149,5 +150,19 @@ def test_up_serves_ollama_model_to_the_openai_client(
         answer = "".join(parts)
         assert "Paris" in answer and finish == "stop", (answer, finish)
         assert "<|im_end|>" not in answer
+
+        # The same question through Ollama's API and its official client.
+        import ollama
+
+        oc = ollama.Client(host=coord.url)
+        reply = oc.chat(
+            model="smollm2:135m", messages=[{"role": "user", "content": QUESTION}],
+            options={"temperature": 0, "num_predict": MAX_TOKENS},
+        )  # fmt: skip
+        assert reply.message.content == answer and reply.done_reason == "stop"
+        (listed,) = oc.list().models
+        assert listed.model == "smollm2:135m" and listed.details is not None
+        assert (listed.details.format, listed.details.quantization_level) == ("gguf", "Q4_1")
+        assert listed.size == real_gguf.stat().st_size
     finally:
         coord.stop()

@@ -144,6 +144,7 @@ async def serve(args: argparse.Namespace) -> int:
         probe=probe,
         api_key=args.api_key,
         shipping=board,
+        model_info=model,
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
