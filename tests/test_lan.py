@@ -32,7 +32,16 @@ SHAPED_GBS = RATE_100MBIT / 8 / 1e9  # 0.0125 GB/s
 def probe(lan: Lan, addresses: list[str], *extra: str) -> dict[str, Any]:
     """`coordinator probe --json` run from the hub namespace (the coordinator's seat)."""
     # The namespace nodes run open (tests/lan.py): --insecure lets the coordinator use them.
-    argv = [sys.executable, "-m", "coordinator.main", "probe", "--json", "--wait", "0", "--insecure"]
+    argv = [
+        sys.executable,
+        "-m",
+        "coordinator.main",
+        "probe",
+        "--json",
+        "--wait",
+        "0",
+        "--insecure",
+    ]
     argv += [a for addr in addresses for a in ("--node", addr)]
     done = subprocess.run(lan.hub_cmd([*argv, *extra]), capture_output=True, text=True,
                           cwd=lanlib.REPO, timeout=120)  # fmt: skip
@@ -83,14 +92,24 @@ WIRE_DELAY_US = 500.0
 
 @pytest.mark.netns
 def test_same_host_links_have_lower_latency_than_links_across_the_wire(lan_factory: Any) -> None:
-    # Namespaces alone differ from loopback by ~10 us, below gRPC's jitter: a relay in front
-    # of each node adds WIRE_DELAY_US one-way to traffic from other namespaces only.
+    # Namespaces alone differ from loopback by ~10 us, below the probe's jitter: relays in
+    # front of each node add WIRE_DELAY_US one-way to traffic from other namespaces only.
+    # The probe measures the data path, so the nodes listen on loopback in their namespace
+    # and a relay on the LAN address stands in front of each of their two ports (gRPC, and
+    # data at the same number GetInfo gives).
     lan = lan_factory(2)
-    nodes = [lan.start_node(0), lan.start_node(1), lan.start_node(1, "ns1b", port=50152)]
-    wires = [lan.start_wire(0, 50251, 50151, WIRE_DELAY_US),
-             lan.start_wire(1, 50251, 50151, WIRE_DELAY_US),
-             lan.start_wire(1, 50252, 50152, WIRE_DELAY_US)]  # fmt: skip
-    lan.wait_ready(nodes + wires)
+    local = "127.0.0.1"
+    nodes = [lan.start_node(0, host=local), lan.start_node(1, host=local),
+             lan.start_node(1, "ns1b", port=50152, host=local)]  # fmt: skip
+    wires = [lan.start_wire(0, 50151, 50151, WIRE_DELAY_US, local),
+             lan.start_wire(1, 50151, 50151, WIRE_DELAY_US, local),
+             lan.start_wire(1, 50152, 50152, WIRE_DELAY_US, local)]  # fmt: skip
+    data_wires = [
+        lan.start_wire(k, p + lanlib.DATA_PORT_OFFSET, p + lanlib.DATA_PORT_OFFSET,
+                       WIRE_DELAY_US, local)
+        for k, p in ((0, 50151), (1, 50151), (1, 50152))
+    ]  # fmt: skip
+    lan.wait_ready(nodes + wires + data_wires)
     doc = probe(lan, [w.address for w in wires], "--no-devices")
     assert len(doc["links"]) == 6
     same = [lk for lk in doc["links"] if lk["same_host"]]
