@@ -122,6 +122,8 @@ def test_same_host_links_have_lower_latency_than_links_across_the_wire(lan_facto
     assert all({lk["src"], lk["dst"]} != local for lk in across)
     worst_same = max(lk["latency_us"] for lk in same)
     best_across = min(lk["latency_us"] for lk in across)
+    print(f"one-way latency: same host {sorted(round(lk['latency_us']) for lk in same)} us, "
+          f"across the wire {sorted(round(lk['latency_us']) for lk in across)} us")  # fmt: skip
     assert worst_same < best_across
     # And the probe resolves the wire's delay itself, not just an ordering.
     extra = sum(lk["latency_us"] for lk in across) / len(across) - sum(
