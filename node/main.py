@@ -225,15 +225,16 @@ async def serve(args: argparse.Namespace) -> int:
         lambda req, push: holder[0].on_data_subscribe(req, push),
         key,
     )
+    wanted = data_port_for(args.port, args.data_port)
     try:
-        data_port = await data_server.start(args.host, args.data_port)
+        data_port = await data_server.start(args.host, wanted)
     except OSError as e:
         log.error(
             "cannot bind the data path on %s:%s (%s): %s; choose another with --data-port "
             "(0: a free one)",
             args.host,
-            args.data_port,
-            "--data-port" if args.data_port_given else "the default, gRPC port + 1",
+            wanted,
+            "--data-port" if args.data_port is not None else "the default, gRPC port + 1",
             e,
         )
         return 1
@@ -331,11 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "up":
-        args.data_port_given = args.data_port is not None
-        args.data_port = data_port_for(args.port, args.data_port)
-        problem = _check_ports(args.port, args.data_port)
+        problem = _check_ports(args.port, data_port_for(args.port, args.data_port))
         if problem:
-            given = "" if args.data_port_given else " (by default, the gRPC port + 1)"
+            given = "" if args.data_port is not None else " (by default, the gRPC port + 1)"
             print(f"error: {problem}{given}", file=sys.stderr)
             return 2
     if args.command == "up" and args.cpus:
