@@ -72,11 +72,6 @@ class _Waiter:
     queue: asyncio.Queue[pb.StageEvent] = field(default_factory=asyncio.Queue)
 
 
-def _data_address(stage_address: str, data_port: int) -> str:
-    host = stage_address.rpartition(":")[0]
-    return f"{host}:{data_port}"
-
-
 class Pipeline:
     """One plan, loaded and streaming.
 
@@ -119,7 +114,7 @@ class Pipeline:
                 ) from None
             if not info.data_port:
                 raise PipelineError(f"node {s.node_name} ({s.address}) has no data path")
-            out.append(_data_address(s.address, info.data_port))
+            out.append(datapath.data_address(s.address, info.data_port))
         return out
 
     async def load(

@@ -5,7 +5,8 @@ ids and sampled tokens travel here, because a Python gRPC stream message costs 0
 round trip where a socket costs about 0.1 ms (design.md). Frame:
 
     4 bytes  big-endian length N of what follows (1 + payload), N <= MAX_FRAME_BYTES
-    1 byte   kind (FORWARD, SUBSCRIBE, EVENT; HELLO, AUTH, WELCOME, REFUSED at the start)
+    1 byte   kind (FORWARD, SUBSCRIBE, EVENT, ECHO, ECHO_REPLY; HELLO, AUTH, WELCOME,
+             REFUSED at the start, REFUSED also before a node closes on a frame it refuses)
     N-1      the serialized protobuf message of that kind (ASCII text for the handshake)
 
 Handshake: the node speaks first, a HELLO carrying a fresh random challenge (empty when the
@@ -14,6 +15,11 @@ node runs open). The client answers AUTH: a proof of the cluster token over that
 REFUSED with the reason and closes. Nothing else is read before that, so a connection that
 cannot prove the token never reaches a stage. Each challenge is used once: a recorded
 handshake cannot be replayed on another connection.
+
+ECHO frames measure this transport itself (node/linkprobe.py): the node answers each on the
+connection's thread with an ECHO_REPLY of `reply_bytes` bytes (the payload when 0). A frame
+the node does not know or does not take from a client is answered with REFUSED and the
+reason, then the connection closes; nodes that predate ECHO close without a REFUSED.
 
 Trust boundary: frames are parsed by protobuf only (no pickle); every field is validated by
 the stage exactly as on the Forward RPC. A malformed frame closes that connection only.
@@ -43,12 +49,21 @@ log = logging.getLogger(__name__)
 FORWARD = 1  # ForwardRequest, client -> stage
 SUBSCRIBE = 2  # SubscribeRequest, client -> stage: this connection now receives StageEvents
 EVENT = 3  # StageEvent, stage -> subscriber
-KINDS = {FORWARD: pb.ForwardRequest, SUBSCRIBE: pb.SubscribeRequest, EVENT: pb.StageEvent}
-# The handshake (text payloads), before any of the above.
+# The handshake (text payloads), before any other frame.
 HELLO = 4  # stage -> client: the challenge ("" when the node runs open)
 AUTH = 5  # client -> stage: the proof
 WELCOME = 6  # stage -> client: accepted
-REFUSED = 7  # stage -> client: the reason, then the stage closes
+REFUSED = 7  # stage -> client: the reason, then the stage closes (also after the handshake)
+ECHO = 8  # EchoRequest, client -> node: answer with an ECHO_REPLY (the link probe)
+ECHO_REPLY = 9  # EchoReply, node -> client
+Message = pb.ForwardRequest | pb.SubscribeRequest | pb.StageEvent | pb.EchoRequest | pb.EchoReply
+KINDS: dict[int, type[Message]] = {
+    FORWARD: pb.ForwardRequest,
+    SUBSCRIBE: pb.SubscribeRequest,
+    EVENT: pb.StageEvent,
+    ECHO: pb.EchoRequest,
+    ECHO_REPLY: pb.EchoReply,
+}
 MAX_HANDSHAKE_BYTES = 512
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -65,7 +80,17 @@ class DataAuthError(ConnectionError):
     """The node refused this connection's proof of the cluster token (or there was none)."""
 
 
-def encode(kind: int, msg: pb.ForwardRequest | pb.SubscribeRequest | pb.StageEvent) -> bytes:
+class FrameRefused(ConnectionError):
+    """The node answered a frame with REFUSED (e.g. a kind it does not know) and closed."""
+
+
+def data_address(grpc_address: str, data_port: int) -> str:
+    """The data path's host:port of the node whose gRPC address is `grpc_address` (same
+    host, the port its NodeInfo.data_port gives)."""
+    return f"{grpc_address.rpartition(':')[0]}:{data_port}"
+
+
+def encode(kind: int, msg: Message) -> bytes:
     body = msg.SerializeToString()
     return _HEADER.pack(len(body) + 1, kind) + body
 
@@ -117,20 +142,26 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, object] | None:
     return _parse(kind, await _read_body(reader, length))
 
 
-def read_frame_from(stream: io.BufferedIOBase) -> tuple[int, object] | None:
-    """`read_frame` for a blocking socket file (a node's data connection thread)."""
+def read_raw_from(stream: io.BufferedIOBase) -> tuple[int, bytes] | None:
+    """The next frame's (kind, body) from a blocking socket file, any kind; None at a clean
+    end of stream. The body is read whole even for a kind the caller will refuse, so the
+    connection can still carry the answer."""
     header = stream.read(_HEADER.size)
     if not header:
         return None
     if len(header) < _HEADER.size:
         raise FrameError("connection closed inside a frame header")
     length, kind = _unpack_header(header)
-    if kind not in KINDS:
-        raise FrameError(f"unknown frame kind {kind}")
     body = stream.read(length - 1)
     if len(body) < length - 1:
         raise FrameError("connection closed inside a frame")
-    return _parse(kind, body)
+    return kind, body
+
+
+def read_frame_from(stream: io.BufferedIOBase) -> tuple[int, object] | None:
+    """`read_frame` for a blocking socket file (a node's data connection thread)."""
+    raw = read_raw_from(stream)
+    return None if raw is None else _parse(*raw)
 
 
 def _read_text_from(stream: io.BufferedIOBase, expected: tuple[int, ...]) -> tuple[int, str]:
@@ -206,6 +237,23 @@ def accept_handshake(
     writer.write(encode_text(WELCOME, ""))
 
 
+def _proof_for(challenge: str, key: auth.ClusterKey | None, address: str) -> str:
+    """The AUTH text answering the node's HELLO `challenge` ("" for an open node)."""
+    if not challenge:
+        return ""
+    if key is None:
+        raise DataAuthError(
+            f"the node at {address} requires the cluster token on its data path; "
+            "this process has none (--token / --token-file / $LAYERLINK_TOKEN)"
+        )
+    return auth.make_proof(key, auth.data_payload(challenge)).encode()
+
+
+def _check_verdict(kind: int, reason: str, address: str) -> None:
+    if kind == REFUSED:
+        raise DataAuthError(f"the node at {address} refused this cluster token: {reason}")
+
+
 async def offer_handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -218,21 +266,31 @@ async def offer_handshake(
         _, challenge = await read_text(reader, (HELLO,))
     except FrameError as e:
         raise ConnectionError(f"data link to {address}: {e}") from None
-    if not challenge:
+    proof = _proof_for(challenge, key, address)
+    if not proof:
         return  # an open node
-    if key is None:
-        raise DataAuthError(
-            f"the node at {address} requires the cluster token on its data path; "
-            "this process has none (--token / --token-file / $LAYERLINK_TOKEN)"
-        )
-    proof = auth.make_proof(key, auth.data_payload(challenge))
-    writer.write(encode_text(AUTH, proof.encode()))
+    writer.write(encode_text(AUTH, proof))
     try:
         kind, reason = await read_text(reader, (WELCOME, REFUSED))
     except FrameError as e:
         raise ConnectionError(f"data link to {address}: {e}") from None
-    if kind == REFUSED:
-        raise DataAuthError(f"the node at {address} refused this cluster token: {reason}")
+    _check_verdict(kind, reason, address)
+
+
+def offer_handshake_on(
+    sock: socket.socket, stream: io.BufferedIOBase, key: auth.ClusterKey | None, address: str
+) -> None:
+    """`offer_handshake` on a blocking socket (with a timeout set) and its read file."""
+    try:
+        _, challenge = _read_text_from(stream, (HELLO,))
+        proof = _proof_for(challenge, key, address)
+        if not proof:
+            return
+        sock.sendall(encode_text(AUTH, proof))
+        kind, reason = _read_text_from(stream, (WELCOME, REFUSED))
+    except FrameError as e:
+        raise ConnectionError(f"data link to {address}: {e}") from None
+    _check_verdict(kind, reason, address)
 
 
 class SocketWriter:
@@ -397,6 +455,68 @@ class Link:
             self._writer = None
 
 
+class BlockingLink:
+    """An outgoing data connection driven by blocking calls from one thread: each `send`
+    goes straight to the socket and `read` waits for the node's next frame. The link probe
+    uses it to time this transport with nothing but the socket between the two clocks."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._sock: socket.socket | None = None
+        self._stream: io.BufferedIOBase | None = None
+
+    def connect(
+        self, timeout: float = 10.0, key: auth.ClusterKey | None = None, io_timeout: float = 60.0
+    ) -> BlockingLink:
+        """Connect and pass the node's handshake with `key` (default: this process's key).
+        Later reads and writes give up after `io_timeout` seconds (TimeoutError)."""
+        host, _, port = self.address.rpartition(":")
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)
+            stream = sock.makefile("rb")
+            offer_handshake_on(sock, stream, key or auth.current_key(), self.address)
+            sock.settimeout(io_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._stream = sock, stream
+        return self
+
+    def send(self, kind: int, msg: Message) -> None:
+        if self._sock is None:
+            raise ConnectionError(f"data link to {self.address} is closed")
+        self._sock.sendall(encode(kind, msg))
+
+    def read(self) -> tuple[int, object]:
+        """The node's next frame as (kind, message). Raises FrameRefused when the node
+        refused what it was sent, ConnectionError when it closed."""
+        if self._stream is None:
+            raise ConnectionError(f"data link to {self.address} is closed")
+        raw = read_raw_from(self._stream)
+        if raw is None:
+            raise ConnectionError(f"the node at {self.address} closed the data connection")
+        kind, body = raw
+        if kind == REFUSED:
+            reason = body[:MAX_HANDSHAKE_BYTES].decode("ascii", "replace")
+            raise FrameRefused(f"the node at {self.address} refused: {reason}")
+        return _parse(kind, body)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._stream = None
+
+    def __enter__(self) -> BlockingLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 ForwardHandler = Callable[[pb.ForwardRequest], None]
 SubscribeHandler = Callable[
     [pb.SubscribeRequest, Callable[[pb.StageEvent], None]], Callable[[], None]
@@ -408,6 +528,7 @@ class DataServer:
     next frame, then `on_forward` / `on_subscribe` called on that thread. The node computes
     a step right there and sends its result on (SocketWriter), so a hop costs one thread
     wake-up on each side and no event loop (docs/performance.md has the measured gaps).
+    ECHO frames are answered on that thread too (`answer_echo`; `echoes` counts them).
     Handlers must be thread-safe."""
 
     def __init__(
@@ -425,6 +546,13 @@ class DataServer:
         self._lock = threading.Lock()
         self._closing = False
         self.port = 0
+        self.echoes = 0  # ECHO frames answered, all connections together
+
+    def answer_echo(self, request: pb.EchoRequest) -> pb.EchoReply:
+        """The reply to one ECHO frame: `reply_bytes` zero bytes, or the payload back."""
+        if request.reply_bytes:
+            return pb.EchoReply(payload=bytes(min(request.reply_bytes, MAX_FRAME_BYTES // 2)))
+        return pb.EchoReply(payload=request.payload)
 
     async def start(self, host: str, port: int = 0) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -489,10 +617,17 @@ class DataServer:
                 elif kind == SUBSCRIBE:
                     assert isinstance(msg, pb.SubscribeRequest)
                     unsubscribe.append(self.on_subscribe(msg, push))
+                elif kind == ECHO:
+                    assert isinstance(msg, pb.EchoRequest)
+                    with self._lock:
+                        self.echoes += 1
+                    writer.write(encode(ECHO_REPLY, self.answer_echo(msg)))
                 else:
                     raise FrameError(f"a client may not send frames of kind {kind}")
         except FrameError as e:
             log.warning("closing data connection from %s: %s", peer, e)
+            with contextlib.suppress(ConnectionError):  # tell the client why, then close
+                writer.write(encode_text(REFUSED, str(e)))
         except OSError as e:
             if not self._closing:
                 log.info("data connection from %s ended: %s", peer, e)

@@ -1,9 +1,16 @@
-"""Measure the link from this node to another node: a ping-pong sweep over the target's `Echo`
-stream (the same gRPC transport that carries activations between stages), then a fit of
-one-way latency and bandwidth (node/linkfit.py explains the model).
+"""Measure the link from this node to another node: a ping-pong sweep over the target's data
+path (node/datapath.py: raw TCP, length-prefixed protobuf frames, the authenticated
+handshake; the transport that carries activations between stages), then a fit of one-way
+latency and bandwidth (node/linkfit.py explains the model).
 
-The sweep: payloads of 64 B .. 16 MiB, each answered by an 8-byte reply, so the figures are
-those of the direction source -> target. A few messages warm the stream up first and one
+The target's data address is its gRPC host with the port its GetInfo names (`data_port`).
+The sweep: ECHO frames of 64 B .. 16 MiB payload, each answered on the target's data
+connection thread by an ECHO_REPLY of 8 bytes, so the figures are those of the direction
+source -> target. It runs on a thread of its own with a blocking socket, as a node's data
+connection does, and each round trip is timed there, around the send and the read. A target
+that has no data path, cannot be reached on it, refuses the token or predates ECHO frames
+(it closes the connection, or answers REFUSED) fails the measurement with a message saying
+so; nothing falls back to gRPC. A few messages warm the connection up first and one
 message per size is a warm-up; neither is timed. Each size's figure is the median round
 trip of its repeats. A time budget (LINK_BUDGET_S by default) bounds the whole sweep: the
 largest sizes get fewer repeats, or are skipped, when the link is too slow to afford them;
@@ -27,10 +34,11 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
-from node import auth, linkfit
+from node import auth, datapath, linkfit
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
 
@@ -46,22 +54,19 @@ SMALL_REPEATS = 25
 LARGE_RTT_US = 10_000.0
 LARGE_REPEATS = 3
 DEFAULT_WARMUP = 1
-# Untimed messages at the start of the stream (connection, HTTP/2 windows, allocators).
+# Untimed messages at the start of the connection (TCP windows, allocators).
 STREAM_WARMUP = 3
 REPLY_BYTES = 8
 LINK_BUDGET_S = 2.5
 GET_INFO_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+# A reply that takes longer than this ends the sweep (the target hangs).
+IO_TIMEOUT_S = 30.0
 
+# Below the data path's frame limit (64 MiB) with room for the framing.
 MAX_PAYLOAD_BYTES = 32 << 20
 MAX_SIZES = 32
 MAX_REPEATS = 1000
-MAX_MESSAGE_BYTES = 64 << 20
-# gRPC options of the probing channel. The target's server must accept messages of the
-# largest payload plus framing (grpc.max_receive_message_length >= 32 MiB + a few bytes).
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-)
 
 
 class LinkProbeError(Exception):
@@ -168,19 +173,52 @@ def _predict_rtt_us(samples: Sequence[linkfit.Sample], n: int) -> float:
     return last.rtt_us + max(slope, 0.0) * (n - last.payload_bytes)
 
 
-class _Pinger:
-    """One Echo stream: send a request, wait for its reply, return the round trip in us."""
+class Pinger(Protocol):
+    """Sends one request and waits for its reply; returns the round trip in us."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall[pb.EchoRequest, pb.EchoReply]) -> None:
-        self._call = call
+    def ping(self, request: pb.EchoRequest) -> float: ...
 
-    async def ping(self, request: pb.EchoRequest) -> float:
+
+class DataPathPinger:
+    """ECHO frames on one data-path connection (blocking, from the sweep's thread)."""
+
+    def __init__(self, link: datapath.BlockingLink) -> None:
+        self._link = link
+        self.replies = 0
+
+    def ping(self, request: pb.EchoRequest) -> float:
+        address = self._link.address
         t0 = time.perf_counter_ns()
-        await self._call.write(request)
-        reply = await self._call.read()
+        try:
+            self._link.send(datapath.ECHO, request)
+            kind, reply = self._link.read()
+        except datapath.FrameRefused as e:
+            raise LinkProbeError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{e} (an ECHO frame of the link probe)"
+            ) from None
+        except (ConnectionError, datapath.FrameError) as e:
+            if self.replies == 0:
+                raise LinkProbeError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the node at {address} closed its data connection at the first ECHO "
+                    f"frame ({e}): a LayerLink node older than the data-path link probe; "
+                    "update it",
+                ) from None
+            raise LinkProbeError(
+                grpc.StatusCode.UNAVAILABLE, f"data connection to {address} lost: {e}"
+            ) from None
+        except TimeoutError:
+            raise LinkProbeError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no echo from the node at {address} within {IO_TIMEOUT_S:.0f}s",
+            ) from None
         t1 = time.perf_counter_ns()
-        if reply is grpc.aio.EOF or not isinstance(reply, pb.EchoReply):
-            raise LinkProbeError(grpc.StatusCode.UNAVAILABLE, "the target closed the echo stream")
+        if kind != datapath.ECHO_REPLY or not isinstance(reply, pb.EchoReply):
+            raise LinkProbeError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the node at {address} answered an ECHO frame with a frame of kind {kind}",
+            )
+        self.replies += 1
         if len(reply.payload) != REPLY_BYTES:
             raise LinkProbeError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -190,13 +228,13 @@ class _Pinger:
         return (t1 - t0) / 1e3
 
 
-async def sweep(pinger: _Pinger, plan: SweepPlan) -> list[linkfit.Sample]:
+def sweep(pinger: Pinger, plan: SweepPlan) -> list[linkfit.Sample]:
     """Run the sweep within plan.budget_s; return one median sample per measured size."""
     requests = _requests(plan.sizes)
     start = time.monotonic()
     deadline = start + plan.budget_s
     for _ in range(STREAM_WARMUP):
-        await pinger.ping(requests[plan.sizes[0]])
+        pinger.ping(requests[plan.sizes[0]])
     samples: list[linkfit.Sample] = []
     for n in plan.sizes:
         remaining_us = (deadline - time.monotonic()) * 1e6
@@ -216,16 +254,42 @@ async def sweep(pinger: _Pinger, plan: SweepPlan) -> list[linkfit.Sample]:
             warmup = min(warmup, affordable - 1)
             repeats = max(1, min(repeats, affordable - warmup))
         for _ in range(warmup):
-            await pinger.ping(requests[n])
+            pinger.ping(requests[n])
         rtts: list[float] = []
         for _ in range(repeats):
-            rtts.append(await pinger.ping(requests[n]))
+            rtts.append(pinger.ping(requests[n]))
             if time.monotonic() > deadline:
                 break
         samples.append(linkfit.Sample(payload_bytes=n, rtt_us=statistics.median(rtts)))
         if time.monotonic() > deadline:
             break
     return samples
+
+
+def sweep_data_path(
+    address: str, plan: SweepPlan, key: auth.ClusterKey | None
+) -> tuple[list[linkfit.Sample], int]:
+    """Connect to the data path at `address`, pass its handshake with `key` and run the
+    sweep (blocking: call it on a thread of its own). Returns the samples and the number
+    of echoes answered."""
+    link = datapath.BlockingLink(address)
+    try:
+        link.connect(CONNECT_TIMEOUT_S, key, io_timeout=IO_TIMEOUT_S)
+    except datapath.DataAuthError as e:
+        raise LinkProbeError(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+    except OSError as e:  # refused, unreachable, timed out, closed during the handshake
+        raise LinkProbeError(
+            grpc.StatusCode.UNAVAILABLE, f"cannot open the data path at {address}: {e}"
+        ) from None
+    with link:
+        pinger = DataPathPinger(link)
+        try:
+            samples = sweep(pinger, plan)
+        except OSError as e:  # a send that failed
+            raise LinkProbeError(
+                grpc.StatusCode.UNAVAILABLE, f"data connection to {address} lost: {e}"
+            ) from None
+    return samples, pinger.replies
 
 
 async def measure_link(
@@ -235,33 +299,31 @@ async def measure_link(
     budget_s: float = LINK_BUDGET_S,
     metadata: Sequence[tuple[str, str]] = (),
 ) -> pb.MeasureLinkReply:
-    """Sweep the link to request.target_address and fit it. Raises LinkProbeError."""
+    """Sweep the data path to the node at request.target_address (its gRPC address) and
+    fit it. Raises LinkProbeError."""
     plan = plan_sweep(request, budget_s)
     host, _port = split_address(request.target_address)
-    md = tuple(metadata)
-    async with auth.secure_channel(request.target_address, CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.NodeStub(channel)
+    async with auth.secure_channel(request.target_address) as channel:
         try:
-            info: pb.NodeInfo = await stub.GetInfo(
-                pb.GetInfoRequest(), timeout=GET_INFO_TIMEOUT_S, metadata=md
+            info: pb.NodeInfo = await pb_grpc.NodeStub(channel).GetInfo(
+                pb.GetInfoRequest(), timeout=GET_INFO_TIMEOUT_S, metadata=tuple(metadata)
             )
         except grpc.aio.AioRpcError as e:
             raise LinkProbeError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"cannot reach target {request.target_address}: {e.code().name} {e.details()}",
             ) from e
-        same_host = info.node_id == self_node_id or await is_local_host(host)
-        call = stub.Echo(timeout=plan.budget_s + 30.0, metadata=md)
-        t0 = time.monotonic()
-        try:
-            samples = await sweep(_Pinger(call), plan)
-        except grpc.aio.AioRpcError as e:
-            raise LinkProbeError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"echo stream to {request.target_address} failed: {e.code().name} {e.details()}",
-            ) from e
-        finally:
-            call.cancel()
+    if not info.data_port:
+        raise LinkProbeError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"target {request.target_address} ({info.name}) has no data path (data_port 0): "
+            "there is no activation transport to measure",
+        )
+    address = datapath.data_address(request.target_address, info.data_port)
+    same_host = info.node_id == self_node_id or await is_local_host(host)
+    t0 = time.monotonic()
+    # The process's key is read here: the sweep's thread sees the same one.
+    samples, echoes = await asyncio.to_thread(sweep_data_path, address, plan, auth.current_key())
     try:
         fit = linkfit.fit_link(samples)
     except ValueError as e:
@@ -271,13 +333,16 @@ async def measure_link(
             f"in {plan.budget_s:.1f}s",
         ) from e
     log.info(
-        "link -> %s (%s): %.1f us, %.3f GB/s, residual %.3f, %d sizes in %.2fs%s",
+        "link -> %s (%s, data path %s): %.1f us, %.3f GB/s, residual %.3f, %d sizes, "
+        "%d echoes in %.2fs%s",
         request.target_address,
         info.name,
+        address,
         fit.latency_us,
         fit.bandwidth_gbs,
         fit.residual,
         len(samples),
+        echoes,
         time.monotonic() - t0,
         ", same host" if same_host else "",
     )

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--data-port",
         type=int,
-        default=0,
-        help="TCP port of the activation data path (default: a free one)",
+        default=None,
+        help="TCP port of the activation data path; 0 picks a free one (default: the gRPC "
+        "port + 1, 50152; a free one when --port is 0)",
     )
     up.add_argument(
         "--model-dir",
@@ -121,6 +122,25 @@ def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="weight cache folder (default: $XDG_CACHE_HOME/layerlink/weights)",
     )
+
+
+def data_port_for(port: int, data_port: int | None) -> int:
+    """The data path's port: --data-port as given, else the gRPC port + 1 (a fixed port a
+    firewall rule can name), else 0 (a free one) when the gRPC port is a free one too."""
+    if data_port is not None:
+        return data_port
+    return port + 1 if port else 0
+
+
+def _check_ports(port: int, data_port: int) -> str:
+    """Why these ports cannot be served ("" when they can)."""
+    if not 0 <= port <= 65535:
+        return f"--port {port} is not a TCP port (0-65535)"
+    if not 0 <= data_port <= 65535:
+        return f"--data-port {data_port} is not a TCP port (0-65535)"
+    if port and data_port == port:
+        return f"--data-port {data_port} is the gRPC port: the data path needs a port of its own"
+    return ""
 
 
 def _advertised_host(host: str) -> str:
@@ -205,10 +225,18 @@ async def serve(args: argparse.Namespace) -> int:
         lambda req, push: holder[0].on_data_subscribe(req, push),
         key,
     )
+    wanted = data_port_for(args.port, args.data_port)
     try:
-        data_port = await data_server.start(args.host, args.data_port)
+        data_port = await data_server.start(args.host, wanted)
     except OSError as e:
-        log.error("cannot bind the data path on %s:%s: %s", args.host, args.data_port, e)
+        log.error(
+            "cannot bind the data path on %s:%s (%s): %s; choose another with --data-port "
+            "(0: a free one)",
+            args.host,
+            wanted,
+            "--data-port" if args.data_port is not None else "the default, gRPC port + 1",
+            e,
+        )
         return 1
     config = NodeConfig(
         node_id=node_id,
@@ -263,7 +291,13 @@ async def serve(args: argparse.Namespace) -> int:
         advertiser = Advertiser(record, mdns_interfaces(args.host))
         await advertiser.start()
     log.info(
-        "node %s (%s) serving on %s:%d, backend %s", name, node_id[:8], adv_host, port, hw.backend
+        "node %s (%s) serving on %s:%d (data path :%d), backend %s",
+        name,
+        node_id[:8],
+        adv_host,
+        port,
+        data_port,
+        hw.backend,
     )
     if key is None:
         log.warning(
@@ -297,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         else logging.DEBUG
     )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "up":
+        problem = _check_ports(args.port, data_port_for(args.port, args.data_port))
+        if problem:
+            given = "" if args.data_port is not None else " (by default, the gRPC port + 1)"
+            print(f"error: {problem}{given}", file=sys.stderr)
+            return 2
     if args.command == "up" and args.cpus:
         from node import cpus
 

@@ -407,6 +407,22 @@ def test_data_path_admits_only_connections_that_prove_the_token(secured: LocalCl
     assert "refused data connection" in (secured.log_dir / f"{node.name}.log").read_text()
 
 
+def test_link_probe_passes_the_data_handshake(secured: LocalCluster) -> None:
+    """MeasureLink between two nodes of the cluster: the source opens the target's data
+    port (which refuses connections without a proof, above) with its own key and sweeps."""
+    src, dst = secured.nodes
+
+    async def go() -> tuple[pb.MeasureLinkReply, str]:
+        async with NodeClient(src.address, KEY) as c:
+            reply = await c.measure_link(dst.address, payload_bytes=[64, 4096], repeats=3)
+        return reply, await _data_port(dst.address)
+
+    reply, data_address = asyncio.run(go())
+    assert reply.target_node_id == dst.node_id and len(reply.samples) == 2
+    assert secured.log_dir is not None
+    assert f"data path {data_address})" in (secured.log_dir / f"{src.name}.log").read_text()
+
+
 def test_discovery_keeps_only_nodes_of_its_secret(
     secured: LocalCluster, foreign: LocalCluster
 ) -> None:

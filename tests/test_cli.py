@@ -1,12 +1,17 @@
-"""The command line as a user runs it: `coordinator run --json`, `demo`, and clear errors."""
+"""The command line as a user runs it: `coordinator run --json`, `demo`, and clear errors;
+`cluster-node up`'s ports."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from coordinator.localcluster import LocalCluster
+from coordinator.nodeclient import NodeClient
 from tests.helpers import reference_generate
 
 
@@ -99,3 +104,58 @@ def test_plan_live_cluster_json(local_cluster, tiny_llama: Path) -> None:
     assert result["fits"] is True
     assert result["predicted"]["decode_tps"] > 0
     assert result["plan"][0]["layers"][0] == 0 and result["plan"][-1]["layers"][1] == 8
+
+
+# ----- cluster-node up: the ports ------------------------------------------------------------
+
+
+def node_up(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node.main", "up", "--host", "127.0.0.1", "--no-advertise", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 both free just now."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise AssertionError("no two adjacent free ports")
+
+
+def test_node_data_port_defaults_to_the_grpc_port_plus_one(session_dir: Path) -> None:
+    port = free_port_pair()
+    (session_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with LocalCluster(1, "dataport", log_dir=session_dir / "logs", name_prefix="dport",
+                      extra_args=["--port", str(port), "--no-advertise"]) as cluster:  # fmt: skip
+        (node,) = cluster.nodes
+
+        async def info() -> int:
+            async with NodeClient(node.address) as c:
+                return int((await c.get_info()).data_port)
+
+        assert node.address.endswith(f":{port}")
+        assert asyncio.run(info()) == port + 1
+
+
+def test_node_port_errors_name_the_data_port() -> None:
+    port = free_port_pair()
+    with socket.create_server(("127.0.0.1", port + 1)):  # the default data port is taken
+        taken = node_up("--port", str(port))
+    assert taken.returncode == 1
+    assert "cannot bind the data path" in taken.stderr and "--data-port" in taken.stderr
+    assert "gRPC port + 1" in taken.stderr
+    bad = node_up("--port", "0", "--data-port", "70000")
+    assert bad.returncode == 2 and "--data-port 70000 is not a TCP port" in bad.stderr
+    top = node_up("--port", "65535")
+    assert top.returncode == 2 and "by default, the gRPC port + 1" in top.stderr
+    same = node_up("--port", str(port), "--data-port", str(port))
+    assert same.returncode == 2 and "is the gRPC port" in same.stderr

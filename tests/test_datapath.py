@@ -1,7 +1,8 @@
 """The raw-TCP data path (node/datapath.py) on real sockets: the threaded server reads
-frames however TCP splits them, refuses bad frames by closing only that connection, frees a
-vanished client's requests; SocketWriter keeps frames whole and in order, never blocks its
-caller on a peer that does not read, and reports a lost connection."""
+frames however TCP splits them, answers ECHO frames, refuses bad frames (REFUSED with the
+reason) by closing only that connection, frees a vanished client's requests; SocketWriter
+keeps frames whole and in order, never blocks its caller on a peer that does not read, and
+reports a lost connection."""
 
 from __future__ import annotations
 
@@ -84,29 +85,55 @@ def test_frames_split_anyhow_arrive_whole_and_in_order(
     s.close()
 
 
+def read_to_end(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "reason"),
     [
-        b"\x00\x00\x00\x05\x09abcd",  # unknown kind
-        b"\x00\x00\x00\x00\x01",  # length 0
-        b"\x7f\xff\xff\xff\x01",  # longer than MAX_FRAME_BYTES
-        b"\x00\x00\x00\x04\x01\xff\xff\xff",  # FORWARD that is not a ForwardRequest
-        b"\x00\x00\x00\x02\x03\x00",  # EVENT: clients may not send it
+        (b"\x00\x00\x00\x05\x63abcd", "unknown frame kind 99"),
+        (b"\x00\x00\x00\x00\x01", "frame length 0"),
+        (b"\x7f\xff\xff\xff\x01", "frame length 2147483647"),
+        (b"\x00\x00\x00\x04\x01\xff\xff\xff", "not a valid message"),
+        (b"\x00\x00\x00\x01\x03", "may not send frames of kind 3"),  # an empty StageEvent
+        (b"\x00\x00\x00\x01\x09", "may not send frames of kind 9"),
     ],
-    ids=["kind", "empty", "huge", "garbage", "event"],
+    ids=["kind", "empty", "huge", "garbage", "event", "echo-reply"],
 )
-def test_a_bad_frame_closes_only_its_connection(
-    server: tuple[datapath.DataServer, Recorder], bad: bytes
+def test_a_bad_frame_is_refused_and_closes_only_its_connection(
+    server: tuple[datapath.DataServer, Recorder], bad: bytes, reason: str
 ) -> None:
     srv, rec = server
     good = connect(srv.port)
     s = connect(srv.port)
     s.sendall(bad)
-    assert s.recv(1) == b""  # closed by the node
+    answer = read_to_end(s)  # REFUSED with the reason, then closed by the node
+    assert answer[4] == datapath.REFUSED and reason in answer[5:].decode()
+    assert len(answer) == 4 + int.from_bytes(answer[:4], "big")  # one frame, nothing after
     good.sendall(datapath.encode(datapath.FORWARD, forward("still")))
     wait_for(lambda: [m.request_id for m in rec.forwards] == ["still"])
     good.close()
     s.close()
+
+
+def test_echo_frames_are_answered_on_the_connection(
+    server: tuple[datapath.DataServer, Recorder],
+) -> None:
+    srv, rec = server
+    with datapath.BlockingLink(f"127.0.0.1:{srv.port}").connect() as link:
+        link.send(datapath.ECHO, pb.EchoRequest(payload=b"x" * 100_000, reply_bytes=8))
+        assert link.read() == (datapath.ECHO_REPLY, pb.EchoReply(payload=bytes(8)))
+        link.send(datapath.ECHO, pb.EchoRequest(payload=b"back"))  # reply_bytes 0: echoed
+        assert link.read() == (datapath.ECHO_REPLY, pb.EchoReply(payload=b"back"))
+        # A kind the node refuses comes back as FrameRefused with its reason.
+        link.send(datapath.EVENT, pb.StageEvent())
+        with pytest.raises(datapath.FrameRefused, match="may not send frames of kind 3"):
+            link.read()
+    assert srv.echoes == 2 and rec.forwards == []
 
 
 def test_a_vanished_client_has_its_requests_released(

@@ -190,3 +190,24 @@ def test_probe_json_on_loopback_nodes(local_cluster: Any) -> None:
         assert device["kind"] == "cpu" and device["stream_gbs"] > 0
         assert list(device["stream_by_dtype"]) == ["float32"]
     assert doc["seconds"] < 30
+    # Each link was measured on its target's data port (the source node logs where it sent
+    # its ECHO frames), not over gRPC.
+    data_ports = asyncio.run(_data_ports([n.address for n in local_cluster.nodes]))
+    assert local_cluster.log_dir is not None
+    for src in local_cluster.nodes:
+        log = (local_cluster.log_dir / f"{src.name}.log").read_text()
+        for dst in local_cluster.nodes:
+            if dst is not src:
+                grpc_port = int(dst.address.rpartition(":")[2])
+                assert data_ports[dst.address] not in (0, grpc_port)
+                assert f"data path 127.0.0.1:{data_ports[dst.address]})" in log
+
+
+async def _data_ports(addresses: list[str]) -> dict[str, int]:
+    from coordinator.nodeclient import NodeClient
+
+    out = {}
+    for address in addresses:
+        async with NodeClient(address) as c:
+            out[address] = (await c.get_info()).data_port
+    return out

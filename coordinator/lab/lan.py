@@ -41,6 +41,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "LAYERLINK_NODE_READY"
 WIRE_READY_PREFIX = "WIRE_READY"
 NODE_PORT = 50151
+# A node's data port is NODE_PORT-based too but clear of the wire relays' ports (502xx) and
+# of a second node's gRPC port in the same namespace (the default would be port + 1).
+DATA_PORT_OFFSET = 1000
 
 # Rates in bit/s for `Lan.shape`.
 RATE_100MBIT = 100_000_000
@@ -220,26 +223,31 @@ class Lan:
         name: str | None = None,
         port: int = NODE_PORT,
         extra_args: Sequence[str] = (),
+        host: str = "",
     ) -> NodeProcess:
-        """Start `cluster-node up` in node k's namespace; call wait_ready() before use.
-        Without a --token in extra_args the node runs open (--insecure): the namespaces
-        are this test's own network."""
+        """Start `cluster-node up` in node k's namespace, on its LAN address or `host`
+        (127.0.0.1: reachable only through wire relays), its data path on port +
+        DATA_PORT_OFFSET; call wait_ready() before use. Without a --token in extra_args the
+        node runs open (--insecure): the namespaces are this test's own network."""
         name = name or f"ns{k}"
         open_node = [] if "--token" in extra_args else ["--insecure"]
-        argv = [sys.executable, "-m", "node.main", "up", "--host", self.nodes[k].ip,
-                "--port", str(port), "--name", name, "--no-advertise", *open_node,
-                *extra_args]  # fmt: skip
+        argv = [sys.executable, "-m", "node.main", "up", "--host", host or self.nodes[k].ip,
+                "--port", str(port), "--data-port", str(port + DATA_PORT_OFFSET),
+                "--name", name, "--no-advertise", *open_node, *extra_args]  # fmt: skip
         # Node ids persist per name under XDG_CONFIG_HOME: keep them inside this LAN.
         env = {"XDG_CONFIG_HOME": str(self.workdir / "config"), "PYTHONUNBUFFERED": "1"}
         return self.start(k, argv, name, port, env)
 
-    def start_wire(self, k: int, port: int, target_port: int, delay_us: float) -> NodeProcess:
-        """Start a wire-delay relay (coordinator/lab/wire.py) in node k's namespace on `port`, in
-        front of `target_port`: peers from other namespaces see delay_us more one-way
-        latency, peers in the same namespace none. Call wait_ready() before use."""
+    def start_wire(self, k: int, port: int, target_port: int, delay_us: float,
+                   target_host: str = "") -> NodeProcess:  # fmt: skip
+        """Start a wire-delay relay (coordinator/lab/wire.py) on node k's LAN address and `port`, in
+        front of `target_port` (on that address, or `target_host` in the namespace): peers
+        from other namespaces see delay_us more one-way latency, peers in the same namespace
+        none. Call wait_ready() before use."""
         ip = self.nodes[k].ip
         argv = [sys.executable, "-m", "coordinator.lab.wire", "--listen", f"{ip}:{port}",
-                "--target", f"{ip}:{target_port}", "--delay-us", str(delay_us)]  # fmt: skip
+                "--target", f"{target_host or ip}:{target_port}", "--delay-us",
+                str(delay_us)]  # fmt: skip
         return self.start(k, argv, f"wire{k}-{port}", port)
 
     def wait_ready(self, nodes: Sequence[NodeProcess], timeout_s: float = 60.0) -> None:
