@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coordinator.localcluster import LocalCluster
+from coordinator.lab.localcluster import LocalCluster
 from coordinator.nodeclient import NodeClient
 from tests.helpers import reference_generate
 
