@@ -102,6 +102,9 @@ class Pipeline:
         self._to_first: datapath.Link | None = None
         self._from_last: datapath.Link | None = None
         self._failed: str | None = None
+        # Stage indices whose LoadStage succeeded: what close() unloads, even when the rest
+        # of the plan failed to load.
+        self._resident: set[int] = set()
         self.loaded = False
         self._closed = False
         self.in_flight = 0
@@ -152,11 +155,45 @@ class Pipeline:
                     f"stage {i} on {s.node_name} ({s.address}) failed to load layers "
                     f"[{s.start}, {s.end}): {e.code().name}: {e.details()}"
                 ) from None
+            self._resident.add(i)
             if on_stage_loaded is not None:
                 on_stage_loaded(i, reply)
 
-        await asyncio.gather(*(load_one(i) for i in range(len(stages))))
+        try:
+            # Every load runs to its end, so that none is still landing when a failed plan
+            # is cleaned up.
+            results = await asyncio.gather(
+                *(load_one(i) for i in range(len(stages))), return_exceptions=True
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+        except BaseException:
+            # Part of the plan loaded: free it, or its weights stay resident on those nodes.
+            await self._unload_resident()
+            raise
         self.loaded = True
+
+    async def _unload_resident(self, skip: frozenset[str] = frozenset()) -> None:
+        """Unload every stage of this plan that loaded (except on nodes in `skip`)."""
+        stages = self.plan.stages
+        resident = sorted(i for i in self._resident if stages[i].address not in skip)
+        self._resident.clear()
+
+        async def unload(i: int) -> None:
+            s = stages[i]
+            try:
+                await self.clients[s.address].unload_stage(self.plan.plan_id, timeout=5.0)
+            except grpc.aio.AioRpcError as e:
+                log.warning(
+                    "could not unload stage %d of plan %s on %s: %s",
+                    i,
+                    self.plan.plan_id,
+                    s.address,
+                    e.code().name,
+                )
+
+        await asyncio.gather(*(unload(i) for i in resident))
 
     async def open(self) -> None:
         """Subscribe to every stage's events and open the data links to the ends."""
@@ -247,8 +284,8 @@ class Pipeline:
             )
 
     async def close(self, unload: bool = True, skip: frozenset[str] = frozenset()) -> None:
-        """Stop streaming; unload the plan's stages (except on nodes in `skip`, e.g. dead).
-        Closing twice is harmless."""
+        """Stop streaming; unload the plan's stages that loaded, all or some (except on nodes
+        in `skip`, e.g. dead). Closing twice is harmless."""
         if self._closed:
             return
         self._closed = True
@@ -257,12 +294,8 @@ class Pipeline:
         for link in (self._to_first, self._from_last):
             if link is not None:
                 await link.close()
-        if unload and self.loaded:
-            for s in self.plan.stages:
-                if s.address in skip:
-                    continue
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self.clients[s.address].unload_stage(self.plan.plan_id, timeout=5.0)
+        if unload:
+            await self._unload_resident(skip)
         for c in self.clients.values():
             await c.close()
 

@@ -182,15 +182,21 @@ async def open_pipeline(
                 board.fail(str(e))
             raise SessionError(str(e)) from None
         pipeline.weights_ids = {s.stage_index: s.weights_id for s in shipped if s.weights_id}
-    if show_progress:
-        from rich.progress import Progress
+    try:
+        if show_progress:
+            from rich.progress import Progress
 
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"loading {len(plan.stages)} stage(s)", total=len(plan.stages))
-            await pipeline.load(lambda i, r: progress.advance(task))
-    else:
-        await pipeline.load()
-    await pipeline.open()
+            with Progress(transient=True) as progress:
+                n = len(plan.stages)
+                task = progress.add_task(f"loading {n} stage(s)", total=n)
+                await pipeline.load(lambda i, r: progress.advance(task))
+        else:
+            await pipeline.load()
+        await pipeline.open()
+    except BaseException:
+        # A start or re-plan that fails part-way leaves no stage resident on any node.
+        await pipeline.close()
+        raise
     return pipeline
 
 

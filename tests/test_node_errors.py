@@ -308,3 +308,38 @@ def test_errors_only_subscription_gets_failures_but_no_tokens(local_cluster, tin
     plain, errors = asyncio.run(run())
     assert any(e.code == 0 and e.token >= 0 for e in plain)
     assert errors and all(e.code != 0 for e in errors)
+
+
+def test_a_plan_that_fails_part_way_leaves_no_stage_resident(local_cluster, tiny_llama: Path) -> None:
+    """One node refuses its stage (the shipped weights it is told to load are not in its
+    cache): the stages the other nodes did load are unloaded, and their memory returns."""
+    from coordinator.pipeline import Pipeline, PipelineError
+    from coordinator.session import even_counts, fixed_plan, read_model
+
+    model = read_model(tiny_llama)
+    plan = fixed_plan(model, local_cluster.nodes, even_counts(model.num_layers, 3))
+
+    async def infos() -> list[pb.NodeInfo]:
+        out = []
+        for s in plan.stages:
+            async with NodeClient(s.address) as c:
+                out.append(await c.get_info())
+        return out
+
+    async def scenario() -> tuple[list[pb.NodeInfo], list[int], list[pb.NodeInfo]]:
+        before = await infos()
+        p = Pipeline(plan, str(model.path))
+        p.weights_ids = {2: "0" * 64}  # the last node has no such weights
+        loaded: list[int] = []
+        try:
+            with pytest.raises(PipelineError, match=r"stage 2 on .* failed to load"):
+                await p.load(lambda i, reply: loaded.append(i))
+        finally:
+            await p.close()
+        return before, loaded, await infos()
+
+    before, loaded, after = asyncio.run(scenario())
+    assert sorted(loaded) == [0, 1], "the other stages loaded before the plan was given up"
+    for b, a in zip(before, after, strict=True):
+        assert plan.plan_id not in [st.plan_id for st in a.stages], f"{a.name} still holds a stage"
+        assert a.mlx_active_bytes <= b.mlx_active_bytes, f"{a.name}: memory was not returned"
