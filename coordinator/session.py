@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,11 +159,15 @@ async def open_pipeline(
     show_progress: bool = True,
     ship: bool = True,
     board: ShipBoard | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Pipeline:
     """Ship each node the tensors of its stages it lacks (`ship`; progress on the terminal
-    and to the dashboard's `board`), load every stage of the plan and open its streams."""
+    and to the dashboard's `board`), load every stage of the plan and open its streams;
+    `on_phase` hears each step's name ("shipping weights", "loading stages")."""
+    phase = on_phase or (lambda name: None)
     pipeline = Pipeline(plan, str(model.path))
     if ship:
+        phase("shipping weights")
         from coordinator.shipping import ShipError, ship_plan
 
         if board is not None:
@@ -182,6 +187,7 @@ async def open_pipeline(
                 board.fail(str(e))
             raise SessionError(str(e)) from None
         pipeline.weights_ids = {s.stage_index: s.weights_id for s in shipped if s.weights_id}
+    phase("loading stages")
     try:
         if show_progress:
             from rich.progress import Progress

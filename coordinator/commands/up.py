@@ -167,15 +167,22 @@ async def serve(args: argparse.Namespace) -> int:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     console.info(f"dashboard at {scheme}://{args.host}:{port}/ (the API opens once loaded)")
 
+    def phase(name: str) -> None:
+        state.phase = name  # GET /health names it until the model is served
+        log.info("loading: %s", name)
+
     async def load() -> tuple[Pipeline, Plan, Any]:
+        phase("planning")
         plan, measured = await select_plan(
             model, records, args.placement, args.objective, args.concurrency, args.context
         )
         show_plan(plan, args.context)
-        pipeline = await open_pipeline(plan, model, board=board)
+        pipeline = await open_pipeline(plan, model, board=board, on_phase=phase)
         try:
+            phase("warming up")
             await warm_up(pipeline, tokenizer)
             if args.check_tokens:
+                phase("checking speed")
                 await check_speed(pipeline, tokenizer, plan, args.check_tokens)
         except UserError:
             await pipeline.close()
@@ -206,6 +213,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Serves on the pipeline; when a stage dies it re-plans over the rest and resumes requests.
     supervisor = Supervisor(records, replan, reopen)
     await supervisor.start(pipeline)
+    state.phase = "serving"
     state.pipeline = supervisor
     if state.monitor is not None:
         state.monitor.plan_of = lambda: supervisor.plan  # alerts logged even with no dashboard open
