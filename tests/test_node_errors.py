@@ -35,6 +35,51 @@ def test_load_errors(local_cluster, tiny_llama: Path) -> None:
     assert e.code() == grpc.StatusCode.NOT_FOUND and "config.json" in e.details()
 
 
+def test_corrupt_model_folders_are_refused_with_failed_precondition(local_cluster, tiny_llama: Path, tmp_path: Path) -> None:
+    """A model folder broken on the node (corrupt config.json, a field of the wrong type, no
+    or corrupt safetensors) is FAILED_PRECONDITION naming the file or field, not UNKNOWN;
+    the node then loads a good folder."""
+    import json
+    import shutil
+
+    config = json.loads((tiny_llama / "config.json").read_text())
+
+    def broken(name: str, edit: Any) -> Path:
+        d = tmp_path / name
+        shutil.copytree(tiny_llama, d)
+        edit(d)
+        return d
+
+    def truncate(d: Path) -> None:
+        for f in d.glob("*.safetensors"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    cases = [
+        (broken("json", lambda d: (d / "config.json").write_text("{not json")), "config.json on this node is not valid JSON"),
+        (broken("array", lambda d: (d / "config.json").write_text("[1, 2]")), "does not hold a JSON object"),
+        (broken("field", lambda d: (d / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))),
+         "hidden_size must be a positive whole number"),
+        (broken("text", lambda d: (d / "config.json").write_text(json.dumps({**config, "text_config": 3}))),
+         "text_config must be an object"),
+        (broken("none", lambda d: [f.unlink() for f in d.glob("*.safetensors")]), "No safetensors found"),
+        (broken("cut", truncate), "cannot load the model"),
+    ]  # fmt: skip
+    addr = local_cluster.nodes[0].address
+    for path, message in cases:
+        e = asyncio.run(load_error(addr, model_path=str(path), start=0, end=8))
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, (path.name, e.code(), e.details())
+        assert message in e.details(), (path.name, e.details())
+
+    async def good() -> int:
+        async with NodeClient(addr) as c:
+            reply = await c.load_stage(pb.LoadStageRequest(plan_id="good", model_path=str(tiny_llama), start=0, end=8,
+                                                           stage_count=1))  # fmt: skip
+            await c.unload_stage("good")
+            return reply.stage.end
+
+    assert asyncio.run(good()) == 8
+
+
 async def forward_replies(address: str, model: Path, messages: list[pb.ForwardRequest], last: bool) -> list[pb.ForwardReply]:
     async with NodeClient(address) as c:
         await c.load_stage(pb.LoadStageRequest(
