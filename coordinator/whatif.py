@@ -114,10 +114,10 @@ def parse(
 # Bounds that keep every figure finite and planning quick; far beyond any real hardware.
 MAX_NUMBER = 1e9
 MAX_INTEGER = 2**31
-MAX_LAYERS = 10_000
+MAX_LAYERS = 512  # the planner's tables grow as devices x layers^2 (512 x 64: ~4 s, 200 MB)
+MAX_DEVICES = 64
 MAX_CONTEXT = 2**24
 MAX_CONCURRENCY = 65_536
-MAX_COUNT = 64
 _MISSING: Any = object()
 
 
@@ -335,7 +335,9 @@ def _cluster(doc: _Fields) -> Cluster:
         i = 0
         for di, raw_device in enumerate(node.items("devices")):
             d = _Fields(raw_device, f"nodes[{ni}].devices[{di}]")
-            for _ in range(d.integer("count", 1, most=MAX_COUNT)):
+            for _ in range(d.integer("count", 1, most=MAX_DEVICES)):
+                if len(devices) == MAX_DEVICES:
+                    raise WhatIfError(f"the what-if file describes more than {MAX_DEVICES} devices")
                 spec, gen, lanes = _device(name, i, d)
                 devices.append(spec)
                 pcie[spec.id] = (gen, lanes)

@@ -402,6 +402,9 @@ def test_mutated_documents_are_parsed_or_refused_with_a_what_if_error(
         ({"links": [{"a": "pc", "bandwidth_gbps": 1}]}, "needs 'b'"),
         ({"links": [{"a": "pc", "b": "nas", "bandwidth_gbps": 1}]}, "'b' must be the name of a node"),
         ({"network": {"bandwidth_gbps": -1}}, "'bandwidth_gbps'"),
+        # Bounds that keep planning small: its tables grow as devices x layers^2.
+        ({"model": {**BRIEF_34B["model"], "layers": 10_000}}, "'layers'"),  # type: ignore[dict-item]
+        ({"nodes": [{"name": n, "devices": [{"name": "RTX 3090", "count": 40}]} for n in "ab"]}, "more than 64 devices"),
         ({"nodes": [{"name": "pc", "devices": [{"name": "RTX 3090", "pcie_gen": 9}]}]}, "pcie_gen"),
     ],
 )  # fmt: skip
