@@ -266,6 +266,16 @@ class ApiState:
     shipping: ShipBoard | None = None
     # The served model's folder and config (coordinator up): the Ollama API's model details.
     model_info: ModelInfo | None = None
+    # What `coordinator up` is doing while `pipeline` is None ("planning", "shipping
+    # weights", "loading stages", "warming up", ...): GET /health names it.
+    phase: str = "starting"
+
+    def not_ready(self) -> str | None:
+        """Why requests cannot be served now (None when they can)."""
+        p = self.pipeline
+        if p is None:
+            return f"the model is not loaded yet ({self.phase})"
+        return p.fatal if isinstance(p, Supervisor) else p.failed
 
 
 @dataclass(frozen=True)
@@ -512,8 +522,24 @@ def create_app(state: ApiState) -> FastAPI:
 
     # ----- OpenAI API ----------------------------------------------------------------------
 
+    @app.get("/health", include_in_schema=False)
+    async def health() -> JSONResponse:
+        """200 once requests can be served; 503 before (naming the loading phase) or after
+        the model can no longer be served. No API key: it says nothing but this."""
+        why = state.not_ready()
+        if why is None:
+            body = {"status": "ok", "phase": "serving", "model": state.model_name}
+            return JSONResponse(body, status_code=200)
+        phase = state.phase if state.pipeline is None else "failed"
+        body = {"status": "unavailable", "phase": phase, "model": state.model_name, "reason": why}
+        return JSONResponse(body, status_code=503)
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
+        # Listed only when it can be served: front ends that wait for the model to appear
+        # here then get answers, not 503s.
+        if state.not_ready() is not None:
+            return {"object": "list", "data": []}
         return {
             "object": "list",
             "data": [

@@ -97,6 +97,9 @@ class Pipeline:
         self._to_first: datapath.Link | None = None
         self._from_last: datapath.Link | None = None
         self._failed: str | None = None
+        # Stage indices whose LoadStage succeeded: what close() unloads, even when the rest
+        # of the plan failed to load.
+        self._resident: set[int] = set()
         self.loaded = False
         self._closed = False
         self.in_flight = 0
@@ -147,22 +150,68 @@ class Pipeline:
                     f"stage {i} on {s.node_name} ({s.address}) failed to load layers "
                     f"[{s.start}, {s.end}): {e.code().name}: {e.details()}"
                 ) from None
+            self._resident.add(i)
             if on_stage_loaded is not None:
                 on_stage_loaded(i, reply)
 
-        await asyncio.gather(*(load_one(i) for i in range(len(stages))))
+        try:
+            # Every load runs to its end, so that none is still landing when a failed plan
+            # is cleaned up.
+            results = await asyncio.gather(
+                *(load_one(i) for i in range(len(stages))), return_exceptions=True
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+        except BaseException:
+            # Part of the plan loaded: free it, or its weights stay resident on those nodes.
+            await self._unload_resident()
+            raise
         self.loaded = True
+
+    async def _unload_resident(self, skip: frozenset[str] = frozenset()) -> None:
+        """Unload every stage of this plan that loaded (except on nodes in `skip`)."""
+        stages = self.plan.stages
+        resident = sorted(i for i in self._resident if stages[i].address not in skip)
+        self._resident.clear()
+
+        async def unload(i: int) -> None:
+            s = stages[i]
+            try:
+                await self.clients[s.address].unload_stage(self.plan.plan_id, timeout=5.0)
+            except grpc.aio.AioRpcError as e:
+                log.warning(
+                    "could not unload stage %d of plan %s on %s: %s",
+                    i,
+                    self.plan.plan_id,
+                    s.address,
+                    e.code().name,
+                )
+
+        await asyncio.gather(*(unload(i) for i in resident))
 
     async def open(self) -> None:
         """Subscribe to every stage's events and open the data links to the ends."""
         if not self.data_addresses:
             self.data_addresses = await self._data_ports()
-        for i, s in enumerate(self.plan.stages):
-            # Errors only: tokens come over the data path (below), once.
-            call = self.clients[s.address].stub.Subscribe(
-                pb.SubscribeRequest(plan_id=self.plan.plan_id, errors_only=True)
+        # Errors only: tokens come over the data path (below), once. Each node acknowledges
+        # its subscription once registered: no request goes out before every stage listens.
+        calls = [
+            self.clients[s.address].stub.Subscribe(
+                pb.SubscribeRequest(plan_id=self.plan.plan_id, errors_only=True, ack=True)
             )
-            self._tasks.append(asyncio.create_task(self._pump_control_events(i, call)))
+            for s in self.plan.stages
+        ]
+        try:
+            streams = await asyncio.gather(
+                *(self._wait_subscribed(i, call) for i, call in enumerate(calls))
+            )
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        for i, events in enumerate(streams):
+            self._tasks.append(asyncio.create_task(self._pump_control_events(i, events)))
         try:
             self._to_first = await datapath.Link(self.data_addresses[0]).connect()
             self._from_last = await datapath.Link(self.data_addresses[-1]).connect()
@@ -175,20 +224,33 @@ class Pipeline:
             detail = ack[1].message if ack is not None and isinstance(ack[1], pb.StageEvent) else ""
             raise PipelineError(f"the last stage refused the subscription: {detail}")
         self._tasks.append(asyncio.create_task(self._pump_tokens()))
-        for s in self.plan.stages:
-            await self._wait_subscribed(s.address)
 
-    async def _wait_subscribed(self, address: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = await self.clients[address].get_info(timeout=5.0)
-            if any(st.plan_id == self.plan.plan_id for st in info.stages):
-                # Subscribe handlers register on their first read; a short yield lets the
-                # server run them before the first request goes out.
-                await asyncio.sleep(0.05)
-                return
-            await asyncio.sleep(0.05)
-        raise PipelineError(f"stage on {address} never became ready")
+    async def _wait_subscribed(
+        self,
+        index: int,
+        call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.StageEvent],
+        timeout: float = 10.0,
+    ) -> AsyncIterator[pb.StageEvent]:
+        """Wait for the stage's acknowledgement of the control subscription
+        (SubscribeRequest.ack); the stream's further events."""
+        s = self.plan.stages[index]
+        where = f"stage {index} on {s.node_name} ({s.address})"
+        events: AsyncIterator[pb.StageEvent] = aiter(call)
+        try:
+            async with asyncio.timeout(timeout):
+                ack = await anext(events)
+        except TimeoutError:
+            raise PipelineError(
+                f"{where} did not acknowledge its event subscription within {timeout:.0f}s "
+                "(is the node older than this coordinator? update it)"
+            ) from None
+        except StopAsyncIteration:
+            raise PipelineError(f"{where} closed its event subscription at once") from None
+        except grpc.aio.AioRpcError as e:
+            raise PipelineError(f"{where} refused the subscription: {e.details()}") from None
+        if ack.code != 0 or ack.request_id:
+            raise PipelineError(f"{where} did not acknowledge its subscription: {ack.message}")
+        return events
 
     def _route(self, event: pb.StageEvent) -> None:
         trace.mark("token", event.request_id, event.step)
@@ -210,12 +272,10 @@ class Pipeline:
             last = self.plan.stages[-1]
             self.fail(f"last stage on {last.node_name} ({last.address}): {e}")
 
-    async def _pump_control_events(
-        self, index: int, call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.StageEvent]
-    ) -> None:
+    async def _pump_control_events(self, index: int, events: AsyncIterator[pb.StageEvent]) -> None:
         stage = self.plan.stages[index]
         try:
-            async for event in call:
+            async for event in events:
                 if event.code != 0:  # tokens come over the data path; errors from every stage
                     self._route(event)
             reason = "closed its event stream"
@@ -242,8 +302,8 @@ class Pipeline:
             )
 
     async def close(self, unload: bool = True, skip: frozenset[str] = frozenset()) -> None:
-        """Stop streaming; unload the plan's stages (except on nodes in `skip`, e.g. dead).
-        Closing twice is harmless."""
+        """Stop streaming; unload the plan's stages that loaded, all or some (except on nodes
+        in `skip`, e.g. dead). Closing twice is harmless."""
         if self._closed:
             return
         self._closed = True
@@ -252,12 +312,8 @@ class Pipeline:
         for link in (self._to_first, self._from_last):
             if link is not None:
                 await link.close()
-        if unload and self.loaded:
-            for s in self.plan.stages:
-                if s.address in skip:
-                    continue
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self.clients[s.address].unload_stage(self.plan.plan_id, timeout=5.0)
+        if unload:
+            await self._unload_resident(skip)
         for c in self.clients.values():
             await c.close()
 

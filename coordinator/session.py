@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +47,7 @@ def read_model(path: str | Path) -> ModelInfo:
     (coordinator/modelsource.py); a model the stage engine cannot run exactly is refused
     here, before any node is touched."""
     from coordinator.modelsource import ModelSourceError, resolve_model
-    from node.architectures import unsupported_reason
+    from node.architectures import shape_error, unsupported_reason
 
     try:
         source = resolve_model(str(path))
@@ -58,13 +59,20 @@ def read_model(path: str | Path) -> ModelInfo:
         raise SessionError(f"{p} has no config.json: not a model folder")
     try:
         config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise SessionError(f"cannot read {cfg_path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise SessionError(f"{cfg_path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise SessionError(f"{cfg_path} does not hold a JSON object")
     reason = unsupported_reason(config)
     if reason is not None:
         raise SessionError(f"{source.name}: {reason}")
+    problem = shape_error(config)
+    if problem is not None:
+        raise SessionError(f"{cfg_path}: {problem}")
+    if not any(p.glob("*.safetensors")):
+        raise SessionError(f"{p} has no *.safetensors weights: not a model folder LayerLink reads")
     cfg = config.get("text_config", config)
     try:
         return ModelInfo(
@@ -76,8 +84,8 @@ def read_model(path: str | Path) -> ModelInfo:
             config=config,
             gguf=source.gguf,
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise SessionError(f"{cfg_path} lacks a usable {e}") from None
+    except KeyError as e:
+        raise SessionError(f"{cfg_path} lacks {e}") from None
 
 
 async def node_infos(records: list[NodeRecord]) -> dict[str, Any]:
@@ -158,11 +166,15 @@ async def open_pipeline(
     show_progress: bool = True,
     ship: bool = True,
     board: ShipBoard | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Pipeline:
     """Ship each node the tensors of its stages it lacks (`ship`; progress on the terminal
-    and to the dashboard's `board`), load every stage of the plan and open its streams."""
+    and to the dashboard's `board`), load every stage of the plan and open its streams;
+    `on_phase` hears each step's name ("shipping weights", "loading stages")."""
+    phase = on_phase or (lambda name: None)
     pipeline = Pipeline(plan, str(model.path))
     if ship:
+        phase("shipping weights")
         from coordinator.shipping import ShipError, ship_plan
 
         if board is not None:
@@ -182,15 +194,22 @@ async def open_pipeline(
                 board.fail(str(e))
             raise SessionError(str(e)) from None
         pipeline.weights_ids = {s.stage_index: s.weights_id for s in shipped if s.weights_id}
-    if show_progress:
-        from rich.progress import Progress
+    phase("loading stages")
+    try:
+        if show_progress:
+            from rich.progress import Progress
 
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"loading {len(plan.stages)} stage(s)", total=len(plan.stages))
-            await pipeline.load(lambda i, r: progress.advance(task))
-    else:
-        await pipeline.load()
-    await pipeline.open()
+            with Progress(transient=True) as progress:
+                n = len(plan.stages)
+                task = progress.add_task(f"loading {n} stage(s)", total=n)
+                await pipeline.load(lambda i, r: progress.advance(task))
+        else:
+            await pipeline.load()
+        await pipeline.open()
+    except BaseException:
+        # A start or re-plan that fails part-way leaves no stage resident on any node.
+        await pipeline.close()
+        raise
     return pipeline
 
 
@@ -212,10 +231,24 @@ def answer_text(tokenizer: Any, tokens: list[int]) -> str:
     return str(tokenizer.decode(tokens))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
+
+
 def load_tokenizer(model: ModelInfo) -> Any:
+    """The model's tokenizer; a folder without one (or with a broken one) is a SessionError."""
     from mlx_lm.utils import load_tokenizer as _load
 
-    return _load(model.path)
+    if not any((model.path / name).is_file() for name in TOKENIZER_FILES):
+        raise SessionError(
+            f"{model.path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): copy the "
+            "tokenizer files of the model into the folder"
+        )
+    try:
+        return _load(model.path)
+    except Exception as e:  # transformers raises many kinds for a broken tokenizer
+        raise SessionError(
+            f"cannot load the tokenizer in {model.path}: {type(e).__name__}: {e}"
+        ) from None
 
 
 @dataclass(frozen=True)

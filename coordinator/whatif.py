@@ -29,6 +29,7 @@ per-hop software overhead); GPUs of one PC hop device -> host -> device over PCI
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,95 +80,185 @@ def load(path: str | Path) -> WhatIf:
         doc = json.loads(p.read_text())
     except OSError as e:
         raise WhatIfError(f"cannot read {p}: {e.strerror or e}") from e
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise WhatIfError(f"{p} is not valid JSON: {e}") from e
     return parse(doc, base_dir=p.parent)
 
 
 def parse(
-    doc: Mapping[str, Any],
+    doc: Any,
     *,
     base_dir: Path | None = None,
     concurrency: int | None = None,
 ) -> WhatIf:
+    """The what-if of a decoded JSON document. Any document that is not one raises
+    WhatIfError naming the field (tests/test_whatif.py fuzzes this)."""
     if not isinstance(doc, Mapping):
         raise WhatIfError("the what-if file must hold a JSON object")
-    model = _model(_section(doc, "model"), base_dir)
-    workload = Workload(
-        context=int(doc.get("context", 4096)),
-        prompt_tokens=int(doc.get("prompt_tokens", 512)),
-        concurrency=int(concurrency or doc.get("concurrency", 1)),
-    )
-    cluster = _cluster(doc)
+    top = _Fields(doc, "the what-if file")
+    model = _model(top.object("model"), base_dir)
+    context = top.integer("context", 4096, most=MAX_CONTEXT)
+    prompt = top.integer("prompt_tokens", min(512, context), most=MAX_CONTEXT)
+    if prompt > context:
+        raise WhatIfError(f"prompt_tokens ({prompt}) must not exceed context ({context})")
+    if concurrency is None:
+        concurrency = top.integer("concurrency", 1, most=MAX_CONCURRENCY)
+    try:
+        workload = Workload(context=context, prompt_tokens=prompt, concurrency=concurrency)
+    except ValueError as e:
+        raise WhatIfError(str(e)) from e
+    cluster = _cluster(top)
     return WhatIf(model, cluster, workload)
 
 
-def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    v = doc.get(key)
-    if not isinstance(v, Mapping):
-        raise WhatIfError(f"the what-if file needs a {key!r} object")
-    return v
+# Bounds that keep every figure finite and planning quick; far beyond any real hardware.
+MAX_NUMBER = 1e9
+MAX_INTEGER = 2**31
+MAX_LAYERS = 512  # the planner's tables grow as devices x layers^2 (512 x 64: ~4 s, 200 MB)
+MAX_DEVICES = 64
+MAX_CONTEXT = 2**24
+MAX_CONCURRENCY = 65_536
+_MISSING: Any = object()
 
 
-def _model(m: Mapping[str, Any], base_dir: Path | None) -> ModelSpec:
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, Mapping | list) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Fields:
+    """One JSON object of the what-if file, read field by field; `where` names it in errors."""
+
+    def __init__(self, value: Any, where: str) -> None:
+        if not isinstance(value, Mapping):
+            raise WhatIfError(f"{where} must be an object, not {_show(value)}")
+        self.m: Mapping[str, Any] = value
+        self.where = where
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.m
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key in self.m:
+            return self.m[key]
+        if default is _MISSING:
+            raise WhatIfError(f"{self.where}: needs {key!r}")
+        return default
+
+    def bad(self, key: str, what: str) -> WhatIfError:
+        return WhatIfError(f"{self.where}: {key!r} must be {what}, not {_show(self.m.get(key))}")
+
+    def number(self, key: str, default: Any = _MISSING, *, positive: bool = False) -> float:
+        v = self._get(key, default)
+        what = "a positive number" if positive else "a number >= 0"
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise self.bad(key, what)
+        try:
+            x = float(v)
+        except OverflowError:
+            raise self.bad(key, f"{what} up to {MAX_NUMBER:g}") from None
+        if not math.isfinite(x) or x < 0 or (positive and x == 0):
+            raise self.bad(key, what)
+        if x > MAX_NUMBER:
+            raise self.bad(key, f"{what} up to {MAX_NUMBER:g}")
+        return x
+
+    def integer(
+        self, key: str, default: Any = _MISSING, *, least: int = 1, most: int = MAX_INTEGER
+    ) -> int:
+        v = self._get(key, default)
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most:
+            raise self.bad(key, f"a whole number from {least} to {most}")
+        return v
+
+    def text(self, key: str, default: Any = _MISSING) -> str:
+        v = self._get(key, default)
+        if not isinstance(v, str):
+            raise self.bad(key, "a string")
+        return v
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            raise self.bad(key, "true or false")
+        return v
+
+    def object(self, key: str, default: Any = _MISSING) -> _Fields:
+        v = self._get(key, default)
+        if not isinstance(v, Mapping):
+            raise WhatIfError(f"{self.where}: needs a {key!r} object")
+        return _Fields(v, key if self.where == "the what-if file" else f"{self.where}.{key}")
+
+    def items(self, key: str) -> list[Any]:
+        v = self._get(key, [])
+        if not isinstance(v, list):
+            raise self.bad(key, "a list")
+        return v
+
+
+def _model(m: _Fields, base_dir: Path | None) -> ModelSpec:
     if "path" in m:
-        p = Path(str(m["path"]))
+        p = Path(m.text("path"))
+        name = m.text("name") if "name" in m else None
         if not p.is_absolute() and base_dir is not None:
             p = base_dir / p
         try:
-            return ModelSpec.from_config_dir(p, name=m.get("name"))
-        except ValueError as e:
-            raise WhatIfError(str(e)) from e
+            return ModelSpec.from_config_dir(p, name=name)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WhatIfError(f"model: {e}") from e
     need = ("params_b", "layers", "hidden", "heads", "vocab", "bits_per_weight")
     missing = [k for k in need if k not in m]
     if missing:
         raise WhatIfError(f"model needs {', '.join(missing)} (or a 'path' to a model folder)")
+    params_b = m.number("params_b", positive=True)
+    heads = m.integer("heads")
     try:
         return ModelSpec.from_params(
-            str(m.get("name", f"{m['params_b']}B")),
-            float(m["params_b"]),
-            int(m["layers"]),
-            int(m["hidden"]),
-            int(m["heads"]),
-            int(m.get("kv_heads", m["heads"])),
-            int(m["vocab"]),
-            float(m["bits_per_weight"]),
-            intermediate=int(m["intermediate"]) if "intermediate" in m else None,
-            head_dim=int(m["head_dim"]) if "head_dim" in m else None,
-            tied_embeddings=bool(m.get("tied_embeddings", False)),
+            m.text("name", f"{params_b:g}B"),
+            params_b,
+            m.integer("layers", most=MAX_LAYERS),
+            m.integer("hidden"),
+            heads,
+            m.integer("kv_heads", heads),
+            m.integer("vocab"),
+            m.number("bits_per_weight", positive=True),
+            intermediate=m.integer("intermediate") if "intermediate" in m else None,
+            head_dim=m.integer("head_dim") if "head_dim" in m else None,
+            tied_embeddings=m.flag("tied_embeddings", False),
         )
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         raise WhatIfError(f"model: {e}") from e
 
 
-def _device(node: str, index: int, d: Mapping[str, Any]) -> tuple[DeviceSpec, float, float]:
+def _device(node: str, index: int, d: _Fields) -> tuple[DeviceSpec, float, float]:
     """(DeviceSpec, PCIe gen, PCIe lanes) from a device entry; 0 for no PCIe."""
-    wanted = d.get("preset", d.get("name"))
+    wanted = d.text("preset") if "preset" in d else d.text("name") if "name" in d else ""
     entry: catalog.HardwareEntry | None = None
     if wanted:
         try:
-            entry = catalog.find(str(wanted), kinds=("gpu", "apple_soc"))
+            entry = catalog.find(wanted, kinds=("gpu", "apple_soc"))
         except LookupError as e:
-            if "preset" in d or not {"kind", "mem_gb", "bandwidth_gbs"} <= set(d):
-                raise WhatIfError(f"node {node}: {e}") from e
-    name = str(entry.name if entry else d.get("name", f"device {index}"))
-    kind = str(d.get("kind", entry.device_kind if entry else ""))
+            if "preset" in d or not {"kind", "mem_gb", "bandwidth_gbs"} <= set(d.m):
+                raise WhatIfError(f"{d.where}: {e}") from e
+    name = entry.name if entry else d.text("name", f"device {index}")
+    kind = d.text("kind", entry.device_kind if entry else "")
     if kind not in ("cuda", "metal", "cpu"):
-        raise WhatIfError(f"node {node}, device {name}: kind must be cuda, metal or cpu")
+        raise WhatIfError(f"{d.where} ({name}): 'kind' must be cuda, metal or cpu")
 
     def field(key: str, preset: float | None) -> float:
-        v = d.get(key, preset)
-        if v is None:
-            raise WhatIfError(f"node {node}, device {name}: needs {key!r} (no preset gives it)")
-        return float(v)
+        if key not in d and preset is None:
+            raise WhatIfError(f"{d.where} ({name}): needs {key!r} (no preset gives it)")
+        return d.number(key, preset, positive=True)
 
     mem_gb = field("mem_gb", entry.mem_gb if entry else None)
     bw = field("bandwidth_gbs", entry.mem_bw_gbs if entry else None)
     tflops = field("fp16_tflops", entry.fp16_tflops if entry else None)
-    sf = float(d.get("stream_factor", catalog.stream_factor(name, kind).value))
-    pf = float(d.get("prefill_factor", catalog.prefill_factor(name, kind).value))
+    sf = d.number("stream_factor", catalog.stream_factor(name, kind).value, positive=True)
+    pf = d.number("prefill_factor", catalog.prefill_factor(name, kind).value, positive=True)
     if "free_gb" in d:
-        free = float(d["free_gb"]) * GIB
+        free = d.number("free_gb") * GIB
     elif kind == "cuda":
         free = (mem_gb - catalog.calibration("cuda_reserve_gib")) * GIB
     elif kind == "metal":
@@ -176,12 +267,17 @@ def _device(node: str, index: int, d: Mapping[str, Any]) -> tuple[DeviceSpec, fl
     else:
         free = (mem_gb - catalog.calibration("cpu_reserve_gib")) * GIB
     if "per_layer_overhead_us" in d:
-        overhead = float(d["per_layer_overhead_us"]) * 1e-6
+        overhead = d.number("per_layer_overhead_us") * 1e-6
     else:
         key = "cpu_per_layer_overhead_us" if kind == "cpu" else "gpu_per_layer_overhead_us"
         overhead = catalog.calibration(key) * 1e-6
-    gen = float(d.get("pcie_gen", (entry.pcie_gen if entry else None) or 0))
-    lanes = float(d.get("pcie_width", (entry.pcie_lanes if entry else None) or 0))
+    gen = d.number("pcie_gen", (entry.pcie_gen if entry else None) or 0)
+    lanes = d.integer("pcie_width", int((entry.pcie_lanes if entry else None) or 0), least=0)
+    if kind == "cuda" and gen and lanes:
+        try:
+            catalog.pcie_gbs(gen, lanes)
+        except LookupError as e:
+            raise WhatIfError(f"{d.where} ({name}): 'pcie_gen' {gen:g}: {e}") from e
     try:
         spec = DeviceSpec(
             id=f"{node}/{index}",
@@ -194,67 +290,81 @@ def _device(node: str, index: int, d: Mapping[str, Any]) -> tuple[DeviceSpec, fl
             per_layer_overhead_s=overhead,
         )
     except ValueError as e:
-        raise WhatIfError(str(e)) from e
+        raise WhatIfError(f"{d.where}: {e}") from e
     return spec, gen, lanes
 
 
-def _network_link(a: str, b: str, net: Mapping[str, Any]) -> LinkSpec:
-    bw_gbps = net.get("bandwidth_gbps")
-    if bw_gbps is None and "preset" in net:
+def _network_link(a: str, b: str, net: _Fields) -> LinkSpec:
+    if "bandwidth_gbps" in net:
+        bw_gbps = net.number("bandwidth_gbps", positive=True)
+    elif "preset" in net:
         try:
-            e = catalog.find(str(net["preset"]), kinds=("link",))
+            e = catalog.find(net.text("preset"), kinds=("link",))
         except LookupError as err:
-            raise WhatIfError(f"network: {err}") from err
+            raise WhatIfError(f"{net.where}: {err}") from err
         assert e.mem_bw_gbs is not None
         bw_gbps = e.mem_bw_gbs * 8
-    if bw_gbps is None:
-        raise WhatIfError("network needs bandwidth_gbps (Gb/s) or a catalog preset")
-    efficiency = float(net.get("efficiency", catalog.calibration("ethernet_efficiency")))
+    else:
+        raise WhatIfError(f"{net.where} needs bandwidth_gbps (Gb/s) or a catalog preset")
+    efficiency = net.number("efficiency", catalog.calibration("ethernet_efficiency"), positive=True)
     return LinkSpec(
         src=a,
         dst=b,
-        latency_s=float(net.get("latency_us", 200)) * 1e-6,
-        bandwidth_Bps=float(bw_gbps) / 8 * 1e9 * efficiency,
+        latency_s=net.number("latency_us", 200) * 1e-6,
+        bandwidth_Bps=bw_gbps / 8 * 1e9 * efficiency,
         overhead_s=catalog.calibration("hop_overhead_us") * 1e-6,
         kind="network",
     )
 
 
-def _cluster(doc: Mapping[str, Any]) -> Cluster:
-    nodes = doc.get("nodes")
-    if not isinstance(nodes, Sequence) or not nodes:
+def _cluster(doc: _Fields) -> Cluster:
+    nodes = doc.items("nodes")
+    if not nodes:
         raise WhatIfError("the what-if file needs a non-empty 'nodes' list")
     devices: list[DeviceSpec] = []
     pcie: dict[str, tuple[float, float]] = {}
     names: list[str] = []
-    for ni, node in enumerate(nodes):
-        if not isinstance(node, Mapping):
-            raise WhatIfError(f"node {ni} must be an object")
-        name = str(node.get("name", f"node{ni}"))
+    for ni, raw in enumerate(nodes):
+        node = _Fields(raw, f"nodes[{ni}]")
+        name = node.text("name", f"node{ni}")
+        if not name:
+            raise node.bad("name", "a non-empty string")
         if name in names:
             raise WhatIfError(f"two nodes are named {name!r}")
         names.append(name)
         i = 0
-        for d in node.get("devices", []):
-            for _ in range(int(d.get("count", 1))):
+        for di, raw_device in enumerate(node.items("devices")):
+            d = _Fields(raw_device, f"nodes[{ni}].devices[{di}]")
+            for _ in range(d.integer("count", 1, most=MAX_DEVICES)):
+                if len(devices) == MAX_DEVICES:
+                    raise WhatIfError(f"the what-if file describes more than {MAX_DEVICES} devices")
                 spec, gen, lanes = _device(name, i, d)
                 devices.append(spec)
                 pcie[spec.id] = (gen, lanes)
                 i += 1
         if i == 0:
             raise WhatIfError(f"node {name} has no devices")
-    net = doc.get("network", {"latency_us": 200, "bandwidth_gbps": 10})
+    net = doc.object("network", {"latency_us": 200, "bandwidth_gbps": 10})
     links: list[LinkSpec] = []
     for a in names:
         for b in names:
             if a != b:
                 links.append(_network_link(a, b, net))
-    for o in doc.get("links", []):
-        a, b = str(o["a"]), str(o["b"])
+    for li, raw_link in enumerate(doc.items("links")):
+        o = _Fields(raw_link, f"links[{li}]")
+        a, b = o.text("a"), o.text("b")
+        for key, end in (("a", a), ("b", b)):
+            if end not in names:
+                raise o.bad(key, f"the name of a node ({', '.join(names)})")
+        if a == b:
+            raise WhatIfError(f"{o.where}: 'a' and 'b' must name two different nodes")
         links = [lk for lk in links if {lk.src, lk.dst} != {a, b}]
         links += [_network_link(a, b, o), _network_link(b, a, o)]
     links += _intra_node_links(devices, pcie)
-    return Cluster(tuple(devices), tuple(links))
+    try:
+        return Cluster(tuple(devices), tuple(links))
+    except ValueError as e:
+        raise WhatIfError(str(e)) from e
 
 
 def _intra_node_links(

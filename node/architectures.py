@@ -33,7 +33,7 @@ HF_CLASSES = {
 def unsupported_reason(config: Mapping[str, Any]) -> str | None:
     """Why the stage engine cannot run this config exactly, or None if it can."""
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         names = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
         return (
             f"model type {model_type!r} is not supported: LayerLink serves only what its stage "
@@ -44,4 +44,29 @@ def unsupported_reason(config: Mapping[str, Any]) -> str | None:
         return f"{model_type} with sliding-window layers is not supported (full attention only)"
     if model_type == "qwen2" and config.get("use_sliding_window"):
         return "qwen2 with use_sliding_window is not supported (full attention only)"
+    return None
+
+
+# config.json fields that size the model: a wrong one is named, before any loader trips on it.
+SHAPE_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+def shape_error(config: Mapping[str, Any]) -> str | None:
+    """What is wrong with a config.json's shape fields (in it or its text_config), or None."""
+    text = config.get("text_config", {})
+    if not isinstance(text, Mapping):
+        return "text_config must be an object"
+    for section in (config, text):
+        for key in SHAPE_FIELDS:
+            v = section.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                return f"{key} must be a positive whole number, not {v!r}"
     return None

@@ -30,6 +30,10 @@ RECONNECT_FOR_S = 10.0
 MAX_PENDING = 10_000
 
 
+def _closed_hop(reason: str) -> None:
+    """A closed hop reports nothing."""
+
+
 class Downstream(Protocol):
     address: str
 
@@ -115,6 +119,9 @@ class TcpDownstream:
 
     async def close(self) -> None:
         self._closed = True
+        # The cancelled task keeps its frame (and so this object) in a reference cycle until
+        # a GC pass; without the callback, that cycle no longer holds the stage's weights.
+        self.on_failure = _closed_hop
         self._task.cancel()
         with self._lock:
             link, self._link = self._link, None
@@ -172,4 +179,5 @@ class GrpcDownstream:
             await asyncio.wait_for(asyncio.shield(self._task), 2.0)
         except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
+        self.on_failure = _closed_hop
         await self._channel.close()

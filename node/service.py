@@ -424,6 +424,11 @@ class NodeService(pb_grpc.NodeServicer):
         else:
             unsubscribe = loaded.subscribe(put)
         try:
+            if request.ack:
+                # Registered above: every event from here on reaches this subscriber.
+                yield pb.StageEvent(
+                    token=-1, message="subscribed", stage_index=loaded.stage.spec.stage_index
+                )
             while True:
                 yield await queue.get()
         finally:

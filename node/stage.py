@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 
 from node import computedtype
-from node.architectures import unsupported_reason
+from node.architectures import shape_error, unsupported_reason
 
 if TYPE_CHECKING:
     from node.weightcache import CachedStage
@@ -156,7 +156,26 @@ def read_model_config(model_path: Path) -> dict[str, Any]:
         raise StageError(
             ErrorKind.NOT_FOUND, f"{model_path} has no config.json: not a model folder"
         )
-    config: dict[str, Any] = load_config(model_path)
+    cfg_path = model_path / "config.json"
+    try:
+        config = load_config(model_path)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise StageError(
+            ErrorKind.FAILED_PRECONDITION, f"{cfg_path} on this node is not valid JSON: {e}"
+        ) from None
+    except (OSError, TypeError, AttributeError) as e:
+        raise StageError(
+            ErrorKind.FAILED_PRECONDITION, f"cannot read {cfg_path} on this node: {e}"
+        ) from None
+    if not isinstance(config, dict):
+        raise StageError(
+            ErrorKind.FAILED_PRECONDITION, f"{cfg_path} on this node does not hold a JSON object"
+        )
+    if not isinstance(config.get("model_type", ""), str):
+        raise StageError(ErrorKind.FAILED_PRECONDITION, f"{cfg_path}: model_type is not a string")
+    problem = shape_error(config)
+    if problem is not None:
+        raise StageError(ErrorKind.FAILED_PRECONDITION, f"{cfg_path}: {problem}")
     return config
 
 
@@ -213,7 +232,16 @@ class ModelStage:
                     ErrorKind.FAILED_PRECONDITION, f"cannot build the shipped stage: {e}"
                 ) from None
         else:
-            model, _ = load_model(spec.model_path, lazy=True, strict=True)
+            try:
+                model, _ = load_model(spec.model_path, lazy=True, strict=True)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+                # A model folder with no or corrupt safetensors, or a config.json whose
+                # fields do not describe its weights.
+                raise StageError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"cannot load the model in {spec.model_path} on this node: "
+                    f"{type(e).__name__}: {e}",
+                ) from None
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
             raise StageError(
@@ -248,7 +276,13 @@ class ModelStage:
         for m in kept:
             computedtype.cast_for_compute(m, rule)
         params = [m.parameters() for m in kept]
-        mx.eval(params)
+        try:
+            mx.eval(params)  # the weights are read from disk here
+        except (OSError, ValueError, RuntimeError) as e:
+            raise StageError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"cannot read the weights of {spec.model_path} on this node: {e}",
+            ) from None
         self.weight_bytes = sum(int(v.nbytes) for m in kept for _, v in _flatten(m.parameters()))
         self.hidden_size = int(config["hidden_size"])
         self.vocab_size = int(config["vocab_size"])

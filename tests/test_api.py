@@ -198,6 +198,7 @@ class ScriptedPipeline:
         self.gate = gate
         self.released: list[str] = []
         self.plan = None
+        self.failed: str | None = None
 
     async def stream(
         self, prompt: list[int], params: GenerationParams, request_id: str | None = None
@@ -277,6 +278,88 @@ def test_api_key_is_required_when_set(tokenizer: Any) -> None:
             assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
             ok = await c.get("/v1/models", headers={"Authorization": "Bearer sesame"})
             assert ok.status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_health_and_models_follow_readiness(tokenizer: Any) -> None:
+    """GET /health: 503 naming the phase while loading, 200 once serving, 503 once the model
+    can no longer be served; /v1/models lists the model only while it can be served."""
+
+    async def scenario() -> None:
+        state = ApiState("m", tokenizer, None, phase="loading stages", api_key="k")
+        key = {"Authorization": "Bearer k"}
+        async with app_client(state) as c:
+            h = await c.get("/health")  # no key needed
+            assert h.status_code == 503
+            assert h.json()["phase"] == "loading stages" and h.json()["status"] == "unavailable"
+            assert (await c.get("/v1/models", headers=key)).json()["data"] == []
+            pipe = ScriptedPipeline([65])
+            state.pipeline = pipe  # type: ignore[assignment]
+            h = await c.get("/health")
+            assert h.status_code == 200 and h.json() == {"status": "ok", "phase": "serving", "model": "m"}
+            assert [m["id"] for m in (await c.get("/v1/models", headers=key)).json()["data"]] == ["m"]
+            pipe.failed = "stage 1 on b lost its next hop"
+            h = await c.get("/health")
+            assert h.status_code == 503 and h.json()["phase"] == "failed"
+            assert "lost its next hop" in h.json()["reason"]
+            assert (await c.get("/v1/models", headers=key)).json()["data"] == []
+
+    asyncio.run(scenario())
+
+
+def test_up_is_ready_only_once_loaded(local_cluster: Any, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`coordinator up`, in-process, with the stages' load held at a gate: meanwhile /health
+    answers 503 naming the phase, /v1/models lists nothing and completions get 503; once the
+    gate opens, /health turns 200, the model is listed and answers."""
+    import socket
+
+    from coordinator.commands.up import serve
+    from coordinator.main import build_parser
+    from coordinator.pipeline import Pipeline
+
+    reached, gate = asyncio.Event(), asyncio.Event()
+    real_load = Pipeline.load
+
+    async def gated_load(self: Pipeline, *args: Any, **kw: Any) -> None:
+        reached.set()
+        await gate.wait()
+        await real_load(self, *args, **kw)
+
+    monkeypatch.setattr(Pipeline, "load", gated_load)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Two of the session's nodes: a plan of its own, apart from the module's coordinator.
+    argv = ["up", "--model", str(tiny_llama), "--port", str(port), "--placement", "even", "--check-tokens", "0"]
+    for n in local_cluster.nodes[:2]:
+        argv += ["--node", n.address]
+    args = build_parser().parse_args(argv)
+    body = {"model": tiny_llama.name, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+
+    async def scenario() -> None:
+        up = asyncio.create_task(serve(args))
+        waiting = asyncio.create_task(reached.wait())
+        await asyncio.wait({up, waiting}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        assert reached.is_set(), f"the load never started: {up.exception() if up.done() else 'timeout'}"
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                h = await c.get("/health")
+                assert h.status_code == 503 and h.json()["phase"] == "loading stages", h.text
+                assert (await c.get("/v1/models")).json()["data"] == []
+                assert (await c.post("/v1/completions", json=body)).status_code == 503
+                gate.set()
+                async with asyncio.timeout(120):  # a deadline against a hang, not a timing
+                    while (h := await c.get("/health")).status_code != 200:
+                        assert h.status_code == 503 and not up.done(), h.text
+                        await asyncio.sleep(0.05)
+                assert h.json()["phase"] == "serving"
+                assert [m["id"] for m in (await c.get("/v1/models")).json()["data"]] == [tiny_llama.name]
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        finally:
+            up.cancel()
+            await asyncio.gather(up, return_exceptions=True)
 
     asyncio.run(scenario())
 

@@ -159,3 +159,48 @@ def test_node_port_errors_name_the_data_port() -> None:
     assert top.returncode == 2 and "by default, the gRPC port + 1" in top.stderr
     same = node_up("--port", str(port), "--data-port", str(port))
     assert same.returncode == 2 and "is the gRPC port" in same.stderr
+
+
+def test_malformed_inputs_exit_2_naming_the_field(tiny_llama: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Model folders without a tokenizer or weights, a config.json field of the wrong type,
+    a malformed --probe-json file and out-of-range flags: exit 2 and a message naming what
+    is wrong, never a traceback. No node is needed: each is refused before discovery."""
+    import shutil
+
+    from coordinator.main import main
+
+    def folder(name: str, drop: str = "", config: dict[str, object] | None = None) -> str:
+        d = tmp_path / name
+        shutil.copytree(tiny_llama, d)
+        for f in d.glob(drop) if drop else ():
+            f.unlink()
+        if config is not None:
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, **config}))
+        return str(d)
+
+    probe = tmp_path / "probe.json"
+    probe.write_text(
+        json.dumps(
+            {"nodes": [{"id": "a"}], "links": [{"src": "a", "dst": "b", "latency_us": "fast"}]}
+        )
+    )
+    nowhere = ["--wait", "0.1", "--cluster", "nobody-here"]
+    cases = [
+        (["up", "--model", folder("no-tokenizer", "tokenizer*"), *nowhere], "has no tokenizer"),
+        (["up", "--model", folder("no-weights", "*.safetensors"), *nowhere], "has no *.safetensors weights"),
+        (["up", "--model", folder("bad-field", config={"hidden_size": "big"}), *nowhere],
+         "hidden_size must be a positive whole number"),
+        (["up", "--model", folder("bad-text", config={"text_config": 3}), *nowhere], "text_config must be an object"),
+        (["up", "--model", str(tiny_llama), "--probe-json", str(probe), *nowhere], "links[0].latency_us must be a number"),
+        (["up", "--model", str(tiny_llama), "--port", "70000", *nowhere], "--port must be from 0 to 65535"),
+        (["up", "--model", str(tiny_llama), "--reprobe-debounce", "nan", *nowhere], "--reprobe-debounce"),
+        (["up", "--model", str(tiny_llama), "--wait", "nan"], "--wait must be a number"),
+        (["run", "--model", str(tiny_llama), "--prompt", "x", "--seed", "-1", *nowhere], "--seed"),
+        (["run", "--model", str(tiny_llama), "--prompt", "x", "--temperature", "nan", *nowhere], "--temperature"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()), (argv, err)
+        assert "Traceback" not in err

@@ -335,7 +335,7 @@ def bodies(model_name: str) -> st.SearchStrategy[Any]:
 
 
 ENDPOINTS = [("POST", "/v1/completions")] * 4 + [("POST", "/v1/chat/completions")] * 4 + [("GET", "/v1/models"),
-             ("GET", "/api/state"), ("GET", "/metrics"), ("GET", "/"), ("POST", "/v1/models"),
+             ("GET", "/api/state"), ("GET", "/metrics"), ("GET", "/"), ("POST", "/v1/models"), ("GET", "/health"),
              ("GET", "/v1/completions"), ("POST", "/v1/embeddings"), ("GET", "/static/../secret")]  # fmt: skip
 # Ollama's API (coordinator/ollama_api.py): its own error shape, NDJSON streams.
 ENDPOINTS += [("POST", "/api/chat")] * 3 + [("POST", "/api/generate")] * 3 + [("POST", "/api/show"),

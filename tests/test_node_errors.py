@@ -35,6 +35,51 @@ def test_load_errors(local_cluster, tiny_llama: Path) -> None:
     assert e.code() == grpc.StatusCode.NOT_FOUND and "config.json" in e.details()
 
 
+def test_corrupt_model_folders_are_refused_with_failed_precondition(local_cluster, tiny_llama: Path, tmp_path: Path) -> None:
+    """A model folder broken on the node (corrupt config.json, a field of the wrong type, no
+    or corrupt safetensors) is FAILED_PRECONDITION naming the file or field, not UNKNOWN;
+    the node then loads a good folder."""
+    import json
+    import shutil
+
+    config = json.loads((tiny_llama / "config.json").read_text())
+
+    def broken(name: str, edit: Any) -> Path:
+        d = tmp_path / name
+        shutil.copytree(tiny_llama, d)
+        edit(d)
+        return d
+
+    def truncate(d: Path) -> None:
+        for f in d.glob("*.safetensors"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    cases = [
+        (broken("json", lambda d: (d / "config.json").write_text("{not json")), "config.json on this node is not valid JSON"),
+        (broken("array", lambda d: (d / "config.json").write_text("[1, 2]")), "does not hold a JSON object"),
+        (broken("field", lambda d: (d / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))),
+         "hidden_size must be a positive whole number"),
+        (broken("text", lambda d: (d / "config.json").write_text(json.dumps({**config, "text_config": 3}))),
+         "text_config must be an object"),
+        (broken("none", lambda d: [f.unlink() for f in d.glob("*.safetensors")]), "No safetensors found"),
+        (broken("cut", truncate), "cannot load the model"),
+    ]  # fmt: skip
+    addr = local_cluster.nodes[0].address
+    for path, message in cases:
+        e = asyncio.run(load_error(addr, model_path=str(path), start=0, end=8))
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, (path.name, e.code(), e.details())
+        assert message in e.details(), (path.name, e.details())
+
+    async def good() -> int:
+        async with NodeClient(addr) as c:
+            reply = await c.load_stage(pb.LoadStageRequest(plan_id="good", model_path=str(tiny_llama), start=0, end=8,
+                                                           stage_count=1))  # fmt: skip
+            await c.unload_stage("good")
+            return reply.stage.end
+
+    assert asyncio.run(good()) == 8
+
+
 async def forward_replies(address: str, model: Path, messages: list[pb.ForwardRequest], last: bool) -> list[pb.ForwardReply]:
     async with NodeClient(address) as c:
         await c.load_stage(pb.LoadStageRequest(
@@ -308,3 +353,111 @@ def test_errors_only_subscription_gets_failures_but_no_tokens(local_cluster, tin
     plain, errors = asyncio.run(run())
     assert any(e.code == 0 and e.token >= 0 for e in plain)
     assert errors and all(e.code != 0 for e in errors)
+
+
+def test_a_plan_that_fails_part_way_leaves_no_stage_resident(local_cluster, tiny_llama: Path) -> None:
+    """One node refuses its stage (the shipped weights it is told to load are not in its
+    cache): the stages the other nodes did load are unloaded, and their memory returns."""
+    from coordinator.pipeline import Pipeline, PipelineError
+    from coordinator.session import even_counts, fixed_plan, read_model
+
+    model = read_model(tiny_llama)
+    plan = fixed_plan(model, local_cluster.nodes, even_counts(model.num_layers, 3))
+
+    async def infos() -> list[pb.NodeInfo]:
+        out = []
+        for s in plan.stages:
+            async with NodeClient(s.address) as c:
+                out.append(await c.get_info())
+        return out
+
+    async def scenario() -> tuple[list[pb.NodeInfo], list[int], list[pb.NodeInfo]]:
+        before = await infos()
+        p = Pipeline(plan, str(model.path))
+        p.weights_ids = {2: "0" * 64}  # the last node has no such weights
+        loaded: list[int] = []
+        try:
+            with pytest.raises(PipelineError, match=r"stage 2 on .* failed to load"):
+                await p.load(lambda i, reply: loaded.append(i))
+        finally:
+            await p.close()
+        return before, loaded, await infos()
+
+    before, loaded, after = asyncio.run(scenario())
+    assert sorted(loaded) == [0, 1], "the other stages loaded before the plan was given up"
+    for b, a in zip(before, after, strict=True):
+        assert plan.plan_id not in [st.plan_id for st in a.stages], f"{a.name} still holds a stage"
+        assert a.mlx_active_bytes <= b.mlx_active_bytes, f"{a.name}: memory was not returned"
+
+
+def test_subscription_is_acknowledged_once_registered(local_cluster, tiny_llama: Path) -> None:
+    """With `ack`, a Subscribe stream opens with an acknowledgement, and the first failure
+    sent after it is delivered (no retry, no sleep); without `ack` no such event comes, and
+    a plan that is not loaded is refused."""
+    addr = local_cluster.nodes[2].address
+    ghost = pb.ForwardRequest(request_id="ghost", plan_id="ack", phase=pb.PHASE_DECODE, tokens=[1],
+                              sample=True, position=9)  # fmt: skip
+
+    async def run() -> tuple[pb.StageEvent, pb.StageEvent, pb.StageEvent, grpc.aio.AioRpcError]:
+        async with NodeClient(addr) as c:
+            await c.load_stage(pb.LoadStageRequest(plan_id="ack", model_path=str(tiny_llama), start=0,
+                                                   end=8, stage_count=1))  # fmt: skip
+            try:
+                acked = aiter(c.stub.Subscribe(pb.SubscribeRequest(plan_id="ack", errors_only=True, ack=True)))
+                plain = aiter(c.stub.Subscribe(pb.SubscribeRequest(plan_id="ack", errors_only=True)))
+                first = await asyncio.wait_for(anext(acked), 30)
+                stream = c.stub.Forward(iter([ghost]))
+                failure = await asyncio.wait_for(anext(acked), 30)
+                # The plain subscriber registered before its stream's first event was asked
+                # for only by luck; what it receives first is an event, never an ack.
+                queue: asyncio.Queue[pb.ForwardRequest] = asyncio.Queue()
+
+                async def repeat():  # type: ignore[no-untyped-def]
+                    while True:
+                        yield await queue.get()
+
+                again = c.stub.Forward(repeat())
+                plain_first = asyncio.ensure_future(anext(plain))
+                while not plain_first.done():
+                    queue.put_nowait(ghost)
+                    await asyncio.wait({plain_first}, timeout=0.3)
+                stream.cancel()
+                again.cancel()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await anext(aiter(c.stub.Subscribe(pb.SubscribeRequest(plan_id="nope", ack=True))))
+                return first, failure, plain_first.result(), refused.value
+            finally:
+                await c.unload_stage("ack")
+
+    first, failure, plain_first, refused = asyncio.run(run())
+    assert first.code == 0 and not first.request_id and first.message == "subscribed"
+    assert failure.request_id == "ghost" and failure.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert plain_first.request_id == "ghost" and plain_first.code != 0
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_pipeline_open_waits_for_every_acknowledgement(local_cluster, tiny_llama: Path) -> None:
+    """Pipeline.open subscribes with `ack`: a stage that is not loaded fails open() with a
+    message naming it, and a loaded plan serves its first request at once."""
+    from coordinator.pipeline import Pipeline, PipelineError
+    from coordinator.session import even_counts, fixed_plan, read_model
+
+    model = read_model(tiny_llama)
+    plan = fixed_plan(model, local_cluster.nodes, even_counts(model.num_layers, 3))
+
+    async def scenario() -> int:
+        p = Pipeline(plan, str(model.path))
+        try:
+            with pytest.raises(PipelineError, match=r"stage \d on .* refused the subscription: .*not loaded"):
+                await p.open()  # nothing loaded yet
+        finally:
+            await p.close()
+        p = Pipeline(plan, str(model.path))
+        await p.load()
+        await p.open()
+        try:
+            return len((await p.generate([1, 2, 3], GenerationParams(max_tokens=3, step_timeout_s=60))).tokens)
+        finally:
+            await p.close()
+
+    assert asyncio.run(scenario()) == 3

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from coordinator import catalog
 from coordinator.costmodel import GIB
@@ -294,7 +296,13 @@ def test_cli_errors_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     model.mkdir()
     (model / "config.json").write_text(
         json.dumps(
-            {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 10}
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 1,
+                "hidden_size": 8,
+                "num_attention_heads": 2,
+                "vocab_size": 10,
+            }
         )  # fmt: skip
     )
     (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
@@ -312,3 +320,110 @@ def test_docs_planning_table_is_current() -> None:
         "docs/planning.md's what-if table is stale: regenerate it with "
         "`coordinator plan --brief-table`"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# No document makes the parser raise anything but WhatIfError
+
+_KEYS = sorted(
+    {k for doc in (ISSUE_EXAMPLE, BRIEF_34B) for k in json.dumps(doc).split('"')[1::2]}
+    | {"preset", "count", "links", "a", "b", "path", "concurrency", "free_gb", "efficiency"}
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    | st.sampled_from(_KEYS),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=6), inner, max_size=5),
+    max_leaves=20,
+)  # fmt: skip
+
+
+def _paths(value: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _mutated(doc: dict[str, object], data: st.DataObject) -> object:
+    """The document with 1-3 values replaced by arbitrary JSON, or removed."""
+    doc = json.loads(json.dumps(doc))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(doc)))
+        if not path:
+            return data.draw(JSON_VALUES)
+        parent: object = doc
+        for step in path[:-1]:
+            parent = parent[step]  # type: ignore[index]
+        if data.draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = data.draw(JSON_VALUES)  # type: ignore[index]
+    return doc
+
+
+def _parse_or_refuse(doc: object) -> None:
+    try:
+        w = parse(doc)  # type: ignore[arg-type]
+    except WhatIfError as e:
+        assert str(e)
+        return
+    run(w)  # what parses also plans
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_any_json_is_parsed_or_refused_with_a_what_if_error(doc: object) -> None:
+    _parse_or_refuse(doc)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([ISSUE_EXAMPLE, BRIEF_34B]), st.data())
+def test_mutated_documents_are_parsed_or_refused_with_a_what_if_error(
+    doc: dict[str, object], data: st.DataObject
+) -> None:
+    _parse_or_refuse(_mutated(doc, data))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"context": 0}, "'context'"),
+        ({"context": "4096"}, "'context'"),
+        ({"prompt_tokens": 9000}, "prompt_tokens"),
+        ({"nodes": [{"name": "pc", "devices": ["RTX 2060 Super"]}]}, "nodes[0].devices[0]"),
+        ({"nodes": [{"name": "pc", "devices": [{"name": "RTX 3090", "count": "two"}]}]}, "'count'"),
+        ({"model": {**BRIEF_34B["model"], "layers": 0}}, "'layers'"),  # type: ignore[dict-item]
+        ({"model": {**BRIEF_34B["model"], "hidden": 1e400}}, "'hidden'"),  # type: ignore[dict-item]
+        ({"links": [{"a": "pc", "bandwidth_gbps": 1}]}, "needs 'b'"),
+        ({"links": [{"a": "pc", "b": "nas", "bandwidth_gbps": 1}]}, "'b' must be the name of a node"),
+        ({"network": {"bandwidth_gbps": -1}}, "'bandwidth_gbps'"),
+        # Bounds that keep planning small: its tables grow as devices x layers^2.
+        ({"model": {**BRIEF_34B["model"], "layers": 10_000}}, "'layers'"),  # type: ignore[dict-item]
+        ({"nodes": [{"name": n, "devices": [{"name": "RTX 3090", "count": 40}]} for n in "ab"]}, "more than 64 devices"),
+        ({"nodes": [{"name": "pc", "devices": [{"name": "RTX 3090", "pcie_gen": 9}]}]}, "pcie_gen"),
+    ],
+)  # fmt: skip
+def test_malformed_fields_are_named(change: dict[str, object], field: str) -> None:
+    doc = {**ISSUE_EXAMPLE, **change}
+    with pytest.raises(WhatIfError) as ei:
+        parse(doc)
+    assert field in str(ei.value)
+
+
+def test_cli_refuses_a_malformed_what_if_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for doc in ({**ISSUE_EXAMPLE, "context": 0}, [1, 2], {**ISSUE_EXAMPLE, "links": [{"a": "pc"}]}):
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps(doc))
+        assert main(["plan", "--what-if", str(f)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("context" in err or "object" in err or "'b'" in err)
+    f.write_text("[" * 100_000)
+    assert main(["plan", "--what-if", str(f)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

@@ -92,8 +92,8 @@ async def discover(
     key = use_cluster_key(args, create=create_secret)
     if args.nodes < 0:
         raise UserError("--nodes must be >= 0")
-    if args.wait < 0:
-        raise UserError("--wait must be >= 0")
+    if not 0 <= args.wait < float("inf"):  # NaN fails too
+        raise UserError("--wait must be a number of seconds >= 0")
     try:
         records = await find_nodes(
             args.nodes, args.wait, args.node, args.cluster, args.mdns_interface

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 from typing import Any
 
 from coordinator import console
@@ -48,10 +49,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def check_params(args: argparse.Namespace) -> GenerationParams:
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
-    if args.temperature < 0:
-        raise UserError("--temperature must be >= 0")
+    if not args.temperature >= 0 or math.isinf(args.temperature):  # NaN fails >= too
+        raise UserError("--temperature must be a number >= 0")
     if not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UserError("--seed must be from 0 to 2**63 - 1")
+    if args.concurrency < 1:
+        raise UserError("--concurrency must be >= 1")
     return GenerationParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
@@ -61,10 +66,10 @@ async def generate_once(args: argparse.Namespace) -> dict[str, Any]:
     params = check_params(args)
     try:
         model = read_model(args.model)
+        tokenizer = load_tokenizer(model)
     except SessionError as e:
         raise UserError(str(e)) from None
     records = await discover(args)
-    tokenizer = load_tokenizer(model)
     prompt = encode_prompt(tokenizer, args.prompt, args.chat)
     try:
         plan = await choose_plan(

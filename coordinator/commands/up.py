@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -119,14 +120,18 @@ async def serve(args: argparse.Namespace) -> int:
     ):
         if value < least:
             raise UserError(f"{flag} must be at least {least}")
+    if not 0 <= args.port <= 65535:
+        raise UserError("--port must be from 0 to 65535 (0 picks a free one)")
+    if not 0 <= args.reprobe_debounce < float("inf"):  # NaN fails too
+        raise UserError("--reprobe-debounce must be a number of seconds >= 0")
     probe = read_probe(args.probe_json) if args.probe_json else None
     tls_cert, tls_key = tls_files(args)
     try:
         model = read_model(args.model)
+        tokenizer = load_tokenizer(model)
     except SessionError as e:
         raise UserError(str(e)) from None
     records = await discover(args, create_secret=True)
-    tokenizer = load_tokenizer(model)
     metrics = ServingMetrics()
     board = ShipBoard()
     # The API answers 503 until a plan is loaded; the dashboard shows the nodes and the
@@ -168,15 +173,22 @@ async def serve(args: argparse.Namespace) -> int:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     console.info(f"dashboard at {scheme}://{args.host}:{port}/ (the API opens once loaded)")
 
+    def phase(name: str) -> None:
+        state.phase = name  # GET /health names it until the model is served
+        log.info("loading: %s", name)
+
     async def load() -> tuple[Pipeline, Plan, Any]:
+        phase("planning")
         plan, measured = await select_plan(
             model, records, args.placement, args.objective, args.concurrency, args.context
         )
         show_plan(plan, args.context)
-        pipeline = await open_pipeline(plan, model, board=board)
+        pipeline = await open_pipeline(plan, model, board=board, on_phase=phase)
         try:
+            phase("warming up")
             await warm_up(pipeline, tokenizer)
             if args.check_tokens:
+                phase("checking speed")
                 await check_speed(pipeline, tokenizer, plan, args.check_tokens)
         except UserError:
             await pipeline.close()
@@ -207,6 +219,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Serves on the pipeline; when a stage dies it re-plans over the rest and resumes requests.
     supervisor = Supervisor(records, replan, reopen)
     await supervisor.start(pipeline)
+    state.phase = "serving"
     state.pipeline = supervisor
     if state.monitor is not None:
         state.monitor.plan_of = lambda: supervisor.plan  # alerts logged even with no dashboard open
@@ -356,16 +369,39 @@ async def warm_up(pipeline: Pipeline, tokenizer: Any, attempts: int = 3) -> None
 
 
 def read_probe(path: str) -> dict[str, Any]:
-    """A saved `coordinator probe --json` result (nodes and links)."""
+    """A saved `coordinator probe --json` result (nodes and links); anything else is a
+    UserError naming the field."""
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("links", []), list):
         raise UserError(f"{path} is not a probe result (an object with a 'links' list)")
+    for key in ("nodes", "errors"):
+        if not isinstance(doc.get(key, []), list):
+            raise UserError(f"{path}: {key!r} must be a list")
+    for key in ("seconds", "measured_at"):
+        if key in doc and not _is_number(doc[key]):
+            raise UserError(f"{path}: {key!r} must be a number")
+    for i, node in enumerate(doc.get("nodes", [])):
+        if not isinstance(node, dict) or not isinstance(node.get("id"), str):
+            raise UserError(f"{path}: nodes[{i}] must be an object with an 'id' string")
+    for i, link in enumerate(doc.get("links", [])):
+        if not isinstance(link, dict):
+            raise UserError(f"{path}: links[{i}] must be an object")
+        for key in ("src", "dst"):
+            if not isinstance(link.get(key), str):
+                raise UserError(f"{path}: links[{i}].{key} must be a node id (a string)")
+        for key in ("latency_us", "bandwidth_gbs"):
+            if not _is_number(link.get(key)) or link[key] < 0:
+                raise UserError(f"{path}: links[{i}].{key} must be a number >= 0")
     return doc
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def run(args: argparse.Namespace) -> int:

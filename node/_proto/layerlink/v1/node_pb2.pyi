@@ -233,12 +233,14 @@ class ForwardReply(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("plan_id", "errors_only")
+    __slots__ = ("plan_id", "errors_only", "ack")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     ERRORS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     errors_only: bool
-    def __init__(self, plan_id: _Optional[str] = ..., errors_only: _Optional[bool] = ...) -> None: ...
+    ack: bool
+    def __init__(self, plan_id: _Optional[str] = ..., errors_only: _Optional[bool] = ..., ack: _Optional[bool] = ...) -> None: ...
 
 class StageEvent(_message.Message):
     __slots__ = ("request_id", "step", "token", "logits", "code", "message", "stage_index", "compute_seconds")
