@@ -43,7 +43,7 @@ test-deps:
 	fi
 
 test: install test-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow and not netns"
