@@ -33,13 +33,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from coordinator.costmodel import Cluster, DeviceSpec, ModelSpec, Workload
-from coordinator.plan import Plan, ServingPlan
+from coordinator.costmodel import Cluster, DeviceSpec, ModelSpec, Workload, describe_bottleneck
+from coordinator.plan import ServingPlan
 from coordinator.planner import PlanChoice, explain_no_fit, plan, to_plan
 
 __all__ = [
     "Candidate",
     "ServingChoice",
+    "choose",
     "device_groups",
     "plan_serving",
     "share_requests",
@@ -86,6 +87,18 @@ class Candidate:
             what = "pipeline" if self.replicas == 1 else ("replica" if n == 1 else "replicas")
             parts.append(f"{n} {what} of {stages} stage{'s' if stages > 1 else ''}")
         return " + ".join(parts)
+
+    def at_shares(self) -> tuple[PlanChoice, ...]:
+        """The pipelines costed at the requests each will hold (its own concurrency)."""
+        out = []
+        for p, m in zip(self.pipelines, self.shares, strict=True):
+            if p.cost is None:
+                out.append(p)
+                continue
+            cost = replace(p.cost, concurrency=max(1, m))
+            cost = replace(cost, bottleneck=describe_bottleneck(cost))
+            out.append(replace(p, concurrency=max(1, m), cost=cost))
+        return tuple(out)
 
     def replica_tps(self) -> tuple[float, ...]:
         """Each replica's aggregate tokens/s at its share."""
@@ -259,7 +272,7 @@ def plan_serving(
             if key not in same:
                 same.add(key)
                 candidates.append(c)
-    chosen, why = _choose(candidates, min_tps)
+    chosen, why = choose(candidates, min_tps)
     explanation = why if chosen is None else f"{chosen.shape}: {why}"
     return ServingChoice(
         model=model.name,
@@ -284,7 +297,7 @@ def _candidate(
     return Candidate(name, groups, pipes, shares, sum(rates), per_request, m)
 
 
-def _choose(candidates: Sequence[Candidate], min_tps: float | None) -> tuple[Candidate | None, str]:
+def choose(candidates: Sequence[Candidate], min_tps: float | None) -> tuple[Candidate | None, str]:
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         return None, (
@@ -332,12 +345,7 @@ def to_serving_plan(
     c = choice.chosen
     if c is None or not c.fits:
         raise ValueError(f"no plan: {choice.explanation}")
-    plans: list[Plan] = []
-    for pipe, share in zip(c.pipelines, c.shares, strict=True):
-        at_share = replace(pipe, concurrency=max(1, share))
-        if pipe.cost is not None:
-            at_share = replace(at_share, cost=replace(pipe.cost, concurrency=max(1, share)))
-        plans.append(to_plan(at_share, num_layers, nodes))
+    plans = [to_plan(pipe, num_layers, nodes) for pipe in c.at_shares()]
     return ServingPlan(
         replicas=tuple(plans),
         concurrency=choice.concurrency,

@@ -3,16 +3,24 @@ predicted aggregate and per-request tokens/s, --replicas and --min-tps, on synth
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from coordinator.costmodel import GIB, Cluster, DeviceSpec, LinkSpec, Workload, predict
+from coordinator.main import main
 from coordinator.plan import Plan, ServingPlan, Stage
-from coordinator.replicas import Candidate, plan_serving, share_requests, to_serving_plan
-from coordinator.replicas import _choose as choose
-from coordinator.whatif import BRIEF_MODELS, parse
+from coordinator.replicas import (
+    Candidate,
+    choose,
+    plan_serving,
+    share_requests,
+    to_serving_plan,
+)
+from coordinator.whatif import BRIEF_MODELS, parse, serving_table_markdown
 
 
 def six_2060s(model: str, concurrency: int) -> Any:
@@ -160,3 +168,69 @@ def test_a_device_in_two_replicas_is_refused() -> None:
     b = Plan("m", 2, (Stage("n1", "a", "h:1", 0, 2),), version=2)
     with pytest.raises(ValueError, match="in two replicas"):
         ServingPlan((a, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI and docs
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = [ROOT / "docs/whatif/seed-6x2060s-7b.json", ROOT / "docs/whatif/seed-6x2060s-34b.json"]
+
+
+def test_cli_lists_every_candidate_with_its_prediction(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--what-if", str(SEED[0]), "--json", "--objective", "throughput"]
+    assert main([*args, "--concurrency", "24"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    s = out["serving"]
+    assert s["replicas"] == 6 and s["concurrency"] == 24 and out["fits"] is True
+    assert len(out["replicas"]) == 6 and [r["share"] for r in out["replicas"]] == [4] * 6
+    assert out["plan"] == out["replicas"][0]["plan"]
+    assert sum(r["predicted"]["throughput_tps"] for r in out["replicas"]) == pytest.approx(
+        s["aggregate_tps"], rel=1e-3
+    )
+    cands = out["candidates"]
+    assert {c["replicas"] for c in cands} == {1, 2, 3, 4, 5, 6}
+    assert [c["chosen"] for c in cands].count(True) == 1
+    one = next(c for c in cands if c["replicas"] == 1)
+    assert len(one["stages"][0]) == 6 and one["aggregate_tps"] < s["aggregate_tps"]
+    assert all(
+        {"shape", "shares", "aggregate_tps", "per_request_tps", "groups"} <= set(c) for c in cands
+    )
+
+    assert main([*args, "--concurrency", "8", "--replicas", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["serving"]["replicas"] == 2 and {c["replicas"] for c in out["candidates"]} == {2}
+
+    assert main([*args, "--concurrency", "24", "--min-tps", "1000"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "no candidate keeps every request at 1000" in out["serving"]["explanation"]
+
+
+def test_cli_text_and_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["plan", "--what-if", str(SEED[1]), "--objective", "throughput", "--concurrency", "6"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "candidates for 6 request(s)" in out and "predicted in all" in out
+    assert main([*base, "--replicas", "7"]) == 2
+    assert "--replicas: replicas must be between 1 and 6" in capsys.readouterr().err
+    assert main([*base, "--replicas", "0"]) == 2
+    assert "--replicas must be at least 1" in capsys.readouterr().err
+    assert main([*base, "--min-tps", "-3"]) == 2
+    assert "--min-tps must be positive" in capsys.readouterr().err
+    assert main(["plan", "--serving-table", str(SEED[0]), "--levels", "1,x"]) == 2
+    assert "--levels" in capsys.readouterr().err
+
+
+def test_docs_table_is_what_the_code_produces() -> None:
+    doc = (ROOT / "docs/planning.md").read_text()
+    table = serving_table_markdown([str(p) for p in SEED], [1, 6, 24])
+    assert table in doc, (
+        "docs/planning.md's replicas table is stale: regenerate it with `coordinator plan "
+        "--serving-table docs/whatif/seed-6x2060s-7b.json docs/whatif/seed-6x2060s-34b.json`"
+    )
+    # What the issue asks of it: one user, one pipeline; many users, replicas.
+    rows = [r for r in table.splitlines() if r.startswith("| 7B") or r.startswith("| 34B")]
+    picks = {(r.split(" | ")[0][2:], r.split(" | ")[1]): r.split(" | ")[-1] for r in rows}
+    assert picks[("7B Q4", "1")].startswith("**1 pipeline")
+    assert picks[("7B Q4", "24")].startswith("**6 replicas")
+    assert picks[("34B Q4", "24")].startswith("**2 replicas of 3 stages")
