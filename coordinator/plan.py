@@ -96,6 +96,7 @@ class ServingPlan:
     aggregate_tps: float | None = None  # predicted, all replicas together
     per_request_tps: float | None = None  # predicted, the slowest request
     explanation: str = ""
+    shares: tuple[int, ...] = ()  # requests in flight each replica was planned for
 
     def __post_init__(self) -> None:
         if not self.replicas:

@@ -352,4 +352,5 @@ def to_serving_plan(
         aggregate_tps=c.aggregate_tps,
         per_request_tps=c.per_request_tps,
         explanation=choice.explanation,
+        shares=c.shares,
     )

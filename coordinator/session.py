@@ -17,7 +17,7 @@ import grpc
 
 from coordinator.nodeclient import NodeClient
 from coordinator.pipeline import Pipeline
-from coordinator.plan import Plan, Stage, split_by_weights
+from coordinator.plan import Plan, ServingPlan, Stage, split_by_weights
 from node.mdns import NodeRecord
 
 if TYPE_CHECKING:
@@ -288,6 +288,50 @@ async def measured_plan(
         raise SessionError(f"the model does not fit on the cluster: {choice.explanation}")
     plan = planner.to_plan(choice, model.num_layers, device_map(probe_json, records))
     return MeasuredPlan(plan=plan, choice=choice, probe=probe)
+
+
+async def measured_serving_plan(
+    model: ModelInfo,
+    records: list[NodeRecord],
+    concurrency: int,
+    context: int = 2048,
+    *,
+    replicas: int | None = None,
+    min_tps: float | None = None,
+    prompt_tokens: int | None = None,
+) -> tuple[ServingPlan, Any, Any]:
+    """Probe the nodes and links, then compare one pipeline, replicas and mixes for
+    `concurrency` requests (coordinator/replicas.py): (the serving plan, the ServingChoice
+    with every candidate, the probe result)."""
+    from coordinator.calibrate import (
+        LiveCalibration,
+        live_cluster,
+        live_workload,
+        probe_dtypes,
+        stream_dtype,
+    )
+    from coordinator.costmodel import ModelSpec
+    from coordinator.probe import probe_cluster
+    from coordinator.replicas import plan_serving, to_serving_plan
+
+    dtype = stream_dtype(model.config, model.path)
+    probe = await probe_cluster(records, dtypes=probe_dtypes(dtype))
+    probe_json = probe.to_json()
+    cal = LiveCalibration.load()
+    cluster = live_cluster(probe_json, dtype, cal)
+    if not cluster.devices:
+        raise SessionError("the probe could not time any device: " + "; ".join(probe.errors))
+    spec = ModelSpec.from_config_dir(model.path)
+    prompt = min(context, prompt_tokens) if prompt_tokens else min(512, context // 2)
+    workload = live_workload(cal, context, max(1, prompt), concurrency)
+    try:
+        choice = plan_serving(spec, cluster, workload, replicas=replicas, min_tps=min_tps)
+    except ValueError as e:
+        raise SessionError(f"--replicas: {e}") from None
+    if not choice.fits:
+        raise SessionError(f"the model does not fit on the cluster: {choice.explanation}")
+    plan = to_serving_plan(choice, model.num_layers, device_map(probe_json, records))
+    return plan, choice, probe
 
 
 PLACEMENTS = ("planned", "memory", "even")

@@ -1,0 +1,100 @@
+"""`coordinator up` with replicas on four local nodes and the tiny model: eight concurrent
+streams each equal their solo greedy answer under one pipeline, two replicas and four
+replicas; every replica takes requests; predicted and measured aggregate tokens/s are printed
+(`pytest -s`; no timing assertion: the four nodes share this machine's cores)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator.lab.localcluster import LocalCluster
+from tests.test_api import CoordinatorProcess
+from tests.test_api_stream import stream_chat
+
+PROMPTS = [f"Request number {i}: tell me about {w}" for i, w in enumerate("abcdefgh")]
+TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def four_nodes(session_dir: Path) -> Iterator[LocalCluster]:
+    log_dir = session_dir / "logs-replicas"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(4, os.environ["LAYERLINK_CLUSTER"], log_dir=log_dir, name_prefix="rep")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def serve(model: Path, nodes: list[Any], log: Path, replicas: int) -> CoordinatorProcess:
+    args = ["--objective", "throughput", "--concurrency", "8", "--replicas", str(replicas)]
+    return CoordinatorProcess(model, nodes, log, [*args, "--check-tokens", "8"], timeout=300)
+
+
+async def burst(url: str, model: str) -> tuple[list[tuple[str, int]], float]:
+    """The eight prompts at once: answers and the aggregate decode rate (tokens after each
+    request's first, over the time from the earliest first token to the last end)."""
+    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+        got = await asyncio.gather(*(stream_chat(c, model, p, TOKENS) for p in PROMPTS))
+    first = min(g[2] for g in got)
+    end = max(g[3] for g in got)
+    decoded = sum(g[1] - 1 for g in got)
+    return [(g[0], g[1]) for g in got], decoded / (end - first)
+
+
+def test_eight_streams_match_their_solo_runs_on_1_2_and_4_replicas(
+    four_nodes: LocalCluster, tiny_llama: Path, tmp_path: Path
+) -> None:
+    solo: list[tuple[str, int]] = []
+    report: list[str] = []
+    for replicas in (1, 2, 4):
+        proc = serve(tiny_llama, four_nodes.nodes, tmp_path / f"up-{replicas}.log", replicas)
+        try:
+            state = httpx.get(proc.url + "/api/state", timeout=30).json()
+            serving = state["serving"]
+            assert serving["replicas"] == replicas
+            if replicas == 1:
+                assert "replicas" not in state  # one replica: today's single supervisor
+
+                async def alone() -> list[tuple[str, int]]:
+                    async with httpx.AsyncClient(base_url=proc.url, timeout=300) as c:
+                        out = []
+                        for p in PROMPTS:
+                            text, n, _, _ = await stream_chat(c, tiny_llama.name, p, TOKENS)
+                            out.append((text, n))
+                        return out
+
+                solo = asyncio.run(alone())
+                assert len({s[0] for s in solo}) == len(PROMPTS), "prompts should differ"
+            else:
+                nodes = [set(r["nodes"]) for r in state["replicas"]]
+                assert len(nodes) == replicas
+                assert sum(len(n) for n in nodes) == len(set().union(*nodes)), "shared nodes"
+            answers, measured = asyncio.run(burst(proc.url, tiny_llama.name))
+            for i, (got, want) in enumerate(zip(answers, solo, strict=True)):
+                assert got[1] == want[1] == TOKENS, f"request {i}: {got[1]} vs {want[1]} tokens"
+                assert got[0] == want[0], f"request {i} differs under {replicas} replica(s)"
+            if replicas > 1:
+                after = httpx.get(proc.url + "/api/state", timeout=30).json()["replicas"]
+                # 8 at once over equal replicas: the router spreads them over every replica.
+                assert all(r["routed"] >= 1 for r in after), after
+                assert all(r["in_flight"] == 0 for r in after), after
+            predicted = float(serving["aggregate_tps"])
+            report.append(
+                f"{replicas} replica(s), {serving['shape']}: predicted {predicted:.1f} tok/s in "
+                f"all, measured {measured:.1f} ({100 * (predicted / measured - 1):+.0f}%)"
+            )
+        finally:
+            proc.stop()
+    cores = os.cpu_count()
+    print(f"\n8 concurrent streams, tiny model, 4 local nodes on {cores} logical CPUs:")
+    for line in report:
+        print("  " + line)
