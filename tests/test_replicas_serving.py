@@ -50,6 +50,16 @@ async def burst(url: str, model: str) -> tuple[list[tuple[str, int]], float]:
     return [(g[0], g[1]) for g in got], decoded / (end - first)
 
 
+async def one_by_one(url: str, model: str) -> list[tuple[str, int]]:
+    """The eight prompts, each alone."""
+    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+        out = []
+        for p in PROMPTS:
+            text, n, _, _ = await stream_chat(c, model, p, TOKENS)
+            out.append((text, n))
+        return out
+
+
 def test_eight_streams_match_their_solo_runs_on_1_2_and_4_replicas(
     four_nodes: LocalCluster, tiny_llama: Path, tmp_path: Path
 ) -> None:
@@ -63,16 +73,7 @@ def test_eight_streams_match_their_solo_runs_on_1_2_and_4_replicas(
             assert serving["replicas"] == replicas
             if replicas == 1:
                 assert "replicas" not in state  # one replica: today's single supervisor
-
-                async def alone() -> list[tuple[str, int]]:
-                    async with httpx.AsyncClient(base_url=proc.url, timeout=300) as c:
-                        out = []
-                        for p in PROMPTS:
-                            text, n, _, _ = await stream_chat(c, tiny_llama.name, p, TOKENS)
-                            out.append((text, n))
-                        return out
-
-                solo = asyncio.run(alone())
+                solo = asyncio.run(one_by_one(proc.url, tiny_llama.name))
                 assert len({s[0] for s in solo}) == len(PROMPTS), "prompts should differ"
             else:
                 nodes = [set(r["nodes"]) for r in state["replicas"]]
