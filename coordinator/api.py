@@ -482,6 +482,8 @@ def create_app(state: ApiState) -> FastAPI:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     def _update_cluster_gauges() -> None:
+        if isinstance(state.pipeline, ReplicaRouter):
+            metrics.set_replicas(state.pipeline.to_json())
         plan = state.pipeline.plan if state.pipeline is not None else None
         for g in (metrics.stage_layers, metrics.stage_active, metrics.stage_compute):
             g.clear()

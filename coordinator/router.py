@@ -217,6 +217,11 @@ class ReplicaRouter:
                     "replica": i + 1,
                     "plan_id": plan.plan_id if plan is not None else None,
                     "nodes": [st.node_name for st in plan.stages] if plan is not None else [],
+                    "stages": (
+                        [{"node": st.node_name, "layers": [st.start, st.end]} for st in plan.stages]
+                        if plan is not None
+                        else []
+                    ),
                     "healthy": i in healthy,
                     "fatal": s.fatal,
                     "in_flight": self.load[i],

@@ -87,7 +87,15 @@ def test_eight_streams_match_their_solo_runs_on_1_2_and_4_replicas(
                 after = httpx.get(proc.url + "/api/state", timeout=30).json()["replicas"]
                 # 8 at once over equal replicas: the router spreads them over every replica.
                 assert all(r["routed"] >= 1 for r in after), after
-                assert all(r["in_flight"] == 0 for r in after), after
+                assert sum(r["routed"] for r in after) == len(PROMPTS), after
+                assert all(r["in_flight"] == 0 and r["healthy"] for r in after), after
+                prom = httpx.get(proc.url + "/metrics", timeout=30).text
+                for r in after:
+                    n = r["replica"]
+                    assert (
+                        f'layerlink_replica_requests_total{{replica="{n}"}} {r["routed"]}' in prom
+                    )
+                    assert f'layerlink_replica_up{{replica="{n}"}} 1' in prom
             predicted = float(serving["aggregate_tps"])
             report.append(
                 f"{replicas} replica(s), {serving['shape']}: predicted {predicted:.1f} tok/s in "
