@@ -284,6 +284,9 @@ class DeviceSpec:
     stream_gbs: float  # effective weight-streaming bandwidth, GB/s
     matmul_tflops: float  # effective matmul throughput (prefill), TFLOPS
     per_layer_overhead_s: float = 0.0  # fixed cost per layer per token (kernel launches)
+    # The machine whose CPU runs it ("" when unknown). CPU devices of one host share its
+    # cores: the probe times them one after another, each with the machine to itself.
+    host: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ("cuda", "metal", "cpu"):
@@ -411,6 +414,7 @@ class Cluster:
                         stream_gbs=float(d["stream_gbs"]),
                         matmul_tflops=float(d["matmul_tflops"]),
                         per_layer_overhead_s=float(d.get("per_layer_overhead_s", 0.0)),
+                        host=str(node.get("hostname") or ""),
                     )
                 )
                 p = d.get("pcie")

@@ -21,6 +21,9 @@ tokens/s (costmodel.throughput_at; batched decode is not modelled, as for one pi
 M requests are shared the way the router sends them: one at a time, each to the replica where
 it would decode fastest (`share_requests`). Aggregate tokens/s is the sum over replicas;
 per-request tokens/s is the slowest request's rate (its replica's throughput / its load).
+CPU devices of one host share its cores (the probe times them one after another, each with
+the machine to itself): where the stages and hop overheads on one host would need more than
+one second of it per second, the replicas on that host are scaled down to fit (`host_capped`).
 
 Choice. The candidate with the highest aggregate whose per-request rate is >= `min_tps`;
 ties (within 1e-6) go to fewer replicas, then fewer devices. When no candidate reaches
@@ -33,7 +36,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from coordinator.costmodel import Cluster, DeviceSpec, ModelSpec, Workload, describe_bottleneck
+from coordinator.costmodel import (
+    Cluster,
+    DeviceSpec,
+    ModelSpec,
+    PlanCost,
+    Workload,
+    describe_bottleneck,
+)
 from coordinator.plan import ServingPlan
 from coordinator.planner import PlanChoice, explain_no_fit, plan, to_plan
 
@@ -61,6 +71,7 @@ class Candidate:
     aggregate_tps: float
     per_request_tps: float  # the slowest request's decode rate
     concurrency: int
+    shared_hosts: tuple[str, ...] = ()  # hosts whose CPU capped the replicas on them
 
     @property
     def replicas(self) -> int:
@@ -266,7 +277,7 @@ def plan_serving(
         share = max(1, math.ceil(m / r))
         for name, groups in device_groups(cluster, r, need):
             pipes = tuple(pipeline(g, share) for g in groups)
-            c = _candidate(name, groups, pipes, m)
+            c = _candidate(name, groups, pipes, m, cluster)
             # Identical devices grouped two ways predict the same: keep the first.
             key = (r, c.shape, c.shares, round(c.aggregate_tps, 9), round(c.per_request_tps, 9))
             if key not in same:
@@ -286,15 +297,53 @@ def plan_serving(
 
 
 def _candidate(
-    name: str, groups: tuple[tuple[str, ...], ...], pipes: tuple[PlanChoice, ...], m: int
+    name: str,
+    groups: tuple[tuple[str, ...], ...],
+    pipes: tuple[PlanChoice, ...],
+    m: int,
+    cluster: Cluster,
 ) -> Candidate:
     if not all(p.fits for p in pipes):
         return Candidate(name, groups, pipes, (0,) * len(groups), 0.0, 0.0, m)
     costs = [p.cost for p in pipes if p.cost is not None]
     shares = share_requests([c.throughput_with for c in costs], m)
     rates = [c.throughput_with(k) for c, k in zip(costs, shares, strict=True)]
+    rates, shared = host_capped(rates, [host_work(c, cluster) for c in costs])
     per_request = min(rate / k for rate, k in zip(rates, shares, strict=True) if k > 0)
-    return Candidate(name, groups, pipes, shares, sum(rates), per_request, m)
+    return Candidate(name, groups, pipes, shares, sum(rates), per_request, m, shared)
+
+
+def host_work(cost: PlanCost, cluster: Cluster) -> dict[str, float]:
+    """CPU seconds one decoded token of this pipeline costs each host: its stages on CPU
+    devices of that host, and the software overhead of the hops those stages send."""
+    out: dict[str, float] = {}
+    for st in cost.stages:
+        d = cluster.device(st.device)
+        if d.kind == "cpu" and d.host:
+            out[d.host] = out.get(d.host, 0.0) + st.total_s
+    for hop in cost.hops:
+        d = cluster.device(hop.src)
+        if d.kind == "cpu" and d.host:
+            out[d.host] = out.get(d.host, 0.0) + hop.overhead_s
+    return out
+
+
+def host_capped(
+    rates: Sequence[float], works: Sequence[Mapping[str, float]]
+) -> tuple[list[float], tuple[str, ...]]:
+    """Rates scaled down where CPU devices of one host would need more than one second of
+    that host per second: each device was timed with the host to itself, so together they
+    share it. A replica on several such hosts takes the smallest of their scales."""
+    load: dict[str, float] = {}
+    for rate, work in zip(rates, works, strict=True):
+        for host, seconds in work.items():
+            load[host] = load.get(host, 0.0) + rate * seconds
+    scale = {h: 1.0 / w for h, w in load.items() if w > 1.0}
+    out = [
+        rate * min([scale[h] for h in work if h in scale], default=1.0)
+        for rate, work in zip(rates, works, strict=True)
+    ]
+    return out, tuple(sorted(scale))
 
 
 def choose(candidates: Sequence[Candidate], min_tps: float | None) -> tuple[Candidate | None, str]:
@@ -319,6 +368,8 @@ def choose(candidates: Sequence[Candidate], min_tps: float | None) -> tuple[Cand
         f"{best.aggregate_tps:.1f} tok/s in all, {best.per_request_tps:.1f} per request at "
         f"{best.concurrency} in flight"
     )
+    if best.shared_hosts:
+        why += f" (capped by the CPU of {', '.join(best.shared_hosts)}, shared by its stages)"
     one = [c for c in fitting if c.replicas == 1]
     if best.replicas > 1 and one:
         why += f" (one pipeline: {one[0].aggregate_tps:.1f} in all)"

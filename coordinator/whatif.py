@@ -412,6 +412,7 @@ def serving_json(choice: ServingChoice, cluster: Cluster) -> dict[str, Any]:
             "shares": list(c.shares),
             "aggregate_tps": round(c.aggregate_tps, 3),
             "per_request_tps": round(c.per_request_tps, 3),
+            "shared_hosts": list(c.shared_hosts),
         }
         for c in choice.candidates
     ]

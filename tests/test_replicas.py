@@ -105,6 +105,40 @@ def mixed_cluster() -> Cluster:
     return Cluster(devs, links)
 
 
+def cpu_box(host: str) -> Cluster:
+    """Four CPU nodes; on one machine when `host` is given (the probe's hostname)."""
+    devs = tuple(
+        DeviceSpec(f"n{i}/0", f"n{i}", "cpu", "cpu", 8 * GIB, 4.5, 0.0025, 400e-6, host=host)
+        for i in range(4)
+    )
+    links = tuple(
+        LinkSpec(a.node, b.node, 150e-6, 1e9, 630e-6) for a in devs for b in devs if a != b
+    )
+    return Cluster(devs, links)
+
+
+def test_cpu_devices_of_one_host_share_it() -> None:
+    """Each CPU device was timed with the machine to itself: on one host, all replicas
+    together get one machine's worth, and replicas without hops do best."""
+    model = six_2060s("8B", 1).model
+    model = replace(model, layers=8, layer_bytes=(4 * 10**6,) * 8, embed_bytes=10**6,
+                    head_bytes=10**6)  # fmt: skip
+    wl = Workload(concurrency=8, context=256, prompt_tokens=32)
+    apart = plan_serving(model, cpu_box(""), wl)
+    shared = plan_serving(model, cpu_box("box"), wl)
+    assert apart.chosen is not None and shared.chosen is not None
+    single = next(k for k in shared.candidates if k.replicas == 4)
+    t_one = single.pipelines[0].cost.token_s if single.pipelines[0].cost else 0.0
+    for k in shared.candidates:
+        assert k.aggregate_tps <= 1.0 / t_one * (1 + 1e-9), (k.shape, k.aggregate_tps)
+    assert shared.chosen.replicas == 4 and shared.chosen.shape == "4 replicas of 1 stage"
+    assert shared.chosen.shared_hosts == ("box",)
+    assert shared.chosen.aggregate_tps == pytest.approx(1.0 / t_one)
+    assert "capped by the CPU of box" in shared.explanation
+    assert apart.chosen.aggregate_tps > 3 * shared.chosen.aggregate_tps
+    assert not apart.chosen.shared_hosts
+
+
 def test_min_tps_is_respected_and_changes_the_choice() -> None:
     w = six_2060s("8B", 1)
     cluster = mixed_cluster()
