@@ -153,7 +153,7 @@ class ReplicaRouter:
                 raise PipelineError(f"no replica recovered within {timeout_s:.0f}s")
             await asyncio.sleep(0.05)
 
-    def _learn(self, i: int, requests: int, tokens: int, seconds: float) -> None:
+    def learn(self, i: int, requests: int, tokens: int, seconds: float) -> None:
         if tokens < MIN_TOKENS_TO_LEARN or seconds <= 0:
             return
         expected = predicted_rate(self.replicas[i].plan, requests) / max(1, requests)
@@ -188,7 +188,7 @@ class ReplicaRouter:
                         generated.append(ev.token)
                         yield TokenEvent(token=ev.token, step=len(generated) - 1, logits=ev.logits)
                 if first_at is not None:
-                    self._learn(i, at_start, n - 1, time.perf_counter() - first_at)
+                    self.learn(i, at_start, n - 1, time.perf_counter() - first_at)
                 return
             except PipelineError:
                 if pipe.failed is None:

@@ -68,7 +68,7 @@ def test_measured_speed_corrects_the_prediction() -> None:
     r = router(plan_of("a", 100.0), plan_of("b", 100.0))
     assert r.choose() == 0  # equal: the first
     for _ in range(5):
-        r._learn(0, 1, tokens=40, seconds=2.0)  # measured 20 tok/s, predicted 100
+        r.learn(0, 1, tokens=40, seconds=2.0)  # measured 20 tok/s, predicted 100
     assert r.correction[0] < 0.5
     assert r.choose() == 1
     # a is now expected at ~33 tok/s alone: b wins with 1 in flight (50 each), not with 3 (25).
@@ -76,7 +76,7 @@ def test_measured_speed_corrects_the_prediction() -> None:
     assert r.choose() == 1
     r.load[1] += 2
     assert r.choose() == 0
-    r._learn(1, 1, tokens=2, seconds=1.0)  # too short to learn from
+    r.learn(1, 1, tokens=2, seconds=1.0)  # too short to learn from
     assert r.correction[1] == 1.0
 
 
