@@ -154,6 +154,8 @@ class ReplicaRouter:
             await asyncio.sleep(0.05)
 
     def learn(self, i: int, requests: int, tokens: int, seconds: float) -> None:
+        """Fold a finished request's decode rate (`tokens` over `seconds`, with `requests` in
+        flight on replica i when it started) into that replica's correction."""
         if tokens < MIN_TOKENS_TO_LEARN or seconds <= 0:
             return
         expected = predicted_rate(self.replicas[i].plan, requests) / max(1, requests)
