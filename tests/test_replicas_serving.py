@@ -6,6 +6,7 @@ replicas; every replica takes requests; predicted and measured aggregate tokens/
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +108,30 @@ def test_eight_streams_match_their_solo_runs_on_1_2_and_4_replicas(
     print(f"\n8 concurrent streams, tiny model, 4 local nodes on {cores} logical CPUs:")
     for line in report:
         print("  " + line)
+
+
+def test_plan_weighs_replicas_on_the_live_cluster(
+    four_nodes: LocalCluster, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`coordinator plan --model` over the four live nodes: every candidate with its
+    prediction; the nodes share one machine, so the aggregate is capped by its CPU."""
+    from coordinator.main import main
+
+    args = ["plan", "--model", str(tiny_llama), "--json", "--objective", "throughput"]
+    for n in four_nodes.nodes:
+        args += ["--node", n.address]
+    assert main([*args, "--concurrency", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cands = out["candidates"]
+    assert {c["replicas"] for c in cands} == {1, 2, 3, 4}
+    assert all(c["fits"] for c in cands)
+    chosen = next(c for c in cands if c["chosen"])
+    assert chosen["aggregate_tps"] == max(c["aggregate_tps"] for c in cands)
+    assert out["serving"]["replicas"] == chosen["replicas"] == len(out["replicas"])
+    # One machine's CPU: hops only cost it (the chosen replicas have none), and no candidate
+    # predicts more than the fastest of the chosen (single-stage) replicas alone.
+    assert all(len(stages) == 1 for stages in chosen["stages"]), chosen
+    assert any(c["shared_hosts"] for c in cands), cands
+    alone = max(r["predicted"]["decode_tps"] for r in out["replicas"])
+    assert all(c["aggregate_tps"] <= alone * 1.001 for c in cands), (alone, cands)
+    print(f"\nlive plan for 8 requests: {out['serving']['explanation']}")
