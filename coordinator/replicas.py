@@ -396,7 +396,11 @@ def to_serving_plan(
     c = choice.chosen
     if c is None or not c.fits:
         raise ValueError(f"no plan: {choice.explanation}")
-    plans = [to_plan(pipe, num_layers, nodes) for pipe in c.at_shares()]
+    plans = []
+    for k, pipe in enumerate(c.at_shares()):
+        if c.replicas > 1:  # its explanation speaks of its group of devices
+            pipe = replace(pipe, explanation=f"replica {k + 1} of {c.replicas}: {pipe.explanation}")
+        plans.append(to_plan(pipe, num_layers, nodes))
     return ServingPlan(
         replicas=tuple(plans),
         concurrency=choice.concurrency,
