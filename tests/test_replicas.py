@@ -268,3 +268,13 @@ def test_docs_table_is_what_the_code_produces() -> None:
     assert picks[("7B Q4", "1")].startswith("**1 pipeline")
     assert picks[("7B Q4", "24")].startswith("**6 replicas")
     assert picks[("34B Q4", "24")].startswith("**2 replicas of 3 stages")
+
+
+def test_up_refuses_bad_replica_flags_before_touching_nodes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ["up", "--model", "/nonexistent", "--node", "127.0.0.1:9"]
+    assert main([*base, "--replicas", "0"]) == 2
+    assert "--replicas must be at least 1" in capsys.readouterr().err
+    assert main([*base, "--min-tps", "0"]) == 2
+    assert "--min-tps must be positive" in capsys.readouterr().err
