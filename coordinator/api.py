@@ -47,6 +47,7 @@ from coordinator.dashboard.state import (
 from coordinator.httpsec import BodyLimit
 from coordinator.metrics import CONTENT_TYPE, RequestTrace, ServingMetrics
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError
+from coordinator.router import ReplicaRouter
 from coordinator.shipboard import ShipBoard
 from coordinator.supervisor import Supervisor
 
@@ -252,7 +253,7 @@ class ApiState:
     model_name: str
     tokenizer: Any
     # The serving pipeline; a Supervisor (re-plans when a stage dies) under `coordinator up`.
-    pipeline: Pipeline | Supervisor | None
+    pipeline: Pipeline | Supervisor | ReplicaRouter | None
     context_length: int = 2048
     default_max_tokens: int = 256
     vocab_size: int | None = None
@@ -266,6 +267,8 @@ class ApiState:
     shipping: ShipBoard | None = None
     # The served model's folder and config (coordinator up): the Ollama API's model details.
     model_info: ModelInfo | None = None
+    # With replicas (coordinator/replicas.py): what the planner predicted for them together.
+    serving: Mapping[str, Any] | None = None
     # What `coordinator up` is doing while `pipeline` is None ("planning", "shipping
     # weights", "loading stages", "warming up", ...): GET /health names it.
     phase: str = "starting"
@@ -275,7 +278,7 @@ class ApiState:
         p = self.pipeline
         if p is None:
             return f"the model is not loaded yet ({self.phase})"
-        return p.fatal if isinstance(p, Supervisor) else p.failed
+        return p.fatal if isinstance(p, Supervisor | ReplicaRouter) else p.failed
 
 
 @dataclass(frozen=True)
@@ -469,7 +472,7 @@ def create_app(state: ApiState) -> FastAPI:
         plan = state.pipeline.plan if state.pipeline is not None else None
         nodes = state.monitor.views() if state.monitor is not None else ()
         alert_log.update(current_alerts(plan, list(metrics.recent), nodes))
-        return build_state(
+        out = build_state(
             state.model_name,
             plan,
             metrics,
@@ -477,6 +480,11 @@ def create_app(state: ApiState) -> FastAPI:
             state.probe,
             None if state.shipping is None else state.shipping.to_json(),
         )
+        if isinstance(state.pipeline, ReplicaRouter):
+            out["replicas"] = state.pipeline.to_json()
+        if state.serving is not None:
+            out["serving"] = dict(state.serving)
+        return out
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> PlainTextResponse:
@@ -484,6 +492,8 @@ def create_app(state: ApiState) -> FastAPI:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     def _update_cluster_gauges() -> None:
+        if isinstance(state.pipeline, ReplicaRouter):
+            metrics.set_replicas(state.pipeline.to_json())
         plan = state.pipeline.plan if state.pipeline is not None else None
         for g in (metrics.stage_layers, metrics.stage_active, metrics.stage_compute):
             g.clear()
@@ -621,7 +631,7 @@ def create_app(state: ApiState) -> FastAPI:
             ),
         )
 
-    def require_pipeline() -> Pipeline | Supervisor:
+    def require_pipeline() -> Pipeline | Supervisor | ReplicaRouter:
         if state.pipeline is None:
             metrics.rejected.inc(reason="no_plan")
             raise ApiError(
@@ -633,7 +643,7 @@ def create_app(state: ApiState) -> FastAPI:
         return state.pipeline
 
     async def generate(
-        pipeline: Pipeline | Supervisor, job: Job, trace: RequestTrace
+        pipeline: Pipeline | Supervisor | ReplicaRouter, job: Job, trace: RequestTrace
     ) -> AsyncGenerator[Piece, None]:
         """Pieces of text, one per token; the last one has the finish reason. Owns the
         request's admission slot and trace from its first step on."""

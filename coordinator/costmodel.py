@@ -58,6 +58,7 @@ __all__ = [
     "stage_decode_cost",
     "stage_memory",
     "stage_weight_bytes",
+    "throughput_at",
     "working_bytes",
 ]
 
@@ -283,6 +284,9 @@ class DeviceSpec:
     stream_gbs: float  # effective weight-streaming bandwidth, GB/s
     matmul_tflops: float  # effective matmul throughput (prefill), TFLOPS
     per_layer_overhead_s: float = 0.0  # fixed cost per layer per token (kernel launches)
+    # The machine whose CPU runs it ("" when unknown). CPU devices of one host share its
+    # cores: the probe times them one after another, each with the machine to itself.
+    host: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ("cuda", "metal", "cpu"):
@@ -410,6 +414,7 @@ class Cluster:
                         stream_gbs=float(d["stream_gbs"]),
                         matmul_tflops=float(d["matmul_tflops"]),
                         per_layer_overhead_s=float(d.get("per_layer_overhead_s", 0.0)),
+                        host=str(node.get("hostname") or ""),
                     )
                 )
                 p = d.get("pcie")
@@ -572,7 +577,11 @@ class PlanCost:
 
     @property
     def throughput_tps(self) -> float:
-        return min(self.concurrency / self.token_s, 1.0 / self.slowest_stage_s)
+        return throughput_at(self.token_s, self.slowest_stage_s, self.concurrency)
+
+    def throughput_with(self, requests: int) -> float:
+        """Aggregate tokens/s of this pipeline with `requests` in flight (0 for none)."""
+        return throughput_at(self.token_s, self.slowest_stage_s, requests)
 
     @property
     def fits(self) -> bool:
@@ -585,6 +594,14 @@ class PlanCost:
 
 # --------------------------------------------------------------------------------------------
 # Primitives (the planner's tables are built from exactly these formulas)
+
+
+def throughput_at(token_s: float, slowest_stage_s: float, requests: int) -> float:
+    """Tokens/s of one pipeline with `requests` in flight: min(m / t_token, 1 / slowest
+    stage), 0 with none. Each request then decodes at this / m tokens/s."""
+    if requests <= 0:
+        return 0.0
+    return min(requests / token_s, 1.0 / slowest_stage_s)
 
 
 def stage_weight_bytes(model: ModelSpec, start: int, end: int) -> int:

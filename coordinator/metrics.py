@@ -15,8 +15,9 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -427,6 +428,52 @@ class ServingMetrics:
             "Measured bandwidth of each node-to-node link (from the last probe).",
             ("src", "dst"),
         )
+        # Serving with replicas (coordinator/router.py); absent with one pipeline.
+        self.replica_up = r.gauge(
+            "layerlink_replica_up",
+            "1 while the replica takes new requests, 0 while it recovers or after it was dropped.",
+            ("replica",),
+        )
+        self.replica_in_flight = r.gauge(
+            "layerlink_replica_requests_in_flight",
+            "Requests running on each replica.",
+            ("replica",),
+        )
+        self.replica_routed = r.counter(
+            "layerlink_replica_requests_total",
+            "Requests routed to each replica (a request resumed on another counts there too).",
+            ("replica",),
+        )
+        self.replica_predicted = r.gauge(
+            "layerlink_replica_predicted_decode_tokens_per_second",
+            "Each replica's predicted single-stream decode rate (its plan's prediction).",
+            ("replica",),
+        )
+        self.replica_correction = r.gauge(
+            "layerlink_replica_speed_correction",
+            "Measured / predicted decode rate the router has learnt for each replica.",
+            ("replica",),
+        )
+
+    def set_replicas(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The replica series from `ReplicaRouter.to_json()`."""
+        for g in (
+            self.replica_up,
+            self.replica_in_flight,
+            self.replica_predicted,
+            self.replica_correction,
+        ):
+            g.clear()
+        routed: dict[Labels, float] = {}
+        for row in rows:
+            label = str(row["replica"])
+            self.replica_up.set(1.0 if row["healthy"] else 0.0, replica=label)
+            self.replica_in_flight.set(float(row["in_flight"]), replica=label)
+            self.replica_correction.set(float(row["speed_correction"]), replica=label)
+            if row.get("predicted_decode_tps") is not None:
+                self.replica_predicted.set(float(row["predicted_decode_tps"]), replica=label)
+            routed[(label,)] = float(row["routed"])
+        self.replica_routed.mirror(routed)
 
     # ----- request lifecycle ---------------------------------------------------------------
 

@@ -86,6 +86,29 @@ class Plan:
         return [s.to_json() for s in self.stages]
 
 
+@dataclass(frozen=True)
+class ServingPlan:
+    """What `coordinator up` serves: one or more pipelines (replicas), each holding the whole
+    model on devices of its own. One replica is today's single pipeline."""
+
+    replicas: tuple[Plan, ...]
+    concurrency: int = 1  # the requests in flight it was planned for
+    aggregate_tps: float | None = None  # predicted, all replicas together
+    per_request_tps: float | None = None  # predicted, the slowest request
+    explanation: str = ""
+    shares: tuple[int, ...] = ()  # requests in flight each replica was planned for
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            raise ValueError("a serving plan needs at least one replica")
+        seen: set[tuple[str, str]] = set()
+        for p in self.replicas:
+            for s in p.stages:
+                if (s.node_id, s.device) in seen:
+                    raise ValueError(f"device {s.device} of node {s.node_name} is in two replicas")
+                seen.add((s.node_id, s.device))
+
+
 def split_by_weights(num_layers: int, weights: list[float]) -> list[tuple[int, int]]:
     """Contiguous half-open ranges with layer counts proportional to weights, each >= 1."""
     n = len(weights)

@@ -18,7 +18,7 @@ import grpc
 
 from coordinator.nodeclient import NodeClient
 from coordinator.pipeline import Pipeline
-from coordinator.plan import Plan, Stage, split_by_weights
+from coordinator.plan import Plan, ServingPlan, Stage, split_by_weights
 from node.mdns import NodeRecord
 
 if TYPE_CHECKING:
@@ -282,17 +282,27 @@ def device_map(
     return out
 
 
-async def measured_plan(
+@dataclass(frozen=True)
+class Measured:
+    """What planning on the live cluster starts from: the model's shapes, the measured
+    cluster with the fitted constants, the workload, and the probe it came from."""
+
+    spec: Any  # coordinator.costmodel.ModelSpec
+    cluster: Any  # coordinator.costmodel.Cluster
+    workload: Any  # coordinator.costmodel.Workload
+    probe: Any  # coordinator.probe.ProbeResult
+    devices: dict[str, tuple[str, str, str, str]]  # for planner.to_plan
+
+
+async def measure(
     model: ModelInfo,
     records: list[NodeRecord],
-    objective: str = "latency",
     concurrency: int = 1,
     context: int = 2048,
     prompt_tokens: int | None = None,
-) -> MeasuredPlan:
-    """Probe the nodes and links, then let the planner choose devices, order and ranges.
-    `prompt_tokens` (default: min(512, context / 2)) is the prompt the TTFT is predicted for."""
-    from coordinator import planner
+) -> Measured:
+    """Probe the nodes and links. `prompt_tokens` (default: min(512, context / 2)) is the
+    prompt the TTFT is predicted for."""
     from coordinator.calibrate import (
         LiveCalibration,
         live_cluster,
@@ -316,11 +326,51 @@ async def measured_plan(
     spec = ModelSpec.from_config_dir(model.path)
     prompt = min(context, prompt_tokens) if prompt_tokens else min(512, context // 2)
     workload = live_workload(cal, context, max(1, prompt), concurrency)
-    choice = planner.plan(spec, cluster, workload, objective)
+    return Measured(spec, cluster, workload, probe, device_map(probe_json, records))
+
+
+async def measured_plan(
+    model: ModelInfo,
+    records: list[NodeRecord],
+    objective: str = "latency",
+    concurrency: int = 1,
+    context: int = 2048,
+    prompt_tokens: int | None = None,
+) -> MeasuredPlan:
+    """Probe the nodes and links, then let the planner choose devices, order and ranges."""
+    from coordinator import planner
+
+    m = await measure(model, records, concurrency, context, prompt_tokens)
+    choice = planner.plan(m.spec, m.cluster, m.workload, objective)
     if not choice.fits:
         raise SessionError(f"the model does not fit on the cluster: {choice.explanation}")
-    plan = planner.to_plan(choice, model.num_layers, device_map(probe_json, records))
-    return MeasuredPlan(plan=plan, choice=choice, probe=probe)
+    plan = planner.to_plan(choice, model.num_layers, m.devices)
+    return MeasuredPlan(plan=plan, choice=choice, probe=m.probe)
+
+
+async def measured_serving_plan(
+    model: ModelInfo,
+    records: list[NodeRecord],
+    concurrency: int,
+    context: int = 2048,
+    *,
+    replicas: int | None = None,
+    min_tps: float | None = None,
+    prompt_tokens: int | None = None,
+) -> tuple[ServingPlan, Any, Any]:
+    """Probe the nodes and links, then compare one pipeline, replicas and mixes for
+    `concurrency` requests (coordinator/replicas.py): (the serving plan, the ServingChoice
+    with every candidate, the probe result)."""
+    from coordinator.replicas import plan_serving, to_serving_plan
+
+    m = await measure(model, records, concurrency, context, prompt_tokens)
+    try:
+        choice = plan_serving(m.spec, m.cluster, m.workload, replicas=replicas, min_tps=min_tps)
+    except ValueError as e:
+        raise SessionError(f"--replicas: {e}") from None
+    if not choice.fits:
+        raise SessionError(f"the model does not fit on the cluster: {choice.explanation}")
+    return to_serving_plan(choice, model.num_layers, m.devices), choice, m.probe
 
 
 PLACEMENTS = ("planned", "memory", "even")

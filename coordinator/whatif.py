@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from coordinator.costmodel import (
     predict,
 )
 from coordinator.planner import PlanChoice, even_split, memory_split, plan
+from coordinator.replicas import Candidate, ServingChoice, plan_serving
 
 __all__ = [
     "BRIEF_CLUSTERS",
@@ -58,6 +59,8 @@ __all__ = [
     "load",
     "parse",
     "run",
+    "serving_json",
+    "serving_table_markdown",
 ]
 
 
@@ -470,6 +473,62 @@ def choice_json(choice: PlanChoice, cluster: Cluster) -> dict[str, Any]:
     return out
 
 
+def serving_json(choice: ServingChoice, cluster: Cluster) -> dict[str, Any]:
+    """The --json answer with replicas: the first replica's pipeline at the top level (as
+    for one pipeline), every replica under "replicas", the totals under "serving" and every
+    candidate the planner weighed, with its prediction, under "candidates"."""
+    chosen = choice.chosen
+    if chosen is None or not chosen.fits:
+        first = chosen.pipelines[0] if chosen is not None else None
+        out = (
+            choice_json(first, cluster)
+            if first is not None
+            else {"model": choice.model, "fits": False, "plan": [], "predicted": None}
+        )
+        out.update(fits=False, reason=choice.explanation, explanation=choice.explanation)
+        replicas: list[dict[str, Any]] = []
+    else:
+        replicas = [
+            {"share": m, **choice_json(p, cluster)}
+            for p, m in zip(chosen.at_shares(), chosen.shares, strict=True)
+        ]
+        out = {k: v for k, v in replicas[0].items() if k != "share"}
+        out["explanation"] = choice.explanation
+    out["objective"] = "throughput"
+    out["concurrency"] = choice.concurrency
+    out["replicas"] = replicas
+    out["serving"] = {
+        "replicas": chosen.replicas if chosen is not None else 0,
+        "fixed_replicas": choice.replicas,
+        "shape": chosen.shape if chosen is not None else "",
+        "concurrency": choice.concurrency,
+        "min_tps": choice.min_tps,
+        "aggregate_tps": round(chosen.aggregate_tps, 3) if chosen else 0.0,
+        "per_request_tps": round(chosen.per_request_tps, 3) if chosen else 0.0,
+        "explanation": choice.explanation,
+    }
+    out["candidates"] = [
+        {
+            "replicas": c.replicas,
+            "grouping": c.grouping,
+            "shape": c.shape,
+            "fits": c.fits,
+            "chosen": c is chosen,
+            "groups": [list(g) for g in c.groups],
+            "stages": [
+                [{"device_id": p.device, "layers": [p.start, p.end]} for p in pipe.placements]
+                for pipe in c.pipelines
+            ],
+            "shares": list(c.shares),
+            "aggregate_tps": round(c.aggregate_tps, 3),
+            "per_request_tps": round(c.per_request_tps, 3),
+            "shared_hosts": list(c.shared_hosts),
+        }
+        for c in choice.candidates
+    ]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The cluster shapes people ask about (docs/planning.md's table is generated from these)
 
@@ -554,4 +613,48 @@ def brief_table_markdown(context: int = 4096, prompt_tokens: int = 512) -> str:
             f"| {r.cluster} | {r.model} | yes | {stages} | {c.cost.decode_tps:.1f} | "
             f"{c.cost.ttft_s:.2f} | {exo} | {even} | {c.bottleneck} |"
         )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Replicas against one pipeline (docs/planning.md, "Serving many users")
+
+
+def _best(cands: Sequence[Candidate], keep: Any) -> str:
+    kind = [c for c in cands if keep(c)]
+    fitting = [c for c in kind if c.fits]
+    if not fitting:
+        return "no fit" if kind else "-"
+    c = max(fitting, key=lambda c: (c.aggregate_tps, -c.replicas))
+    return f"{c.shape}: {c.aggregate_tps:.1f} / {c.per_request_tps:.1f}"
+
+
+def serving_table_markdown(paths: Sequence[str | Path], levels: Sequence[int]) -> str:
+    """For each what-if file and number of users: one pipeline, replicas of one device,
+    replicas of pipelines, and the planner's choice, as aggregate / per-user tokens/s."""
+    lines = [
+        "| model | users | one pipeline | replicas of one device | replicas of pipelines | "
+        "planner picks |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for path in paths:
+        base = load(path)
+        for m in levels:
+            w = WhatIf(base.model, base.cluster, replace(base.workload, concurrency=m))
+            choice = plan_serving(w.model, w.cluster, w.workload)
+            cands = choice.candidates
+
+            def stages(c: Candidate) -> set[int]:
+                return {len(p.placements) for p in c.pipelines}
+
+            one = _best(cands, lambda c: c.replicas == 1)
+            singles = _best(cands, lambda c: c.replicas > 1 and (not c.fits or stages(c) == {1}))
+            mixes = _best(cands, lambda c: c.replicas > 1 and c.fits and stages(c) != {1})
+            chosen = choice.chosen
+            pick = (
+                f"**{chosen.shape}: {chosen.aggregate_tps:.1f} / {chosen.per_request_tps:.1f}**"
+                if chosen is not None and chosen.fits
+                else "no fit"
+            )
+            lines.append(f"| {w.model.name} | {m} | {one} | {singles} | {mixes} | {pick} |")
     return "\n".join(lines)

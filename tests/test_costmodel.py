@@ -346,6 +346,7 @@ def test_cluster_from_probe_json() -> None:
             {
                 "id": "n2",
                 "name": "mac",
+                "hostname": "macmini",
                 "devices": [
                     {
                         "name": "Apple M4 Pro",
@@ -369,6 +370,7 @@ def test_cluster_from_probe_json() -> None:
     cl = Cluster.from_probe_json(probe, hop_overhead_s=1e-4, reserve_bytes=GIB)
     assert [d.id for d in cl.devices] == ["pc/0", "pc/1", "mac/0"]
     assert cl.device("pc/0").mem_free_bytes == 7 * GIB
+    assert cl.device("mac/0").host == "macmini" and cl.device("pc/0").host == ""
     assert cl.link("pc/0", "mac/0").latency_s == pytest.approx(180e-6)
     assert cl.link("mac/0", "pc/1").latency_s == pytest.approx(190e-6)
     assert cl.link("mac/0", "pc/1").bandwidth_Bps == 10e9  # unresolved by the sweep

@@ -84,6 +84,37 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_replica_args(parser: argparse.ArgumentParser) -> None:
+    """--replicas and --min-tps: serve with several pipelines (coordinator/replicas.py)."""
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="R",
+        help="serve with exactly R pipelines (replicas), each holding the whole model on "
+        "devices of its own (default: with --objective throughput the planner chooses R)",
+    )
+    parser.add_argument(
+        "--min-tps",
+        type=float,
+        default=None,
+        metavar="X",
+        help="with replicas: choose the best aggregate that keeps every request at >= X "
+        "decode tokens/s",
+    )
+
+
+def serving_mode(args: argparse.Namespace) -> bool:
+    """Whether to plan replicas: the throughput objective, or --replicas / --min-tps given."""
+    if args.replicas is not None and args.replicas < 1:
+        raise UserError("--replicas must be at least 1")
+    if args.min_tps is not None and not args.min_tps > 0:
+        raise UserError("--min-tps must be positive")
+    return bool(
+        args.objective == "throughput" or args.replicas is not None or args.min_tps is not None
+    )
+
+
 async def discover(
     args: argparse.Namespace, allow_empty: bool = False, create_secret: bool = False
 ) -> list[NodeRecord]:

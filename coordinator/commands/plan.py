@@ -12,11 +12,19 @@ from typing import Any
 
 from coordinator import console
 from coordinator.calibrate import LiveCalibration
-from coordinator.commands._common import add_discovery_args
+from coordinator.commands._common import add_discovery_args, add_replica_args, serving_mode
 from coordinator.costmodel import GIB, Cluster, ModelSpec, Workload
 from coordinator.errors import UserError
 from coordinator.planner import OBJECTIVES, PlanChoice, plan
-from coordinator.whatif import WhatIfError, brief_table_markdown, choice_json, load
+from coordinator.replicas import ServingChoice, plan_serving
+from coordinator.whatif import (
+    WhatIfError,
+    brief_table_markdown,
+    choice_json,
+    load,
+    serving_json,
+    serving_table_markdown,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -40,11 +48,24 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="print the what-if table of docs/planning.md (markdown)",
     )
+    src.add_argument(
+        "--serving-table",
+        nargs="+",
+        metavar="FILE",
+        help="print docs/planning.md's replicas table for these what-if files (markdown)",
+    )
+    p.add_argument(
+        "--levels",
+        default="1,6,24",
+        metavar="M,M,...",
+        help="--serving-table: the numbers of concurrent users (default: 1,6,24)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--objective", choices=OBJECTIVES, default="latency")
     p.add_argument("--concurrency", type=int, default=None, metavar="M", help="requests in flight")
     p.add_argument("--context", type=int, default=None, help="KV-cache size in tokens")
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length for TTFT")
+    add_replica_args(p)
     # Discovery options for the live cluster, as `coordinator probe` takes them.
     add_discovery_args(p)
     p.set_defaults(func=run)
@@ -53,9 +74,25 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         raise UserError("--concurrency must be >= 1")
+    replicas = serving_mode(args)
     if args.brief_table:
         # Markdown for docs/planning.md: one line per row, never wrapped to the terminal.
         console.console.print(brief_table_markdown(), soft_wrap=True, markup=False, highlight=False)
+        return 0
+    if args.serving_table:
+        try:
+            levels = [int(x) for x in args.levels.split(",")]
+        except ValueError:
+            raise UserError(
+                f"--levels must be numbers separated by commas, not {args.levels!r}"
+            ) from None
+        if not levels or min(levels) < 1:
+            raise UserError("--levels must be >= 1")
+        try:
+            table = serving_table_markdown(args.serving_table, levels)
+        except WhatIfError as e:
+            raise UserError(str(e)) from e
+        console.console.print(table, soft_wrap=True, markup=False, highlight=False)
         return 0
     if args.what_if:
         try:
@@ -84,6 +121,18 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise UserError(str(e)) from e
+    if replicas:
+        try:
+            serving = plan_serving(
+                model, cluster, workload, replicas=args.replicas, min_tps=args.min_tps
+            )
+        except ValueError as e:
+            raise UserError(f"--replicas: {e}") from e
+        if args.json:
+            console.print_json(serving_json(serving, cluster))
+        else:
+            show_serving(serving, cluster)
+        return 0
     choice = plan_cluster(model, cluster, workload, args.objective)
     if args.json:
         console.print_json(choice_json(choice, cluster))
@@ -166,3 +215,43 @@ def show(choice: PlanChoice, cluster: Cluster) -> None:
     )
     console.text(f"bottleneck: {cost.bottleneck}")
     console.text(f"why: {choice.explanation}")
+
+
+def show_serving(serving: ServingChoice, cluster: Cluster) -> None:
+    """Every candidate weighed, then each replica of the chosen one as `show` prints it."""
+    rows = []
+    for c in serving.candidates:
+        mark = "*" if c is serving.chosen else ""
+        if not c.fits:
+            rows.append([mark, c.replicas, c.grouping, c.shape, "-", "-", "-"])
+            continue
+        rows.append(
+            [
+                mark,
+                c.replicas,
+                c.grouping,
+                c.shape,
+                " ".join(str(m) for m in c.shares),
+                f"{c.aggregate_tps:.1f}",
+                f"{c.per_request_tps:.1f}",
+            ]
+        )
+    console.table(
+        f"{serving.model}: candidates for {serving.concurrency} request(s) in flight"
+        + (f", every request >= {serving.min_tps:g} tok/s" if serving.min_tps else ""),
+        ["", "replicas", "grouping", "shape", "requests each", "tok/s in all", "tok/s per request"],
+        rows,
+    )
+    chosen = serving.chosen
+    if chosen is None or not chosen.fits:
+        console.error(serving.explanation)
+        return
+    for i, pipe in enumerate(chosen.at_shares()):
+        if len(chosen.pipelines) > 1:
+            console.text(f"replica {i + 1} of {chosen.replicas}: {chosen.shares[i]} request(s)")
+        show(pipe, cluster)
+    console.text(
+        f"predicted in all: {chosen.aggregate_tps:.1f} tok/s, "
+        f"{chosen.per_request_tps:.1f} tok/s per request (the slowest)"
+    )
+    console.text(f"chosen: {serving.explanation}")

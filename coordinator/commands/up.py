@@ -17,16 +17,21 @@ from coordinator.commands._common import (
     add_discovery_args,
     add_model_args,
     add_placement_args,
+    add_replica_args,
     discover,
+    serving_mode,
 )
 from coordinator.errors import UserError
 from coordinator.httpsec import add_tls_args, tls_files, url_scheme
 from coordinator.pipeline import GenerationParams, Pipeline, PipelineError
 from coordinator.plan import Plan
+from coordinator.router import ReplicaRouter
 from coordinator.session import (
     ModelInfo,
     SessionError,
     load_tokenizer,
+    measured_plan,
+    measured_serving_plan,
     open_pipeline,
     read_model,
     select_plan,
@@ -96,6 +101,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_discovery_args(p)
     add_placement_args(p)
+    add_replica_args(p)
     add_tls_args(p)
     p.set_defaults(func=run)
 
@@ -124,6 +130,7 @@ async def serve(args: argparse.Namespace) -> int:
         raise UserError("--port must be from 0 to 65535 (0 picks a free one)")
     if not 0 <= args.reprobe_debounce < float("inf"):  # NaN fails too
         raise UserError("--reprobe-debounce must be a number of seconds >= 0")
+    replicated = serving_mode(args) and args.placement == "planned"
     probe = read_probe(args.probe_json) if args.probe_json else None
     tls_cert, tls_key = tls_files(args)
     try:
@@ -177,12 +184,7 @@ async def serve(args: argparse.Namespace) -> int:
         state.phase = name  # GET /health names it until the model is served
         log.info("loading: %s", name)
 
-    async def load() -> tuple[Pipeline, Plan, Any]:
-        phase("planning")
-        plan, measured = await select_plan(
-            model, records, args.placement, args.objective, args.concurrency, args.context
-        )
-        show_plan(plan, args.context)
+    async def load_one(plan: Plan) -> Pipeline:
         pipeline = await open_pipeline(plan, model, board=board, on_phase=phase)
         try:
             phase("warming up")
@@ -193,10 +195,53 @@ async def serve(args: argparse.Namespace) -> int:
         except UserError:
             await pipeline.close()
             raise
-        return pipeline, plan, measured
+        return pipeline
+
+    shares: dict[str, int] = {}  # plan id -> the requests its replica was planned for
+
+    async def load() -> tuple[list[Pipeline], list[Plan], Any]:
+        phase("planning")
+        if replicated:
+            splan, choice, measured = await measured_serving_plan(
+                model,
+                records,
+                args.concurrency,
+                args.context,
+                replicas=args.replicas,
+                min_tps=args.min_tps,
+            )
+            show_candidates(choice)
+            plans = list(splan.replicas)
+            shares.update({p.plan_id: m for p, m in zip(plans, splan.shares, strict=False)})
+            state.serving = {
+                "replicas": len(plans),
+                "shape": choice.chosen.shape if choice.chosen is not None else "",
+                "concurrency": splan.concurrency,
+                "aggregate_tps": splan.aggregate_tps,
+                "per_request_tps": splan.per_request_tps,
+                "shares": list(splan.shares),
+                "explanation": splan.explanation,
+            }
+        else:
+            plan, measured = await select_plan(
+                model, records, args.placement, args.objective, args.concurrency, args.context
+            )
+            plans = [plan]
+        pipelines: list[Pipeline] = []
+        try:
+            for i, plan in enumerate(plans):
+                if len(plans) > 1:
+                    console.info(f"replica {i + 1} of {len(plans)}")
+                show_plan(plan, args.context)
+                pipelines.append(await load_one(plan))
+        except BaseException:
+            for p in pipelines:
+                await p.close()
+            raise
+        return pipelines, plans, measured
 
     try:
-        pipeline, plan, measured = await _while_serving(serving, load())
+        pipelines, plans, measured = await _while_serving(serving, load())
     except (SessionError, PipelineError) as e:
         await _stop(server, serving)
         raise UserError(str(e)) from None
@@ -206,24 +251,41 @@ async def serve(args: argparse.Namespace) -> int:
     if measured is not None:
         state.probe = {**measured.to_json(), "measured_at": time.time()}
 
-    async def replan(remaining: list[NodeRecord]) -> Plan:
-        new_plan, _ = await select_plan(
-            model, remaining, args.placement, args.objective, args.concurrency, args.context
-        )
-        show_plan(new_plan)
-        return new_plan
+    def replanner(share: int) -> Any:
+        async def replan(remaining: list[NodeRecord]) -> Plan:
+            if replicated and len(plans) > 1:
+                # A replica is re-planned over its own remaining nodes, for its share.
+                m = await measured_plan(model, remaining, "throughput", max(1, share), args.context)
+                new_plan = m.plan
+            else:
+                new_plan, _ = await select_plan(
+                    model, remaining, args.placement, args.objective, args.concurrency, args.context
+                )
+            show_plan(new_plan)
+            return new_plan
+
+        return replan
 
     async def reopen(new_plan: Plan) -> Pipeline:
         return await open_pipeline(new_plan, model, show_progress=False, board=board)
 
-    # Serves on the pipeline; when a stage dies it re-plans over the rest and resumes requests.
-    supervisor = Supervisor(records, replan, reopen)
-    await supervisor.start(pipeline)
+    # Each replica serves on its pipeline; when a stage dies its Supervisor re-plans it over
+    # the replica's remaining nodes and resumes requests (coordinator/supervisor.py).
+    supervisors: list[Supervisor] = []
+    for plan, pipe in zip(plans, pipelines, strict=True):
+        own = {s.node_id for s in plan.stages}
+        mine = [r for r in records if r.node_id in own] if len(plans) > 1 else records
+        sup = Supervisor(mine, replanner(shares.get(plan.plan_id, args.concurrency)), reopen)
+        await sup.start(pipe)
+        supervisors.append(sup)
+    front: Supervisor | ReplicaRouter = (
+        supervisors[0] if len(supervisors) == 1 else ReplicaRouter(supervisors)
+    )
     state.phase = "serving"
-    state.pipeline = supervisor
+    state.pipeline = front
     if state.monitor is not None:
-        state.monitor.plan_of = lambda: supervisor.plan  # alerts logged even with no dashboard open
-    prober = membership_prober(args, model, records, state, supervisor)
+        state.monitor.plan_of = lambda: front.plan  # alerts logged even with no dashboard open
+    prober = membership_prober(args, model, records, state, front)
     console.info(
         f"serving {model.name} on {scheme}://{args.host}:{port}/v1, dashboard at "
         f"{scheme}://{args.host}:{port}/ (Ctrl-C to stop)"
@@ -236,8 +298,8 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         if prober is not None:
             await prober.close()
-        await supervisor.close()
-        served_summary(supervisor.plan or plan, metrics)
+        await front.close()
+        served_summary(front.plan or plans[0], metrics)
     return 0
 
 
@@ -257,6 +319,26 @@ async def _while_serving(serving: asyncio.Task[None], work: Any) -> Any:
 async def _stop(server: Any, serving: asyncio.Task[None]) -> None:
     server.should_exit = True
     await asyncio.gather(serving, return_exceptions=True)
+
+
+def show_candidates(choice: Any) -> None:
+    """The serving candidates the planner weighed (coordinator/replicas.py) and its choice."""
+    rows = []
+    for c in choice.candidates:
+        mark = "*" if c is choice.chosen else ""
+        if c.fits:
+            shares = " ".join(str(m) for m in c.shares)
+            rows.append(
+                [mark, c.shape, shares, f"{c.aggregate_tps:.1f}", f"{c.per_request_tps:.1f}"]
+            )
+        else:
+            rows.append([mark, c.shape, "-", "-", "-"])
+    console.table(
+        f"serving {choice.concurrency} request(s) in flight: candidates",
+        ["", "shape", "requests each", "tok/s in all", "tok/s per request"],
+        rows,
+    )
+    console.info(f"chosen: {choice.explanation}")
 
 
 def show_plan(plan: Plan, context: int | None = None) -> None:
@@ -315,7 +397,7 @@ def membership_prober(
     model: ModelInfo,
     records: list[Any],
     state: Any,
-    supervisor: Supervisor | None = None,
+    supervisor: Supervisor | ReplicaRouter | None = None,
 ) -> Any:
     """Re-probe when the mDNS membership changes (not with a static --node list: there is
     nothing to watch); results go to the API state's `probe`."""

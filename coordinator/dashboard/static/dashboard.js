@@ -95,6 +95,31 @@ function renderPlan(plan) {
   }
 }
 
+function renderReplicas(replicas, serving) {
+  // Serving with replicas: one row per pipeline, with the router's view of it.
+  const section = document.getElementById("replicas-section");
+  section.hidden = !replicas;
+  if (!replicas) return;
+  setText("serving", serving
+    ? `${serving.shape} · predicted ${serving.aggregate_tps.toFixed(1)} tok/s in all, ` +
+      `${serving.per_request_tps.toFixed(1)} per request at ${serving.concurrency} in flight`
+    : "");
+  const body = document.getElementById("replicas");
+  body.replaceChildren();
+  for (const r of replicas) {
+    const stages = r.stages.map((s) => `${s.node} [${s.layers[0]}, ${s.layers[1]})`).join(" + ");
+    const state = r.fatal ? "dropped" : r.healthy ? "serving" : "recovering";
+    body.append(el("tr", { class: r.healthy ? "" : "bad" },
+      el("td", {}, r.replica),
+      el("td", {}, stages),
+      el("td", { title: r.fatal || "" }, state),
+      el("td", {}, r.in_flight),
+      el("td", {}, r.routed),
+      el("td", {}, r.predicted_decode_tps == null ? "–" : r.predicted_decode_tps.toFixed(1)),
+      el("td", {}, r.speed_correction.toFixed(2))));
+  }
+}
+
 function renderNodes(nodes, plan) {
   const box = document.getElementById("nodes");
   box.replaceChildren();
@@ -206,6 +231,7 @@ async function poll() {
     setText("model", state.model);
     renderLive(state.live);
     renderPlan(state.plan);
+    renderReplicas(state.replicas, state.serving);
     setText("alerts", (state.alerts || []).join(" · "));
     renderShipping(state.shipping);
     renderNodes(state.nodes, state.plan);
