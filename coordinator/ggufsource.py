@@ -15,8 +15,9 @@ and Q5_1 (the rest of K-quant files) are dequantized by the gguf package and qua
 as MLX 8-bit with group 32: a small error, which docs/weights.md reports. Anything else is refused before any node is
 touched, with a message naming what is supported.
 
-The tokenizer is built from the GGUF's own vocabulary and merges (GPT-2-style byte-level
-BPE, with the pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`), with its special
+The tokenizer is built from the GGUF's own vocabulary: GPT-2-style byte-level BPE from its
+merges, with the pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`, or SentencePiece
+BPE from its pieces and scores, split as llama.cpp's SPM tokenizer splits; with its special
 tokens, end-of-turn ids and chat template: no download.
 
 Trust boundary: the file is the user's, but may be truncated or corrupt; every field read is
@@ -51,7 +52,7 @@ REQUANT_BITS = {"Q5_K": 8, "Q6_K": 8, "Q5_0": 8, "Q5_1": 8}
 REPACKED_TYPES = ("Q4_K",)
 SUPPORTED_TYPES = (*LOSSLESS_TYPES, *REPACKED_TYPES, *REQUANT_BITS)
 GROUP_SIZE = 32
-CONVERTER_VERSION = 5  # bump when the folder written for a GGUF would change
+CONVERTER_VERSION = 4  # bump when the folder written for a GGUF would change
 
 # llama.cpp's pre-tokenizer names -> the regex that splits text before byte-level BPE
 # (None: GPT-2's own, which ByteLevel applies itself). `digits`: numbers split one digit each.
@@ -635,8 +636,8 @@ def _token_types(summary: GGUFSummary, meta: Mapping[str, Any], n: int) -> list[
 
 
 def spm_merges(tokens: list[str], scores: list[float]) -> tuple[list[tuple[str, str]], int]:
-    """The BPE merges that reproduce llama.cpp's SentencePiece tokenizer, and how many pieces
-    share their score with another piece that merges.
+    """The BPE merges that reproduce llama.cpp's SentencePiece tokenizer, and how many of the
+    joined pieces repeat the score of another joined piece.
 
     llama.cpp starts from the characters of the text and repeatedly joins the adjacent pair
     whose concatenation is a token of the highest score (the leftmost such pair on a tie).
@@ -678,9 +679,7 @@ def build_spm_tokenizer(
     tokens: list[str] = [str(t) for t in meta["tokenizer.ggml.tokens"]]
     raw_scores = meta.get("tokenizer.ggml.scores")
     try:
-        scores = (
-            [float(x) for x in raw_scores] if raw_scores is not None else [0.0] * len(tokens)
-        )
+        scores = [float(x) for x in raw_scores] if raw_scores is not None else [0.0] * len(tokens)
     except (TypeError, ValueError):
         raise GGUFError(f"{summary.path}: the GGUF's token scores are not numbers") from None
     if len(scores) != len(tokens):

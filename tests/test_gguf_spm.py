@@ -118,7 +118,9 @@ def _bpe_train(corpus: str, n_merges: int) -> tuple[list[str], list[str]]:
             seqs[w] = out
     # Rare characters are left out, as SentencePiece's character coverage does; so are
     # pieces made of them.
-    kept = [c for c, n in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0])) if n > 1 or c.isascii()]
+    kept = [
+        c for c, n in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0])) if n > 1 or c.isascii()
+    ]
     pieces = [p for p in pieces if all(c in kept for c in p)]
     return kept, pieces
 
@@ -173,11 +175,13 @@ def write_spm_gguf(
     add_bos: bool | None = True,
     add_eos: bool | None = None,
     tokenizer_model: str = "llama",
+    vocab: tuple[list[str], list[float], list[int]] | None = None,
 ) -> Path:
-    """A tiny random-weight llama (2 layers, hidden 64) with a SentencePiece vocabulary."""
+    """A tiny random-weight llama (2 layers, hidden 64) with a SentencePiece vocabulary
+    (`vocab`: tokens, scores, types; else spm_vocab's; <unk>, <s>, </s> at ids 0-2)."""
     import gguf
 
-    tokens, scores, types = spm_vocab(tied=tied)
+    tokens, scores, types = vocab or spm_vocab(tied=tied)
     vocab, hidden, heads, kv, ffn, layers = len(tokens), 64, 4, 2, 128, 2
     head_dim = hidden // heads
     w = gguf.GGUFWriter(str(path), "llama")
@@ -284,7 +288,9 @@ def test_the_test_vocabulary_is_sentencepiece_like() -> None:
 
 
 @pytest.mark.parametrize("special", [True, False])
-def test_tokenizer_matches_llama_cpp_on_a_sentencepiece_gguf(spm_gguf: Path, spm_folder: Path, special: bool) -> None:
+def test_tokenizer_matches_llama_cpp_on_a_sentencepiece_gguf(
+    spm_gguf: Path, spm_folder: Path, special: bool
+) -> None:
     """Token for token what llama.cpp makes of the same GGUF: spaces, newlines, tabs, digits,
     accents, CJK, emoji through byte fallback, control and user-defined tokens, BOS."""
     from tokenizers import Tokenizer
@@ -317,7 +323,9 @@ def test_tokenizer_options_follow_the_gguf(tmp_path: Path) -> None:
     SentencePiece: add BOS): still what llama.cpp does."""
     from tokenizers import Tokenizer
 
-    path = write_spm_gguf(tmp_path / "opts.gguf", add_space_prefix=False, add_bos=None, add_eos=True)
+    path = write_spm_gguf(
+        tmp_path / "opts.gguf", add_space_prefix=False, add_bos=None, add_eos=True
+    )
     folder = ggufsource.converted_folder(path, root=tmp_path / "cache")
     ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
     theirs = llama_cpp_tokens(path, TEXTS, add_bos=True, special=True)
@@ -370,12 +378,16 @@ def test_converted_folder_serves_chat_through_mlx_lm(spm_gguf: Path, spm_folder:
     ids = list(tok.apply_chat_template(messages, add_generation_prompt=True))
     assert ids == llama_cpp_tokens(spm_gguf, [text], add_bos=False, special=True)[0]
     assert ids[:2] == [1, tok.convert_tokens_to_ids("[INST]")]
-    assert list(tok.encode("hi")) == llama_cpp_tokens(spm_gguf, ["hi"], add_bos=True, special=True)[0]
+    assert (
+        list(tok.encode("hi")) == llama_cpp_tokens(spm_gguf, ["hi"], add_bos=True, special=True)[0]
+    )
     tokens, _ = reference_generate(spm_folder, ids, 4)
     assert len(tokens) == 4
 
 
-def test_equal_scores_split_as_the_trained_vocabulary(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_equal_scores_split_as_the_trained_vocabulary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Pieces that share one score (gguf-py's converter without tokenizer.model scores
     every piece -1000) lose the merge order; stored by id in that order, they split as the
     vocabulary with its trained scores does in llama.cpp (which itself joins the leftmost
@@ -397,5 +409,7 @@ def test_equal_scores_split_as_the_trained_vocabulary(tmp_path: Path, caplog: py
 @pytest.mark.parametrize("model", ["bert", "t5", "rwkv", ""])
 def test_other_tokenizer_models_are_refused(tmp_path: Path, model: str) -> None:
     path = write_spm_gguf(tmp_path / "other.gguf", tokenizer_model=model)
-    with pytest.raises(ggufsource.GGUFError, match=f"tokenizer model '{model}'" if model else "'\\(none\\)'"):
+    with pytest.raises(
+        ggufsource.GGUFError, match=f"tokenizer model '{model}'" if model else "'\\(none\\)'"
+    ):
         ggufsource.inspect_gguf(path)
