@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from coordinator import ggufsource
+from coordinator.api import IncrementalDetokenizer
 from tests.helpers import reference_generate
 
 SPACE = "\u2581"
@@ -328,17 +329,23 @@ def test_tokenizer_options_follow_the_gguf(tmp_path: Path) -> None:
     )
     folder = ggufsource.converted_folder(path, root=tmp_path / "cache")
     ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    theirs = llama_cpp_tokens(path, TEXTS, add_bos=True, special=True)
+    theirs = llama_cpp_tokens(path, [*TEXTS, "hello world"], add_bos=True, special=True)
+    theirs_hw = theirs.pop()
     for text, want in zip(TEXTS, theirs, strict=True):
         assert ours.encode(text).ids == want, text
     assert ours.encode("hello").ids[0] == 1 and ours.encode("hello").ids[-1] == 2
+    from mlx_lm.utils import load_tokenizer
+
+    served = load_tokenizer(folder)  # transformers keeps the GGUF's BOS and EOS
+    assert list(served.encode("hello world")) == theirs_hw
     plain = llama_cpp_tokens(path, ["hello world"], add_bos=False, special=True)[0]
     assert ours.encode("hello world", add_special_tokens=False).ids == plain
 
 
 def test_detokenization_round_trips_and_matches_llama_cpp(spm_gguf: Path, spm_folder: Path) -> None:
-    """decode(encode(text)) is the text, through transformers (as the chat path loads it)
-    and through mlx_lm's streaming detokenizer; and it is what llama.cpp decodes."""
+    """decode(encode(text)) is the text, through transformers (as the chat path loads it),
+    mlx_lm's streaming detokenizer and the API's incremental one, token by token; and it is
+    what llama.cpp decodes."""
     from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
     from mlx_lm.utils import load_tokenizer
 
@@ -355,6 +362,8 @@ def test_detokenization_round_trips_and_matches_llama_cpp(spm_gguf: Path, spm_fo
             detok.add_token(i)
         detok.finalize()
         assert detok.text == text, text
+        served = IncrementalDetokenizer(lambda ids: str(tok.decode(ids)))  # the API's streaming
+        assert "".join(served.add(i) for i in t_ids) + served.flush() == text, text
     # llama-cpp-python drops the prefix space after a BOS (as SentencePiece does), and only
     # then: give it the BOS that encode() adds.
     theirs = llama_cpp_text(spm_gguf, [[1, *t] for t in ids])
