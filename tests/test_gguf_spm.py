@@ -371,26 +371,27 @@ def test_detokenization_round_trips_and_matches_llama_cpp(spm_gguf: Path, spm_fo
         assert got == text, text
 
 
-def test_converted_folder_serves_chat_through_mlx_lm(spm_gguf: Path, spm_folder: Path) -> None:
-    """The folder loads as the chat path loads it: BOS and EOS from the GGUF, the chat
-    template renders and encodes to what llama.cpp makes of the rendered text, and the
-    model computes."""
-    from mlx_lm.utils import load_tokenizer
+def test_sentencepiece_gguf_serves_chat_through_the_coordinator(spm_gguf: Path) -> None:
+    """The GGUF as the coordinator reads it (read_model, load_tokenizer, encode_prompt): BOS
+    and EOS from the GGUF, the chat template renders and encodes to what llama.cpp makes of
+    the rendered text, and the converted model computes."""
+    from coordinator.session import encode_prompt, load_tokenizer, read_model
 
-    config = json.loads((spm_folder / "config.json").read_text())
+    model = read_model(spm_gguf)
+    config = json.loads((model.path / "config.json").read_text())
     assert config["vocab_size"] == len(spm_vocab()[0]) and config["eos_token_id"] == [2]
-    tok = load_tokenizer(spm_folder)
+    tok = load_tokenizer(model)
     assert tok.eos_token_ids == {2} and tok.eos_token == "</s>" and tok.bos_token == "<s>"
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    question = "What is the capital of France?"
+    messages = [{"role": "user", "content": question}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert text == "<s>[INST] What is the capital of France? [/INST]"
-    ids = list(tok.apply_chat_template(messages, add_generation_prompt=True))
+    assert text == f"<s>[INST] {question} [/INST]"
+    ids = encode_prompt(tok, question, chat=True)
     assert ids == llama_cpp_tokens(spm_gguf, [text], add_bos=False, special=True)[0]
     assert ids[:2] == [1, tok.convert_tokens_to_ids("[INST]")]
-    assert (
-        list(tok.encode("hi")) == llama_cpp_tokens(spm_gguf, ["hi"], add_bos=True, special=True)[0]
-    )
-    tokens, _ = reference_generate(spm_folder, ids, 4)
+    plain = llama_cpp_tokens(spm_gguf, [question], add_bos=True, special=True)[0]
+    assert encode_prompt(tok, question, chat=False) == plain
+    tokens, _ = reference_generate(model.path, ids, 4)
     assert len(tokens) == 4
 
 
