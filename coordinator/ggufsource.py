@@ -718,7 +718,7 @@ def build_spm_tokenizer(
         [
             AddedToken(t, special=ty != TOKEN_USER_DEFINED, normalized=False)
             for t, ty in zip(tokens, types, strict=True)
-            if ty in (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED)
+            if t and ty in (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED)
         ]
     )
     # llama.cpp's defaults for SentencePiece vocabularies: BOS added, EOS not.
@@ -728,11 +728,11 @@ def build_spm_tokenizer(
     eos = token_at("tokenizer.ggml.eos_token_id")
     around = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on and t is not None]
     if around:
-        first = f"{bos} " if add_bos and bos is not None else ""
-        last = f" {eos}" if add_eos and eos is not None else ""
+        first = [bos] if add_bos and bos is not None else []
+        last = [eos] if add_eos and eos is not None else []
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{first}$A{last}",
-            pair=f"{first}$A{last} {first}$B{last}",
+            single=[*first, "$A", *last],
+            pair=[*first, "$A", *last, *first, "$B:1", *last],
             special_tokens=[(t, vocab[t]) for t in dict.fromkeys(around)],
         )
     eos_ids = end_of_turn_ids(meta)
