@@ -15,8 +15,9 @@ and Q5_1 (the rest of K-quant files) are dequantized by the gguf package and qua
 as MLX 8-bit with group 32: a small error, which docs/weights.md reports. Anything else is refused before any node is
 touched, with a message naming what is supported.
 
-The tokenizer is built from the GGUF's own vocabulary and merges (GPT-2-style byte-level
-BPE, with the pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`), with its special
+The tokenizer is built from the GGUF's own vocabulary: GPT-2-style byte-level BPE from its
+merges, with the pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`, or SentencePiece
+BPE from its pieces and scores, split as llama.cpp's SPM tokenizer splits; with its special
 tokens, end-of-turn ids and chat template: no download.
 
 Trust boundary: the file is the user's, but may be truncated or corrupt; every field read is
@@ -80,8 +81,14 @@ PRE_TOKENIZERS: dict[str, tuple[str | None, bool]] = {
     "qwen2": (_QWEN2, False),
     "stablelm2": (_QWEN2, False),
 }
-TOKEN_CONTROL = 3  # llama.cpp token types: 1 normal, 3 control, 4 user-defined, 6 byte
+# `tokenizer.ggml.model` values built here: byte-level BPE, and SentencePiece BPE (which
+# llama.cpp calls "llama", its SPM tokenizer).
+TOKENIZER_MODELS = ("gpt2", "llama")
+# llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+TOKEN_UNKNOWN = 2
+TOKEN_CONTROL = 3
 TOKEN_USER_DEFINED = 4
+SPM_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 # GGUF tensor name parts -> mlx_lm (Hugging Face) names.
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -175,14 +182,15 @@ def inspect_gguf(path: Path) -> GGUFSummary:
             f"{', '.join(SUPPORTED_TYPES)}"
         )
     tok_model = string("tokenizer.ggml.model")
-    if tok_model != "gpt2":
+    if tok_model not in TOKENIZER_MODELS:
         raise GGUFError(
             f"{path}: tokenizer model {tok_model or '(none)'!r} is not supported; LayerLink "
-            "builds byte-level BPE vocabularies ('gpt2': Llama 3, Qwen, SmolLM, Mistral Nemo), "
-            "not SentencePiece ones ('llama': Llama 2, Mistral 7B v0.1)"
+            "builds byte-level BPE vocabularies ('gpt2': Llama 3, Qwen, SmolLM, Mistral Nemo) "
+            "and SentencePiece BPE ones ('llama': Llama 2, Mistral 7B, TinyLlama), not "
+            "WordPiece ('bert'), Unigram ('t5'), RWKV or others"
         )
     pre = string("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
+    if tok_model == "gpt2" and pre not in PRE_TOKENIZERS:
         raise GGUFError(
             f"{path}: pre-tokenizer {pre!r} is not supported; LayerLink knows "
             f"{', '.join(sorted(PRE_TOKENIZERS))}"
@@ -543,6 +551,8 @@ def _quantized_bits(weights: Mapping[str, Any]) -> dict[str, int]:
 
 def build_tokenizer(summary: GGUFSummary, meta: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(tokenizers.Tokenizer, tokenizer_config.json) from the GGUF's vocabulary."""
+    if meta.get("tokenizer.ggml.model") == "llama":
+        return build_spm_tokenizer(summary, meta)
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
@@ -555,10 +565,7 @@ def build_tokenizer(summary: GGUFSummary, meta: Mapping[str, Any]) -> tuple[Any,
         if not sep:
             raise GGUFError(f"{summary.path}: malformed BPE merge {m!r}")
         merges.append((left, right))
-    types_arr = meta.get("tokenizer.ggml.token_type")
-    types = [int(x) for x in types_arr] if types_arr is not None else [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise GGUFError(f"{summary.path}: {len(types)} token types for {len(tokens)} tokens")
+    types = _token_types(summary, meta, len(tokens))
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     regex, digits = PRE_TOKENIZERS[_pre_name(meta)]
@@ -613,3 +620,134 @@ def build_tokenizer(summary: GGUFSummary, meta: Mapping[str, Any]) -> tuple[Any,
 def _pre_name(meta: Mapping[str, Any]) -> str:
     pre = meta.get("tokenizer.ggml.pre")
     return pre if isinstance(pre, str) and pre else "default"
+
+
+def _flag(meta: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = meta.get(key)
+    return default if v is None else bool(v)
+
+
+def _token_types(summary: GGUFSummary, meta: Mapping[str, Any], n: int) -> list[int]:
+    raw = meta.get("tokenizer.ggml.token_type")
+    types = [int(x) for x in raw] if raw is not None else [1] * n
+    if len(types) != n:
+        raise GGUFError(f"{summary.path}: {len(types)} token types for {n} tokens")
+    return types
+
+
+def spm_merges(tokens: list[str], scores: list[float]) -> tuple[list[tuple[str, str]], int]:
+    """The BPE merges that reproduce llama.cpp's SentencePiece tokenizer, and how many of the
+    joined pieces repeat the score of another joined piece.
+
+    llama.cpp starts from the characters of the text and repeatedly joins the adjacent pair
+    whose concatenation is a token of the highest score (the leftmost such pair on a tie).
+    A BPE model does the same with merges ranked in that order: every split (a, b) of every
+    token where a and b are tokens too, ranked by the joined token's score, highest first.
+    Pieces of equal score are ranked by id (lower first), where llama.cpp takes the leftmost
+    pair: the one place where the two can differ (docs/weights.md)."""
+    ids: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        ids[t] = i  # llama.cpp's token-to-id map keeps the last of duplicate texts
+    ranked: list[tuple[float, int, int, str, str]] = []
+    merging: dict[int, float] = {}
+    for piece, i in ids.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], i, k, left, right))
+                merging[i] = scores[i]
+    ranked.sort()
+    seen: set[float] = set()
+    tied = 0
+    for score in merging.values():
+        tied += score in seen
+        seen.add(score)
+    return [(left, right) for *_, left, right in ranked], tied
+
+
+def build_spm_tokenizer(
+    summary: GGUFSummary, meta: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """A SentencePiece vocabulary (`tokenizer.ggml.model = llama`) as the `tokenizers`
+    equivalent of llama.cpp's SPM tokenizer: spaces become "▁" and one is prepended to
+    every stretch of text between special tokens (add_space_prefix), no pre-tokenizer
+    split, BPE merges ranked by the scores (spm_merges), characters outside the vocabulary
+    as <0xXX> byte tokens; control and unknown tokens special, user-defined ones always
+    matched in the text, as llama.cpp does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    tokens: list[str] = [str(t) for t in meta["tokenizer.ggml.tokens"]]
+    raw_scores = meta.get("tokenizer.ggml.scores")
+    try:
+        scores = [float(x) for x in raw_scores] if raw_scores is not None else [0.0] * len(tokens)
+    except (TypeError, ValueError):
+        raise GGUFError(f"{summary.path}: the GGUF's token scores are not numbers") from None
+    if len(scores) != len(tokens):
+        raise GGUFError(f"{summary.path}: {len(scores)} token scores for {len(tokens)} tokens")
+    types = _token_types(summary, meta, len(tokens))
+    merges, tied = spm_merges(tokens, scores)
+    if tied:
+        log.warning(
+            "%s: %d SentencePiece pieces share a score with another; equal-score pieces "
+            "are merged in id order (the trained order when the scores were lost), where "
+            "llama.cpp joins the leftmost pair first: texts may split differently",
+            summary.path.name,
+            tied,
+        )
+
+    def token_at(key: str) -> str | None:
+        i = _meta_int(meta, key, -1)
+        return tokens[i] if 0 <= i < len(tokens) else None
+
+    unk = token_at("tokenizer.ggml.unknown_token_id")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True,
+            ignore_merges=False,
+        )
+    )  # fmt: skip
+    prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", True)
+    steps: list[Any] = [normalizers.Prepend(SPM_SPACE)] if prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPM_SPACE)])
+    decode: list[Any] = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        decode.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(decode)
+    tok.add_tokens(
+        [
+            AddedToken(t, special=ty != TOKEN_USER_DEFINED, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if t and ty in (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED)
+        ]
+    )
+    # llama.cpp's defaults for SentencePiece vocabularies: BOS added, EOS not.
+    add_bos = _flag(meta, "tokenizer.ggml.add_bos_token", True)
+    add_eos = _flag(meta, "tokenizer.ggml.add_eos_token", False)
+    bos = token_at("tokenizer.ggml.bos_token_id")
+    eos = token_at("tokenizer.ggml.eos_token_id")
+    around = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on and t is not None]
+    if around:
+        first = [bos] if add_bos and bos is not None else []
+        last = [eos] if add_eos and eos is not None else []
+        tok.post_processor = processors.TemplateProcessing(
+            single=[*first, "$A", *last],
+            pair=[*first, "$A", *last, *first, "$B:1", *last],
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(around)],
+        )
+    eos_ids = end_of_turn_ids(meta)
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": _meta_int(meta, f"{summary.architecture}.context_length", 4096),
+        "bos_token": bos,
+        "eos_token": tokens[eos_ids[0]] if eos_ids and eos_ids[0] < len(tokens) else None,
+        "unk_token": unk,
+        "pad_token": token_at("tokenizer.ggml.padding_token_id"),
+        "add_bos_token": add_bos and bos is not None,
+        "add_eos_token": add_eos and eos is not None,
+        "clean_up_tokenization_spaces": False,
+    }
+    template = meta.get("tokenizer.chat_template")
+    if isinstance(template, str) and template:
+        config["chat_template"] = template
+    return tok, config

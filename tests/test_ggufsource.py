@@ -139,7 +139,7 @@ def _write_gguf(path: Path, arch: str, tensor_type: str = "F32", tokenizer: str 
     [
         (lambda p: _write_gguf(p, "gemma2"), "architecture 'gemma2' is not supported"),
         (lambda p: _write_gguf(p, "llama", "IQ4_NL"), "tensor type(s) IQ4_NL are not supported"),
-        (lambda p: _write_gguf(p, "llama", tokenizer="llama"), "SentencePiece"),
+        (lambda p: _write_gguf(p, "llama", tokenizer="bert"), "tokenizer model 'bert' is not supported"),
         (lambda p: p.write_bytes(b"GGUF" + bytes(range(256)) * 4), "not a readable GGUF"),
         (lambda p: p.write_bytes(b"not a gguf at all"), "not a readable GGUF"),
     ],
