@@ -258,13 +258,18 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.NodeInfo:
         total, avail = hardware.memory()
+        live = self.hw.devices
+        if any(d.kind == "cuda" for d in live):
+            live = await asyncio.to_thread(hardware.live_devices, live)  # NVML blocks
+        else:
+            live = hardware.live_devices(live)
         devices = [
             pb.DeviceInfo(
                 index=d.index,
                 name=d.name,
                 kind=d.kind,
                 mem_total_bytes=d.mem_total_bytes,
-                mem_free_bytes=avail if d.kind in ("cpu", "metal") else d.mem_free_bytes,
+                mem_free_bytes=d.mem_free_bytes,
                 pcie=pb.PcieInfo(
                     gen=d.pcie_gen,
                     width=d.pcie_width,
@@ -274,8 +279,10 @@ class NodeService(pb_grpc.NodeServicer):
                 if d.kind == "cuda"
                 else None,
                 compute_dtype=computedtype.policy(),
+                mem_source=d.mem_source,
+                runs_stages=d.runs_stages,
             )
-            for d in self.hw.devices
+            for d in live
         ]
         return pb.NodeInfo(
             node_id=self.config.node_id,
