@@ -146,7 +146,9 @@ def test_cuda_probe_takes_each_gpus_memory_from_nvml(
     assert [d.index for d in hw.devices] == [0, 1, 2]
 
 
-def test_cuda_probe_matches_by_pci_bus_id_when_uuids_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_probe_matches_by_pci_bus_id_when_uuids_differ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     fake = fake_pynvml([gpu("A", "GPU-1111", mem=mem(12 * GIB, 11 * GIB))])
     fake.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=b"00000000:65:00.0")  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pynvml", fake)
