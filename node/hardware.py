@@ -18,6 +18,7 @@ figures (GetInfo does, on every call)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -103,10 +104,17 @@ def parse_vm_stat(text: str) -> int | None:
     return (pages["Pages free"] + pages.get("Pages inactive", 0)) * int(page.group(1))
 
 
-def _darwin_memory() -> tuple[int, int] | None:
+@functools.cache
+def _darwin_total() -> int | None:
     try:
-        total = int(_run(["sysctl", "-n", "hw.memsize"]).strip())
+        return int(_run(["sysctl", "-n", "hw.memsize"]).strip())
     except ValueError:
+        return None
+
+
+def _darwin_memory() -> tuple[int, int] | None:
+    total = _darwin_total()
+    if total is None:
         return None
     avail = parse_vm_stat(_run(["vm_stat"]))
     if avail is None:
@@ -230,13 +238,14 @@ def probe() -> Hardware:
     )
 
 
-def live_devices(devices: Sequence[Device]) -> tuple[Device, ...]:
+def live_devices(
+    devices: Sequence[Device], host: tuple[int, int] | None = None
+) -> tuple[Device, ...]:
     """The same devices with their memory read again: NVML per CUDA GPU (one NVML session
-    for all of them), the Metal working set, the host's memory for a CPU device. A figure
-    that cannot be read again keeps its last value. NVML may block for milliseconds: call
-    this off the event loop when CUDA devices are listed."""
+    for all of them), the Metal working set, the host's memory (`host`, else read now) for a
+    CPU device. A figure that cannot be read again keeps its last value. NVML and macOS's
+    vm_stat take milliseconds: call this off the event loop."""
     out: list[Device] = []
-    host: tuple[int, int] | None = None
     gpus_by_uuid: dict[str, Any] | None = None
     for d in devices:
         if d.kind == "cuda" and d.mem_source == MEM_NVML:

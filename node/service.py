@@ -254,15 +254,15 @@ class NodeService(pb_grpc.NodeServicer):
 
     # ----- RPCs ----------------------------------------------------------------------------
 
+    def _memory_now(self) -> tuple[int, int, tuple[hardware.Device, ...]]:
+        """Host memory and every device's memory, read now (NVML, vm_stat: milliseconds)."""
+        total, avail = hardware.memory()
+        return total, avail, hardware.live_devices(self.hw.devices, (total, avail))
+
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.NodeInfo:
-        total, avail = hardware.memory()
-        live = self.hw.devices
-        if any(d.kind == "cuda" for d in live):
-            live = await asyncio.to_thread(hardware.live_devices, live)  # NVML blocks
-        else:
-            live = hardware.live_devices(live)
+        total, avail, live = await asyncio.to_thread(self._memory_now)
         devices = [
             pb.DeviceInfo(
                 index=d.index,

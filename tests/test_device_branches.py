@@ -20,6 +20,7 @@ import mlx.core as mx
 import pytest
 
 from coordinator import session
+from coordinator.dashboard.state import NodeTarget, node_view
 from node import devicebench, hardware, nvml
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node.service import NodeConfig, NodeService
@@ -97,12 +98,15 @@ def test_vm_stat_available_is_free_plus_inactive() -> None:
 
 
 @pytest.fixture
-def macos(monkeypatch: pytest.MonkeyPatch) -> None:
+def macos(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A Mac with 64 GiB: sysctl and vm_stat answer; there is no /proc/meminfo."""
     answers = {"sysctl": f"{64 * GIB}\n", "vm_stat": VM_STAT}
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(hardware, "_run", lambda argv: answers[argv[0]])
     monkeypatch.setattr(hardware, "_meminfo", lambda: pytest.fail("read /proc/meminfo on a Mac"))
+    hardware._darwin_total.cache_clear()  # sysctl's total is read once per process
+    yield
+    hardware._darwin_total.cache_clear()
 
 
 @pytest.mark.usefixtures("macos")
@@ -118,7 +122,9 @@ def test_macos_without_vm_stat_falls_back_and_says_so(
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(hardware, "_run", lambda argv: "")
     monkeypatch.setattr(hardware, "_warned_fallback", False)
+    hardware._darwin_total.cache_clear()
     total, avail = hardware.memory()
+    hardware._darwin_total.cache_clear()
     assert total == avail > 0
     assert "reporting all of it as free" in caplog.text
 
@@ -208,6 +214,13 @@ def test_get_info_reads_each_gpus_memory_again(
     )  # fmt: skip
     assert (b.mem_total_bytes, b.mem_free_bytes, b.runs_stages) == (8 * GIB, 8 * GIB, False)
     assert (b.pcie.gen, b.pcie.width) == (1, 4)
+    # The dashboard shows the same per-device figures.
+    view = node_view(NodeTarget("n", "127.0.0.1:1"), info, 0.001)
+    assert [d.to_json() for d in view.devices][0] == {
+        "index": 0, "name": "NVIDIA GeForce RTX 3090", "kind": "cuda",
+        "mem_total_bytes": 24 * GIB, "mem_free_bytes": 4 * GIB, "mem_used_bytes": 20 * GIB,
+        "mem_source": "nvml", "runs_stages": True,
+    }  # fmt: skip
 
 
 def test_get_info_on_this_machine_names_its_stage_device(tmp_path: Path) -> None:
