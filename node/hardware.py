@@ -18,7 +18,6 @@ figures (GetInfo does, on every call)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -104,12 +103,17 @@ def parse_vm_stat(text: str) -> int | None:
     return (pages["Pages free"] + pages.get("Pages inactive", 0)) * int(page.group(1))
 
 
-@functools.cache
+_darwin_total_bytes = 0  # sysctl's answer, once it gave one: it does not change
+
+
 def _darwin_total() -> int | None:
-    try:
-        return int(_run(["sysctl", "-n", "hw.memsize"]).strip())
-    except ValueError:
-        return None
+    global _darwin_total_bytes
+    if not _darwin_total_bytes:
+        try:
+            _darwin_total_bytes = int(_run(["sysctl", "-n", "hw.memsize"]).strip())
+        except ValueError:
+            return None
+    return _darwin_total_bytes
 
 
 def _darwin_memory() -> tuple[int, int] | None:

@@ -104,9 +104,8 @@ def macos(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(hardware, "_run", lambda argv: answers[argv[0]])
     monkeypatch.setattr(hardware, "_meminfo", lambda: pytest.fail("read /proc/meminfo on a Mac"))
-    hardware._darwin_total.cache_clear()  # sysctl's total is read once per process
+    monkeypatch.setattr(hardware, "_darwin_total_bytes", 0)  # read once per process
     yield
-    hardware._darwin_total.cache_clear()
 
 
 @pytest.mark.usefixtures("macos")
@@ -122,9 +121,8 @@ def test_macos_without_vm_stat_falls_back_and_says_so(
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(hardware, "_run", lambda argv: "")
     monkeypatch.setattr(hardware, "_warned_fallback", False)
-    hardware._darwin_total.cache_clear()
+    monkeypatch.setattr(hardware, "_darwin_total_bytes", 0)
     total, avail = hardware.memory()
-    hardware._darwin_total.cache_clear()
     assert total == avail > 0
     assert "reporting all of it as free" in caplog.text
 
