@@ -10,7 +10,7 @@ LLAMA_STAMP := $(VENV)/.llama-rpc
 LLAMA_VERSION := 0.3.36
 export CMAKE_ARGS := -DGGML_RPC=ON
 
-.PHONY: install proto test test-deps test-fast demo bench validate-planner lint clean
+.PHONY: install proto test test-deps test-fast demo bench device-check validate-planner lint clean
 
 install: $(STAMP) $(LLAMA_STAMP)
 
@@ -53,6 +53,14 @@ demo: install
 
 bench: install
 	$(VENV)/bin/coordinator bench-suite --out bench/results/latest.json
+
+# One prepared run on a machine with NVIDIA GPUs: NVML inventory, nodes per GPU, the device
+# bench, a 2-stage pipeline against mlx_lm, the real model's tokens/s and llama.cpp on the
+# same GGUF, as one JSON report (docs/hardware-runs.md). DRY=1: every part on whatever MLX
+# drives here (the CPU on a build machine), small sizes, no GPU needed.
+DEVICE_CHECK_OUT ?= device-check
+device-check: install
+	$(PY) -m coordinator.lab.devicecheck --out $(DEVICE_CHECK_OUT) $(if $(DRY),--dry-run)
 
 # Refit the planner's live constants (coordinator/data/calibration.csv) from calibration plans,
 # then compare predicted with measured decode time and TTFT over the validation plans

@@ -107,6 +107,9 @@ class DeviceFigures:
     note: str
     # How the node computes half-precision weights on it (GetInfo): "float32" or "native".
     compute_dtype: str = "native"
+    # Where the memory figures come from (DeviceInfo.mem_source): "nvml", "mlx",
+    # "metal-working-set" or "os"; "" from a node that does not say.
+    mem_source: str = ""
 
     @property
     def usable(self) -> bool:
@@ -129,7 +132,7 @@ class DeviceFigures:
             mem_free_bytes=m.mem_free_bytes, stream_gbs=m.stream_gbs,
             stream_by_dtype=tuple((s.dtype, s.gbs) for s in m.stream_by_dtype),
             matmul_tflops=m.matmul_tflops, pcie=pcie, unified_memory=m.unified_memory,
-            note=m.note,
+            note=m.note, mem_source=m.mem_source,
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -146,6 +149,7 @@ class DeviceFigures:
             "pcie": self.pcie.to_json() if self.pcie is not None else None,
             "note": self.note,
             "compute_dtype": self.compute_dtype,
+            "mem_source": self.mem_source,
         }
 
 
@@ -396,6 +400,7 @@ def _node_figures(
                 pcie=None,
                 unified_memory=d.kind == "metal",
                 note="not measured",
+                mem_source=d.mem_source,
             )  # fmt: skip
             for d in info.devices
         )

@@ -104,18 +104,29 @@ async def node_infos(records: list[NodeRecord]) -> dict[str, Any]:
     return {r.node_id: i for r, i in zip(records, infos, strict=True)}
 
 
+def stage_device_free(info: Any) -> int:
+    """Free bytes of the device a node's stages run on (NodeInfo.devices[*].runs_stages; a node
+    that does not say, from before that field, runs them on its first device)."""
+    devices = list(info.devices)
+    if not devices:
+        return 0
+    chosen = next((d for d in devices if d.runs_stages), devices[0])
+    return int(chosen.mem_free_bytes)
+
+
 async def memory_plan(
     model: ModelInfo, records: list[NodeRecord], max_stages: int | None = None
 ) -> Plan:
-    """Contiguous layer ranges proportional to each node's free memory (the placement used
-    until measurements are available; the planner replaces it)."""
+    """Contiguous layer ranges proportional to the free memory of the device each node runs
+    its stage on (the placement used until measurements are available; the planner replaces
+    it). A PC's other GPUs do not count: its one stage cannot use their memory."""
     if not records:
         raise SessionError("no nodes to place the model on")
     records = sorted(records, key=lambda r: (r.name, r.node_id))[: max_stages or len(records)]
     if len(records) > model.num_layers:
         records = records[: model.num_layers]
     infos = await node_infos(records)
-    free = [max(1, sum(d.mem_free_bytes for d in infos[r.node_id].devices)) for r in records]
+    free = [max(1, stage_device_free(infos[r.node_id])) for r in records]
     ranges = split_by_weights(model.num_layers, [float(f) for f in free])
     stages = tuple(
         Stage(node_id=r.node_id, node_name=r.name, address=r.address, start=s, end=e)

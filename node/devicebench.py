@@ -11,11 +11,15 @@ Per device (the MLX device stages run on):
   compute-bound there, so caches do not flatter it, and the note says so.
 - matmul throughput: a square matmul in the first floating dtype requested, its size grown
   until one product takes >= 20 ms; 2 n^3 / median time.
-- memory: total and free, from MLX (CUDA, Metal) or the OS (CPU).
+- memory: total and free per device (node/hardware.py): NVML for a CUDA GPU (MLX's figure
+  where NVML cannot read it), MLX's recommended working set and the OS's available memory
+  for Metal, the OS for a CPU; `mem_source` says which.
 - NVIDIA GPUs: NVML PCIe generation and width (current and maximum) and what they imply,
   plus host->device and device->host copies through MLX at sizes 4 KiB .. 64 MiB, fitted
-  to time = latency + bytes / bandwidth (node/linkfit.py). Where MLX has no CUDA backend
-  the NVML figures are reported and the copies are not measured (the note says so).
+  to time = latency + bytes / bandwidth (node/linkfit.py). NVML is read for each GPU right
+  after its own copies, while its link is still trained up (an idle GPU drops to a lower
+  PCIe generation to save power). Where MLX has no CUDA backend the NVML figures are
+  reported and the copies are not measured (the note says so).
 - Apple Silicon: one device with `unified_memory` set: there is no host<->device copy.
 Per node: host memory copy bandwidth (numpy copy of the buffer; bytes copied per second).
 
@@ -30,6 +34,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -317,8 +322,8 @@ def _measure_cpu(
     reply: pb.MeasureDevicesReply, dtypes: list[str], buffer_bytes: int, total: int, avail: int
 ) -> None:
     msg = pb.DeviceMeasurement(index=0, name=_cpu_name(), kind="cpu", mem_total_bytes=total,
-                               mem_free_bytes=avail)  # fmt: skip
-    with mx.stream(mx.cpu):
+                               mem_free_bytes=avail, mem_source=hardware.MEM_OS)  # fmt: skip
+    with _on(mx.cpu):
         notes = _timed_device(dtypes, _fit_buffer(buffer_bytes, avail), msg)
     gpus, status = nvml.read_gpus()
     if gpus:
@@ -329,7 +334,8 @@ def _measure_cpu(
         for gpu in gpus:
             reply.devices.append(pb.DeviceMeasurement(
                 index=gpu.index, name=gpu.name, kind="cuda", mem_total_bytes=gpu.mem_total_bytes,
-                mem_free_bytes=gpu.mem_free_bytes, pcie=_pcie_message(gpu, None),
+                mem_free_bytes=gpu.mem_free_bytes, mem_source=hardware.MEM_NVML,
+                pcie=_pcie_message(gpu, None),
                 note="; ".join(x for x in (NO_CUDA_NOTE, _pcie_note(gpu)) if x),
             ))  # fmt: skip
         return
@@ -338,18 +344,22 @@ def _measure_cpu(
     reply.devices.append(msg)
 
 
+def _on(device: mx.Device | mx.DeviceType) -> Any:
+    """The MLX stream context for `device` (a seam: tests without a GPU replace it)."""
+    return mx.stream(device)
+
+
 def _measure_metal(
     reply: pb.MeasureDevicesReply, dtypes: list[str], buffer_bytes: int, total: int, avail: int
 ) -> None:
-    info = mx.device_info()
-    mem_total = int(info.get("memory_size", total))
-    working_set = int(info.get("max_recommended_working_set_size", mem_total))
-    free = max(0, min(avail, working_set - mx.get_active_memory()))
+    info = dict(mx.device_info())
+    ws_total, free = hardware.metal_memory(avail, info, int(mx.get_active_memory()))
     msg = pb.DeviceMeasurement(
         index=0, name=f"Apple {info.get('architecture', hardware.probe().cpu)}", kind="metal",
-        mem_total_bytes=mem_total, mem_free_bytes=free, unified_memory=True,
+        mem_total_bytes=ws_total, mem_free_bytes=free, unified_memory=True,
+        mem_source=hardware.MEM_METAL,
     )  # fmt: skip
-    with mx.stream(mx.gpu):
+    with _on(mx.gpu):
         notes = _timed_device(dtypes, _fit_buffer(buffer_bytes, free), msg)
     msg.note = "; ".join(["unified memory: CPU and GPU share it, no host<->device copy", *notes])
     reply.devices.append(msg)
@@ -357,39 +367,40 @@ def _measure_metal(
 
 
 def _measure_cuda(reply: pb.MeasureDevicesReply, dtypes: list[str], buffer_bytes: int) -> None:
-    count = mx.device_count(mx.gpu)
-    timed_uuids: set[str] = set()
-    copies: dict[str, CopyRates] = {}
-    results: list[tuple[dict[str, str | int], pb.DeviceMeasurement, list[str]]] = []
+    """Each GPU in MLX's order: its timings, its copies, then NVML for that GPU at once (the
+    link has just been busy, so it shows its working speed; its memory is the driver's)."""
+    count = int(mx.device_count(mx.gpu))
+    matched: set[str] = set()
+    problems: list[str] = []
     for i in range(count):
         device = mx.Device(mx.gpu, i)
-        info = mx.device_info(device)
+        info = dict(mx.device_info(device))
         free = int(info.get("free_memory", 0))
         msg = pb.DeviceMeasurement(
             index=i, name=str(info.get("device_name", f"CUDA GPU {i}")), kind="cuda",
             mem_total_bytes=int(info.get("total_memory", info.get("memory_size", 0))),
-            mem_free_bytes=free,
+            mem_free_bytes=free, mem_source=hardware.MEM_MLX,
         )  # fmt: skip
-        with mx.stream(device):
+        with _on(device):
             notes = _timed_device(dtypes, _fit_buffer(buffer_bytes, free), msg)
+        rates = copy_rates(device)
         uuid = str(info.get("uuid", ""))
-        copies[uuid] = copy_rates(device)
-        results.append((info, msg, notes))
-    # NVML after the copies: the link has just been busy, so it shows its working speed.
-    gpus, status = nvml.read_gpus()
-    by_uuid = {g.uuid: g for g in gpus}
-    for info, msg, notes in results:
-        uuid = str(info.get("uuid", ""))
-        gpu = by_uuid.get(uuid)
+        gpu, why = nvml.read_gpu(uuid, str(info.get("pci_bus_id", "")))
         if gpu is not None:
-            timed_uuids.add(uuid)
-            msg.pcie.CopyFrom(_pcie_message(gpu, copies.get(uuid)))
+            matched.add(gpu.uuid)
+            msg.name = gpu.name
+            msg.mem_total_bytes = gpu.mem_total_bytes
+            msg.mem_free_bytes = gpu.mem_free_bytes
+            msg.mem_source = hardware.MEM_NVML
+            msg.pcie.CopyFrom(_pcie_message(gpu, rates))
             notes = [*notes, _pcie_note(gpu)]
         else:
-            notes = [*notes, f"not matched to an NVML GPU ({status or 'uuid unknown'})"]
+            msg.pcie.CopyFrom(_pcie_message(nvml.GpuInfo(i, msg.name, uuid, 0, 0), rates))
+            notes = [*notes, f"not matched to an NVML GPU ({why})"]
+            problems.append(f"GPU {i}: {why}")
         msg.note = "; ".join(n for n in notes if n)
         reply.devices.append(msg)
-    hidden = [g for g in gpus if g.uuid not in timed_uuids]
-    reply.nvml_status = status or f"{len(gpus)} NVIDIA GPU(s), {count} visible to MLX"
-    for gpu in hidden:
-        log.debug("GPU %d (%s) is not visible to MLX in this process", gpu.index, gpu.name)
+    status = "; ".join(problems)
+    reply.nvml_status = (
+        status or f"{len(matched)} NVIDIA GPU(s) read by NVML, {count} visible to MLX"
+    )

@@ -8,12 +8,15 @@ GPU's PCIe figures, not the whole list.
 PCIe figures: NVML reports the link's *current* generation and width, which a GPU lowers
 when idle to save power, and the *maximum* the GPU and its slot can train to. Read them
 while the GPU is busy (node/devicebench.py does, right after its copies) for the figure a
-stage will see.
+stage will see. `read_gpu` reads one GPU, found by UUID (or PCI bus id), for exactly that:
+the bench calls it right after that GPU's own copies, not after every GPU is timed.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -50,6 +53,7 @@ class GpuInfo:
     pcie_width: int = 0
     pcie_max_gen: int = 0
     pcie_max_width: int = 0
+    pci_bus_id: str = ""
 
     @property
     def pcie_theoretical_gbs(self) -> float:
@@ -79,6 +83,32 @@ def _optional_int(nv: ModuleType, fn_name: str, handle: Any) -> int:
         return 0
 
 
+def uuid_key(uuid: str) -> str:
+    """A GPU UUID as NVML ("GPU-8d3f...") and CUDA/MLX (with or without the prefix) write it."""
+    u = uuid.strip().lower()
+    return u[4:] if u.startswith("gpu-") else u
+
+
+def bus_key(bus_id: str) -> str:
+    """A PCI bus id as NVML ("00000000:65:00.0") and CUDA ("0000:65:00.0") write it."""
+    b = bus_id.strip().lower()
+    if b.count(":") == 2:
+        domain, rest = b.split(":", 1)
+        return f"{int(domain, 16) if domain else 0:x}:{rest}"
+    return b
+
+
+def _bus_id(nv: ModuleType, handle: Any) -> str:
+    fn = getattr(nv, "nvmlDeviceGetPciInfo", None)
+    if fn is None:
+        return ""
+    try:
+        return _text(getattr(fn(handle), "busId", ""))
+    except nv.NVMLError as e:
+        log.debug("NVML nvmlDeviceGetPciInfo failed: %s", e)
+        return ""
+
+
 def _read_one(nv: ModuleType, index: int) -> GpuInfo:
     handle = nv.nvmlDeviceGetHandleByIndex(index)
     mem = nv.nvmlDeviceGetMemoryInfo(handle)
@@ -92,23 +122,43 @@ def _read_one(nv: ModuleType, index: int) -> GpuInfo:
         pcie_width=_optional_int(nv, "nvmlDeviceGetCurrPcieLinkWidth", handle),
         pcie_max_gen=_optional_int(nv, "nvmlDeviceGetMaxPcieLinkGeneration", handle),
         pcie_max_width=_optional_int(nv, "nvmlDeviceGetMaxPcieLinkWidth", handle),
+        pci_bus_id=_bus_id(nv, handle),
     )
+
+
+@contextmanager
+def _session() -> Iterator[tuple[ModuleType | None, str]]:
+    """NVML initialised for the block (module, ""), or (None, why not); shut down after."""
+    nv, why = _load()
+    if nv is None:
+        yield None, why
+        return
+    failed = ""
+    try:
+        nv.nvmlInit()
+    except nv.NVMLError as e:
+        failed = f"NVML not available: {_text(e)} (no NVIDIA driver on this machine?)"
+    except OSError as e:  # a broken driver install can surface as a loader error
+        failed = f"NVML not available: {e}"
+    if failed:
+        yield None, failed
+        return
+    try:
+        yield nv, ""
+    finally:
+        try:
+            nv.nvmlShutdown()
+        except nv.NVMLError as e:
+            log.debug("nvmlShutdown failed: %s", e)
 
 
 def read_gpus() -> tuple[list[GpuInfo], str]:
     """Every NVIDIA GPU NVML lists, and a note: why the list is empty, or what went wrong.
 
     Never raises for a missing driver or library."""
-    nv, why = _load()
-    if nv is None:
-        return [], why
-    try:
-        nv.nvmlInit()
-    except nv.NVMLError as e:
-        return [], f"NVML not available: {_text(e)} (no NVIDIA driver on this machine?)"
-    except OSError as e:  # a broken driver install can surface as a loader error
-        return [], f"NVML not available: {e}"
-    try:
+    with _session() as (nv, why):
+        if nv is None:
+            return [], why
         try:
             count = int(nv.nvmlDeviceGetCount())
         except nv.NVMLError as e:
@@ -124,8 +174,30 @@ def read_gpus() -> tuple[list[GpuInfo], str]:
             return [], "NVML found no NVIDIA GPU"
         note = "; ".join(problems)
         return gpus, (f"NVML could not read {note}" if note else "")
-    finally:
+
+
+def read_gpu(uuid: str, pci_bus_id: str = "") -> tuple[GpuInfo | None, str]:
+    """The one GPU with this UUID (or, failing that, this PCI bus id), read now; else None and
+    why. For a figure taken right after that GPU was busy (its PCIe link is then trained up)."""
+    want_uuid, want_bus = uuid_key(uuid), bus_key(pci_bus_id)
+    if not want_uuid and not want_bus:
+        return None, "no UUID or PCI bus id to find the GPU by"
+    with _session() as (nv, why):
+        if nv is None:
+            return None, why
         try:
-            nv.nvmlShutdown()
+            count = int(nv.nvmlDeviceGetCount())
         except nv.NVMLError as e:
-            log.debug("nvmlShutdown failed: %s", e)
+            return None, f"NVML cannot count GPUs: {_text(e)}"
+        for i in range(count):
+            try:
+                handle = nv.nvmlDeviceGetHandleByIndex(i)
+                same_uuid = (
+                    bool(want_uuid) and uuid_key(_text(nv.nvmlDeviceGetUUID(handle))) == want_uuid
+                )
+                same_bus = bool(want_bus) and bus_key(_bus_id(nv, handle)) == want_bus
+                if same_uuid or same_bus:
+                    return _read_one(nv, i), ""
+            except nv.NVMLError as e:
+                log.debug("NVML GPU %d: %s", i, e)
+        return None, f"NVML lists no GPU with UUID {uuid or '?'} / bus {pci_bus_id or '?'}"

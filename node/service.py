@@ -254,17 +254,22 @@ class NodeService(pb_grpc.NodeServicer):
 
     # ----- RPCs ----------------------------------------------------------------------------
 
+    def _memory_now(self) -> tuple[int, int, tuple[hardware.Device, ...]]:
+        """Host memory and every device's memory, read now (NVML, vm_stat: milliseconds)."""
+        total, avail = hardware.memory()
+        return total, avail, hardware.live_devices(self.hw.devices, (total, avail))
+
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.NodeInfo:
-        total, avail = hardware.memory()
+        total, avail, live = await asyncio.to_thread(self._memory_now)
         devices = [
             pb.DeviceInfo(
                 index=d.index,
                 name=d.name,
                 kind=d.kind,
                 mem_total_bytes=d.mem_total_bytes,
-                mem_free_bytes=avail if d.kind in ("cpu", "metal") else d.mem_free_bytes,
+                mem_free_bytes=d.mem_free_bytes,
                 pcie=pb.PcieInfo(
                     gen=d.pcie_gen,
                     width=d.pcie_width,
@@ -274,8 +279,10 @@ class NodeService(pb_grpc.NodeServicer):
                 if d.kind == "cuda"
                 else None,
                 compute_dtype=computedtype.policy(),
+                mem_source=d.mem_source,
+                runs_stages=d.runs_stages,
             )
-            for d in self.hw.devices
+            for d in live
         ]
         return pb.NodeInfo(
             node_id=self.config.node_id,

@@ -22,6 +22,7 @@ import pytest
 from coordinator.api import ApiState, create_app
 from coordinator.dashboard.state import NodeMonitor, NodeTarget, build_state, links_of
 from coordinator.metrics import ServingMetrics
+from node import hardware
 from tests.test_api import CoordinatorProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -135,7 +136,8 @@ def test_node_monitor_sees_live_and_dead_nodes(local_cluster: Any) -> None:
         live, dead = views[:-1], views[-1]
         assert [v.name for v in live] == [n.name for n in local_cluster.nodes]
         assert all(v.reachable and v.devices and v.mem_total_bytes > 0 for v in live)
-        assert all(v.backend == "cpu" for v in live)
+        assert all(v.backend == hardware.mlx_backend() for v in live)
+        assert all(sum(d.runs_stages for d in v.devices) == 1 for v in live)
         assert not dead.reachable and dead.error
         state = build_state("m", None, metrics, views)
         assert [n["reachable"] for n in state["nodes"]] == [True, True, True, False]  # type: ignore[index]
@@ -211,7 +213,7 @@ def test_dashboard_in_chromium(
                 card = page.locator(f'.node[data-node="{n.name}"]')
                 expect(card).to_be_visible()
                 expect(card).to_contain_text(n.address)
-                expect(card).to_contain_text("cpu")
+                expect(card).to_contain_text(hardware.mlx_backend())
                 expect(card).to_contain_text("free")
             segments = page.locator(".plan-seg")
             expect(segments).to_have_count(len(stages))

@@ -1,5 +1,6 @@
-"""Device timing on this machine's CPU, checked against an independent timing, and the
-NVIDIA paths that can run without a GPU."""
+"""Device timing on this machine's own device (whatever MLX drives here: CPU, Metal or CUDA),
+checked against an independent timing, and the NVIDIA paths that can run without a GPU. The
+CUDA and Metal branches with fakes of the driver calls: tests/test_device_branches.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from node import devicebench, nvml
+from node import devicebench, hardware, nvml
 from node._proto.layerlink.v1 import node_pb2 as pb
 
 
@@ -39,7 +40,7 @@ def test_stream_bandwidth_agrees_with_an_independent_linear_layer_timing() -> No
         before = linear_layer_gbs()
         reply = devicebench.measure_devices(pb.MeasureDevicesRequest(dtypes=["float32"]))
         after = linear_layer_gbs()
-        (device,) = reply.devices
+        device = reply.devices[0]  # the device stages run on (NVML-only GPUs follow it)
         reference = max(before, after)
         seen.append((device.stream_gbs, before, after))
         print(f"stream {device.stream_gbs:.2f} GB/s, linear layer {before:.2f} / {after:.2f} GB/s")
@@ -48,19 +49,25 @@ def test_stream_bandwidth_agrees_with_an_independent_linear_layer_timing() -> No
     raise AssertionError(f"stream vs linear-layer GB/s never within 25%: {seen}")
 
 
-def test_cpu_node_reply() -> None:
+def test_node_reply_describes_this_machine() -> None:
+    """Whatever this machine is: MLX's backend decides the device kind, and each kind carries
+    what it has (PCIe for CUDA, unified memory for Metal, neither for a CPU)."""
+    backend = hardware.mlx_backend()
     request = pb.MeasureDevicesRequest(dtypes=["bfloat16", "q8"], buffer_bytes=64 << 20)
     reply = devicebench.measure_devices(request)
-    (device,) = reply.devices
-    assert device.kind == "cpu" and device.name
-    assert 0 < device.mem_free_bytes <= device.mem_total_bytes
-    assert [s.dtype for s in device.stream_by_dtype] == ["bfloat16", "q8"]
-    assert all(s.gbs > 0 for s in device.stream_by_dtype)
-    assert device.stream_gbs == device.stream_by_dtype[0].gbs
-    assert device.matmul_tflops > 0
-    assert not device.HasField("pcie") and not device.unified_memory
+    timed = [d for d in reply.devices if d.stream_gbs > 0]
+    assert timed and all(d.kind == backend and d.name for d in timed)
+    for device in timed:
+        assert 0 < device.mem_free_bytes <= device.mem_total_bytes
+        assert device.mem_source
+        assert [s.dtype for s in device.stream_by_dtype] == ["bfloat16", "q8"]
+        assert all(s.gbs > 0 for s in device.stream_by_dtype)
+        assert device.stream_gbs == device.stream_by_dtype[0].gbs
+        assert device.matmul_tflops > 0
+        assert device.HasField("pcie") == (backend == "cuda")
+        assert device.unified_memory == (backend == "metal")
     assert reply.host_copy_gbs > 0.1
-    if not nvml.read_gpus()[0]:
+    if backend == "cpu" and not nvml.read_gpus()[0]:
         assert reply.nvml_status.startswith("no NVIDIA GPU")
 
 
@@ -81,6 +88,7 @@ def test_nvidia_gpu_without_mlx_cuda_reports_nvml_figures(monkeypatch: pytest.Mo
                        mem_total_bytes=8 << 30, mem_free_bytes=7 << 30, pcie_gen=3,
                        pcie_width=8, pcie_max_gen=3, pcie_max_width=16)  # fmt: skip
     monkeypatch.setattr(nvml, "read_gpus", lambda: ([gpu], ""))
+    monkeypatch.setattr(hardware, "mlx_backend", lambda: "cpu")  # an MLX build without CUDA
     reply = devicebench.measure_devices(
         pb.MeasureDevicesRequest(dtypes=["float32"], buffer_bytes=16 << 20)
     )

@@ -13,6 +13,7 @@ from zeroconf import ServiceInfo
 
 from coordinator.discovery import Browser
 from coordinator.lab.localcluster import LocalCluster
+from node import hardware
 from node.mdns import SERVICE_TYPE, make_zeroconf
 from tests.helpers import wait_until
 
@@ -62,7 +63,7 @@ def test_coordinator_nodes_command(session_dir: Path) -> None:
     with LocalCluster(2, cluster_name, log_dir=session_dir, name_prefix="cli") as cluster:
         listed = nodes_json(cluster_name)
         assert sorted(n["name"] for n in listed) == ["cli0", "cli1"]
-        assert all(n["backend"] == "cpu" and n["address"] for n in listed)
+        assert all(n["backend"] == hardware.mlx_backend() and n["address"] for n in listed)
         cluster.stop_node("cli1")  # its mDNS goodbye goes out before it exits
         listed = nodes_json(cluster_name)
         assert [n["name"] for n in listed] == ["cli0"]

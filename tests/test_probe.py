@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 
 from coordinator.probe import LinkFigures, ProbeResult, link_batches, probe_cluster
+from node import hardware
 from node._proto.layerlink.v1 import node_pb2 as pb
 from node.mdns import NodeRecord
 
@@ -185,10 +186,12 @@ def test_probe_json_on_loopback_nodes(local_cluster: Any) -> None:
     n = len(local_cluster.nodes)
     assert len(doc["nodes"]) == n and len(doc["links"]) == n * (n - 1)
     assert all(lk["same_host"] for lk in doc["links"])  # all on 127.0.0.1
+    backend = hardware.mlx_backend()  # the nodes run this machine's MLX
     for node in doc["nodes"]:
-        (device,) = node["devices"]
-        assert device["kind"] == "cpu" and device["stream_gbs"] > 0
+        device = node["devices"][0]  # the stage device (NVML-only GPUs may follow it)
+        assert device["kind"] == backend and device["stream_gbs"] > 0
         assert list(device["stream_by_dtype"]) == ["float32"]
+        assert device["mem_source"] and 0 < device["mem_free_bytes"] <= device["mem_total_bytes"]
     assert doc["seconds"] < 30
     # Each link was measured on its target's data port (the source node logs where it sent
     # its ECHO frames), not over gRPC.

@@ -38,6 +38,8 @@ class DeviceView:
     kind: str
     mem_total_bytes: int
     mem_free_bytes: int
+    mem_source: str = ""  # DeviceInfo.mem_source: "nvml", "mlx", "metal-working-set", "os"
+    runs_stages: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -47,6 +49,8 @@ class DeviceView:
             "mem_total_bytes": self.mem_total_bytes,
             "mem_free_bytes": self.mem_free_bytes,
             "mem_used_bytes": max(0, self.mem_total_bytes - self.mem_free_bytes),
+            "mem_source": self.mem_source,
+            "runs_stages": self.runs_stages,
         }
 
 
@@ -170,6 +174,8 @@ def node_view(target: NodeTarget, info: Any, rpc_s: float) -> NodeView:
                 kind=d.kind,
                 mem_total_bytes=int(d.mem_total_bytes),
                 mem_free_bytes=int(d.mem_free_bytes),
+                mem_source=d.mem_source,
+                runs_stages=bool(d.runs_stages),
             )
             for d in info.devices
         ),

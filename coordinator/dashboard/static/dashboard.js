@@ -137,8 +137,9 @@ function renderNodes(nodes, plan) {
     for (const d of n.devices) {
       const used = d.mem_used_bytes, total = d.mem_total_bytes || 1;
       card.append(el("div", { class: "row" },
-        el("span", {}, `${d.kind}:${d.index} ${d.name}`),
-        el("span", {}, `${bytes(used)} used · ${bytes(d.mem_free_bytes)} free`)));
+        el("span", {}, `${d.kind}:${d.index} ${d.name}${d.runs_stages ? " · stages" : ""}`),
+        el("span", { title: d.mem_source ? `memory from ${d.mem_source}` : "" },
+          `${bytes(used)} used · ${bytes(d.mem_free_bytes)} free`)));
       const bar = el("div", { class: "mem" }, el("div", { style: `width: ${(100 * used / total).toFixed(1)}%` }));
       card.append(bar);
     }

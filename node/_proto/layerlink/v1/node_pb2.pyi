@@ -41,7 +41,7 @@ class PcieInfo(_message.Message):
     def __init__(self, gen: _Optional[int] = ..., width: _Optional[int] = ..., max_gen: _Optional[int] = ..., max_width: _Optional[int] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("index", "name", "kind", "mem_total_bytes", "mem_free_bytes", "pcie", "compute_dtype")
+    __slots__ = ("index", "name", "kind", "mem_total_bytes", "mem_free_bytes", "pcie", "compute_dtype", "mem_source", "runs_stages")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,8 @@ class DeviceInfo(_message.Message):
     MEM_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PCIE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MEM_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RUNS_STAGES_FIELD_NUMBER: _ClassVar[int]
     index: int
     name: str
     kind: str
@@ -56,7 +58,9 @@ class DeviceInfo(_message.Message):
     mem_free_bytes: int
     pcie: PcieInfo
     compute_dtype: str
-    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., pcie: _Optional[_Union[PcieInfo, _Mapping]] = ..., compute_dtype: _Optional[str] = ...) -> None: ...
+    mem_source: str
+    runs_stages: bool
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., pcie: _Optional[_Union[PcieInfo, _Mapping]] = ..., compute_dtype: _Optional[str] = ..., mem_source: _Optional[str] = ..., runs_stages: _Optional[bool] = ...) -> None: ...
 
 class StageStatus(_message.Message):
     __slots__ = ("plan_id", "model", "start", "end", "first", "last", "active_requests", "weight_bytes", "next_address", "weights_id", "decode_steps", "decode_seconds", "batched_steps", "compute_dtype")
@@ -359,7 +363,7 @@ class StreamRate(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., gbs: _Optional[float] = ...) -> None: ...
 
 class DeviceMeasurement(_message.Message):
-    __slots__ = ("index", "name", "kind", "mem_total_bytes", "mem_free_bytes", "stream_gbs", "stream_by_dtype", "matmul_tflops", "pcie", "unified_memory", "note")
+    __slots__ = ("index", "name", "kind", "mem_total_bytes", "mem_free_bytes", "stream_gbs", "stream_by_dtype", "matmul_tflops", "pcie", "unified_memory", "note", "mem_source")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -371,6 +375,7 @@ class DeviceMeasurement(_message.Message):
     PCIE_FIELD_NUMBER: _ClassVar[int]
     UNIFIED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    MEM_SOURCE_FIELD_NUMBER: _ClassVar[int]
     index: int
     name: str
     kind: str
@@ -382,7 +387,8 @@ class DeviceMeasurement(_message.Message):
     pcie: PcieMeasurement
     unified_memory: bool
     note: str
-    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., stream_gbs: _Optional[float] = ..., stream_by_dtype: _Optional[_Iterable[_Union[StreamRate, _Mapping]]] = ..., matmul_tflops: _Optional[float] = ..., pcie: _Optional[_Union[PcieMeasurement, _Mapping]] = ..., unified_memory: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+    mem_source: str
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., stream_gbs: _Optional[float] = ..., stream_by_dtype: _Optional[_Iterable[_Union[StreamRate, _Mapping]]] = ..., matmul_tflops: _Optional[float] = ..., pcie: _Optional[_Union[PcieMeasurement, _Mapping]] = ..., unified_memory: _Optional[bool] = ..., note: _Optional[str] = ..., mem_source: _Optional[str] = ...) -> None: ...
 
 class MeasureDevicesReply(_message.Message):
     __slots__ = ("devices", "host_copy_gbs", "nvml_status")
