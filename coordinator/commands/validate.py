@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a few held-out plans (the tiny model on loopback nodes, 3 repeats of 32 tokens) "
+        help="a few held-out plans (the tiny model on loopback nodes, 5 repeats of 32 tokens) "
         "with the committed constants; exit 1 when the median decode error is over "
         f"{ACCEPT_QUICK_MEDIAN:.0%} (writes no report unless --out/--docs name one)",
     )
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="validation models (default: tiny small)",
     )
     p.add_argument(
-        "--repeats", type=int, default=None, help="interleaved repeats (default: 5; quick: 3)"
+        "--repeats", type=int, default=None, help="interleaved repeats (default: 5, quick too)"
     )
     p.add_argument(
         "--prompt-tokens", type=int, default=None, help="prompt length (default: 32; quick: 16)"

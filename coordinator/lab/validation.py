@@ -209,10 +209,10 @@ class ValidationSettings:
 
     @staticmethod
     def quick_check(**overrides: Any) -> ValidationSettings:
-        """The quick check's settings: tiny model, loopback, 3 repeats of 32 tokens, no
+        """The quick check's settings: tiny model, loopback, 5 repeats of 32 tokens, no
         report files unless `overrides` name them."""
         base: dict[str, Any] = {
-            "quick": True, "models": ("tiny",), "repeats": 3, "prompt_tokens": 16,
+            "quick": True, "models": ("tiny",), "repeats": 5, "prompt_tokens": 16,
             "gen_tokens": 32, "netns": False, "out_json": None, "docs": None,
             "command": "coordinator validate-planner --quick",
         }  # fmt: skip
@@ -318,15 +318,15 @@ async def measure_cases(request: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-# The in-session device timings stream a 16 MiB weight buffer (products of ~3.5 ms here, the
+# The in-session device timings stream an 8 MiB weight buffer (products of ~1.7 ms here, the
 # length of a decode step over a few layers) rather than the probe's 256 MiB (~55 ms each).
 # On this shared 2-core machine a neighbour's CPU-bound process shares the core fairly with a
 # long product but hardly with short bursts, which the scheduler serves first after a sleep, as
-# it serves decode's: under a load average of 4-12, six 256 MiB timings per node had medians of
-# 1.9-4.0 GB/s (range 0.5-4.7) while 8 MiB timings stayed at 4.6-4.9 and the tiny model's
-# runs decoded at full speed; the figures agree when the core is free (~4.7 GB/s). A matvec on
-# one core is compute-bound at either size here, so the smaller buffer does not flatter it.
-SESSION_BUFFER_BYTES = 16 << 20
+# it serves decode's. Measured (3 pinned nodes, 6 timings each, load average 5 -> 12): 256 MiB
+# medians 1.9, 4.0 and 2.3 GB/s (range 0.5-4.7), 32 MiB 4.7, 3.6, 4.5 (2.3-4.7), 8 MiB 4.8,
+# 4.7, 4.8 (3.8-4.9), while the tiny model's runs decoded at full speed. With the core free
+# the sizes agree within 3% (a float32 matvec on one core is compute-bound here, ~4.7 GB/s).
+SESSION_BUFFER_BYTES = 8 << 20
 
 
 async def device_figures(
