@@ -164,7 +164,7 @@ def show(result: ValidationResult) -> None:
     m = result.machine
     console.text(
         f"load average {(m.get('loadavg_start') or ['?'])[0]} -> "
-        f"{(m.get('loadavg_end') or ['?'])[0]}, {m.get('duration_s', '?')} s, nodes pinned "
+        f"{(m.get('loadavg_end') or ['?'])[0]}, {m.get('duration_s', '?')} s; "
         f"{m.get('cpu_placement', '?')}"
     )
     f = result.decode_first_probe
