@@ -135,6 +135,10 @@ def test_settings_are_checked() -> None:
         ValidationSettings.quick_check(calibrate=True).check()
     with pytest.raises(ValueError, match="tiny"):
         ValidationSettings.quick_check(models=("small",)).check()
+    with pytest.raises(ValueError, match="--fit-clusters"):
+        ValidationSettings(fit_clusters=("wan",)).check()
+    with pytest.raises(ValueError, match="--fit-clusters"):
+        ValidationSettings(fit_clusters=()).check()
     with pytest.raises(ValueError, match="cpu policy"):
         ValidationSettings(cpu_policy="all").check()
     ValidationSettings().check()
@@ -222,7 +226,8 @@ def test_report_keeps_the_fit_set_apart_from_the_held_out_plans() -> None:
     text = validation.report_markdown(doc)
     assert "**Held out (the validation plans; models tiny, which the fit never saw)" in text
     assert "median absolute error 5.0%, worst 10.0%" in text
-    assert "fit set (the 2 calibration plans, models tiny-4L, in sample): median 3.0%" in text
+    assert "fit set (the 2 calibration plans, models tiny-4L on loopback, in sample): " in text
+    assert "in sample): median 3.0%, worst 4.0%" in text
     assert "load average 1.5 -> 2.5" in text and "(10 minutes)" in text
     assert "at commit abc1234" in text
 

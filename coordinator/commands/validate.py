@@ -63,6 +63,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--no-netns", action="store_true", help="skip the namespace-LAN plans (they need root)"
     )
     p.add_argument(
+        "--fit-clusters",
+        nargs="+",
+        default=None,
+        metavar="CLUSTER",
+        help="with --calibrate: the clusters whose calibration plans the constants are fitted "
+        "on, loopback and/or lan (default: loopback; every validation plan is held out)",
+    )
+    p.add_argument(
         "--model-root", type=Path, default=None, help="where the synthetic models are kept"
     )
     p.add_argument(
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "model_root": args.model_root,
+        "fit_clusters": None if args.fit_clusters is None else tuple(args.fit_clusters),
         "command": "coordinator " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if sys.argv[1:2] == ["validate-planner"]
         else "coordinator validate-planner" + (" --quick" if args.quick else ""),
