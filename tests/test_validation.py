@@ -267,3 +267,17 @@ def test_quick_check_predicts_held_out_plans_within_25_percent(tmp_path: Path) -
     )
     assert result.quick_met
     assert (tmp_path / "quick.json").is_file()
+
+
+def test_cli_help_and_bad_combinations(capsys: pytest.CaptureFixture[str]) -> None:
+    from coordinator.main import main
+
+    with pytest.raises(SystemExit) as e:  # the help text has a percentage in it
+        main(["validate-planner", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--fit-clusters" in out and "25%" in out
+    assert main(["validate-planner", "--quick", "--calibrate"]) == 2
+    assert "cannot --calibrate" in capsys.readouterr().err
+    assert main(["validate-planner", "--calibrate", "--fit-clusters", "wan", "--no-docs"]) == 2
+    assert "--fit-clusters" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="a few held-out plans (the tiny model on loopback nodes, 5 repeats of 32 tokens) "
         "with the committed constants; exit 1 when the median decode error is over "
-        f"{ACCEPT_QUICK_MEDIAN:.0%} (writes no report unless --out/--docs name one)",
+        f"{ACCEPT_QUICK_MEDIAN * 100:.0f}%% (writes no report unless --out/--docs name one)",
     )
     p.add_argument(
         "--models",

@@ -214,8 +214,8 @@ class ValidationSettings:
     # The clusters whose calibration plans the constants are fitted on (the validation plans
     # of every cluster are held out). Loopback only by default: at commit dd7d2eb, under a load
     # average of 5-6, the namespace LAN ran even one-stage plans 1.5-2.4x slower than loopback
-    # (a cost no hop term models), and constants fitted on both clusters over-predicted every
-    # loopback plan (median +18%) while under-predicting the LAN's (median -27%).
+    # (a cost no hop term models), and constants fitted on both clusters over-predicted the
+    # loopback plan (median +16%) while under-predicting the LAN's (median -27%).
     fit_clusters: tuple[str, ...] = (LOOPBACK,)
 
     @staticmethod
