@@ -10,7 +10,7 @@ LLAMA_STAMP := $(VENV)/.llama-rpc
 LLAMA_VERSION := 0.3.36
 export CMAKE_ARGS := -DGGML_RPC=ON
 
-.PHONY: install proto test test-deps test-fast demo bench device-check validate-planner lint clean
+.PHONY: install proto test test-deps test-fast demo bench device-check validate-planner validate-quick lint clean
 
 install: $(STAMP) $(LLAMA_STAMP)
 
@@ -67,6 +67,12 @@ device-check: install
 # (docs/planning.md, bench/results/planner-validation.json). Namespace-LAN plans need root.
 validate-planner: install
 	$(VENV)/bin/coordinator validate-planner --calibrate
+
+# A couple of minutes: the tiny model's held-out loopback plans predicted from the committed
+# constants; exit 1 when the median decode error is over 25%. `make test` runs the same check
+# (tests/test_validation.py, marked slow).
+validate-quick: install
+	$(VENV)/bin/coordinator validate-planner --quick
 
 lint: install
 	$(VENV)/bin/ruff check node coordinator tests

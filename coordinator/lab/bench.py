@@ -686,15 +686,25 @@ def gguf_for(model_dir: Path, scratch: Path) -> Path:
 
 @contextlib.contextmanager
 def local_workers(
-    nodes: int, rpc_servers: int, log_dir: Path, rpc_threads: int | None = None
+    nodes: int,
+    rpc_servers: int,
+    log_dir: Path,
+    rpc_threads: int | None = None,
+    cpu_policy: str | None = None,
 ) -> Iterator[tuple[list[NodeRef], list[str]]]:
     """Start `nodes` cluster-node processes and `rpc_servers` ggml RPC servers on 127.0.0.1;
-    stop all of them on exit."""
+    stop all of them on exit. `cpu_policy`: the nodes' placement on the cores (node/cpus.py;
+    default: the local clusters' own)."""
     from coordinator.lab.localcluster import LocalCluster
 
     log_dir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(
-        nodes, f"bench{os.getpid()}", log_dir=log_dir, name_prefix="bench", extra_args=[]
+        nodes,
+        f"bench{os.getpid()}",
+        log_dir=log_dir,
+        name_prefix="bench",
+        extra_args=[],
+        cpu_policy=cpu_policy,
     )
     servers: list[Any] = []
     try:
