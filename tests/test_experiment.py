@@ -134,7 +134,6 @@ def test_latency_rows_rise_with_the_emulated_delay(model_factory: ModelFactory,
             assert r["error"] is None, r["error"]
         assert zero["one_way_ms"] == 0.0 and one["one_way_ms"] == 1.0
         assert one["per_hop_ms"] > zero["per_hop_ms"] + 0.5, (system, zero, one)
-        assert one["ms_per_token"] > zero["ms_per_token"]
     links = {f["condition"]: f for f in doc["links"]}
     assert set(links) == {"LAN relay 0 ms", "LAN 1 ms"}
     # The probe measured the data path through the relays: ~1 ms more one-way at 1 ms.
