@@ -186,6 +186,9 @@ def test_latency_analysis_reads_slopes_crossing_and_overhead() -> None:
     assert a["overhead"][ll]["per_hop_ms"] == pytest.approx(0.02, abs=1e-6)
     assert a["prediction"]["median_abs_error"] == pytest.approx(0.1) and a["prediction"]["met"]
     assert "cross at about" in a["paragraph"] and "llama.cpp RPC pays 4.0x" in a["paragraph"]
+    # ms/token slopes: LayerLink 1.125 per ms RTT, llama.cpp 4.5 = 1.5 round trips x 3 servers.
+    assert "1.5 ms per token per ms of RTT expected, 1.12 measured" in a["paragraph"]
+    assert "about 1.5 round trips per token" in a["paragraph"]
 
 
 def test_real_nodes_rows(local_cluster, model_factory: ModelFactory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -182,7 +182,9 @@ def analyse(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Everything the report says about the latency rows (empty figures when there are none)."""
     rate = _curve_rate(rows)
     fits = slopes(rows, rate)
+    split = [int(r["stages"]) for r in rows if r.get("one_way_ms") is not None and r["stages"] > 1]
     result: dict[str, Any] = {
+        "stages": max(split) if split else None,
         "curve_link_gbit_s": rate,
         "points": {s: len(points(rows, s, rate)) for s in _systems(rows)},
         "slopes": fits,
@@ -211,14 +213,35 @@ def paragraph(rows: Sequence[dict[str, Any]], a: dict[str, Any]) -> str:
     if said:
         parts.append(f"On {where}, each millisecond of emulated round trip adds "
                      + " against ".join(said) + ".")  # fmt: skip
-    ll = a["slopes"].get(SYSTEM_LAYERLINK, {}).get("per_hop_ms_per_ms_rtt")
-    lc = a["slopes"].get(SYSTEM_LLAMA, {}).get("per_hop_ms_per_ms_rtt")
-    if ll and lc and ll > 0:
+    k = a.get("stages") or 0
+    ll = a["slopes"].get(SYSTEM_LAYERLINK, {})
+    if ll.get("ms_per_token_per_ms_rtt") is not None and k > 1:
         parts.append(
-            f"llama.cpp RPC pays {lc / ll:.1f}x LayerLink's cost per ms of RTT: a LayerLink "
-            "stage boundary is crossed once per token in one direction (plus the ring hop back "
-            "to stage 0), an RPC server is reached in several round trips per token."
+            f"A LayerLink token crosses each of the {k} links of its ring once, one way "
+            f"({k - 1} forward hops and the hop back to stage 0): {k / 2:g} ms per token per ms "
+            f"of RTT expected, {ll['ms_per_token_per_ms_rtt']:.2f} measured."
         )
+    lc = a["slopes"].get(SYSTEM_LLAMA, {})
+    if lc.get("ms_per_token_per_ms_rtt") is not None and k > 1:
+        parts.append(
+            f"llama.cpp RPC's client reaches each of its {k} servers in about "
+            f"{lc['ms_per_token_per_ms_rtt'] / k:.1f} round trips per token "
+            "(its ms/token slope / servers)."
+        )
+    hop_ll, hop_lc = ll.get("per_hop_ms_per_ms_rtt"), lc.get("per_hop_ms_per_ms_rtt")
+    if hop_ll and hop_lc and hop_ll > 0 and hop_lc > 0:
+        more, less = (SYSTEM_LLAMA, SYSTEM_LAYERLINK) if hop_lc >= hop_ll else (
+            SYSTEM_LAYERLINK, SYSTEM_LLAMA)  # fmt: skip
+        ratio = max(hop_lc, hop_ll) / min(hop_lc, hop_ll)
+        parts.append(
+            f"Per hop, {NAMES[more]} pays {ratio:.1f}x {NAMES[less]}'s cost per ms of RTT."
+        )
+    for system, f in a["slopes"].items():
+        if f["per_hop_ms_per_ms_rtt"] is not None and f["per_hop_ms_per_ms_rtt"] <= 0:
+            parts.append(
+                f"{NAMES[system]}'s per-hop cost did not rise measurably with the delay here: "
+                "this machine's noise exceeds it."
+            )
     c = a["crossing"]
     if c["kind"] == "measured":
         parts.append(
