@@ -123,9 +123,17 @@ def pump(src: socket.socket, dst: socket.socket, delay: Delay) -> None:
         pass
 
 
+def peer_delay(peer_ip: str, listen_ip: str, delay_ns: int, jitter_ns: int, seed: int | None,
+               direction: int) -> Delay:  # fmt: skip
+    """The delay of one direction of a connection: none for a peer on the relay's own address
+    (the same "machine"), else the wire's."""
+    if peer_ip == listen_ip:
+        return Delay(0)
+    return Delay(delay_ns, jitter_ns, None if seed is None else 2 * seed + direction)
+
+
 def _serve_one(client: socket.socket, peer_ip: str, listen_ip: str, target: tuple[str, int],
                delay_ns: int, jitter_ns: int, seed: int | None) -> None:  # fmt: skip
-    local = peer_ip == listen_ip
     try:
         upstream = socket.create_connection(target)
     except OSError:
@@ -133,10 +141,7 @@ def _serve_one(client: socket.socket, peer_ip: str, listen_ip: str, target: tupl
         return
     for s in (client, upstream):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    delays = [
-        Delay(0) if local else Delay(delay_ns, jitter_ns, None if seed is None else 2 * seed + i)
-        for i in range(2)
-    ]
+    delays = [peer_delay(peer_ip, listen_ip, delay_ns, jitter_ns, seed, i) for i in range(2)]
     a = threading.Thread(target=pump, args=(client, upstream, delays[0]), daemon=True)
     b = threading.Thread(target=pump, args=(upstream, client, delays[1]), daemon=True)
     a.start()
