@@ -995,6 +995,20 @@ def report_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render(out: Path) -> list[Path]:
+    """report.md and latency.png again from out/results.json (its analysis recomputed by this
+    code): for a run whose report predates a change in the analysis."""
+    path = out / "results.json"
+    doc = json.loads(path.read_text())
+    doc["latency"] = latency.analyse(doc["rows"])
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    files = [path]
+    if doc["latency"]["points"]:
+        files.append(latency.plot(doc["rows"], out / "latency.png", doc["model"]))
+    (out / "report.md").write_text(report_markdown(doc))
+    return [*files, out / "report.md"]
+
+
 def latency_markdown(doc: dict[str, Any]) -> list[str]:
     """The latency section of report.md: the conditions as emulated and probed, the
     generated paragraph, the slopes and the chart (nothing when no latency row ran)."""
@@ -1016,11 +1030,12 @@ def latency_markdown(doc: dict[str, Any]) -> list[str]:
             f"{_cell(f['jitter_ms'] or None, 'g')} | {_cell(f['link_gbit_s'], 'g')} | "
             f"{_cell(f['probe_latency_us'], '.0f')} | {_cell(f['probe_bandwidth_gbs'], '.2f')} |"
         )
-    lines += ["", "| system | per-hop ms per ms RTT | ms/token per ms RTT | per-hop ms at 0 |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| system | per-hop ms per ms RTT | ± (std. error) | ms/token per ms RTT | "
+              "per-hop ms at 0 |", "|---|---|---|---|---|"]  # fmt: skip
     for system, f in lat["slopes"].items():
         lines.append(
             f"| {system} | {_cell(f['per_hop_ms_per_ms_rtt'], '.3f')} | "
+            f"{_cell(f.get('per_hop_ms_per_ms_rtt_stderr'), '.3f')} | "
             f"{_cell(f['ms_per_token_per_ms_rtt'], '.3f')} | {_cell(f['per_hop_ms_at_0'], '.3f')} |"
         )
     lines += [

@@ -60,6 +60,18 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float] | 
     return my - slope * mx, slope
 
 
+def slope_stderr(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """The least-squares slope's standard error; None with fewer than three points."""
+    line = fit_line(xs, ys)
+    if line is None or len(xs) < 3:
+        return None
+    a, b = line
+    mx = statistics.fmean(xs)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    ssr = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    return math.sqrt(ssr / (len(xs) - 2) / sxx)
+
+
 def _curve_rate(rows: Sequence[dict[str, Any]]) -> float | None:
     """The rate whose latency rows make the main curve: unshaped when it has two delays."""
     for rate in rates(rows):
@@ -91,6 +103,9 @@ def slopes(rows: Sequence[dict[str, Any]], rate: float | None) -> dict[str, dict
         out[system] = {
             "points": len(pts),
             "per_hop_ms_per_ms_rtt": _round(hop_fit[1] if hop_fit else None),
+            "per_hop_ms_per_ms_rtt_stderr": _round(
+                slope_stderr([x for x, _ in hop], [y for _, y in hop])
+            ),
             "per_hop_ms_at_0": _round(hop_fit[0] if hop_fit else None),
             "ms_per_token_per_ms_rtt": _round(tok_fit[1] if tok_fit else None),
             "ms_per_token_at_0": _round(tok_fit[0] if tok_fit else None),
@@ -203,12 +218,14 @@ def paragraph(rows: Sequence[dict[str, Any]], a: dict[str, Any]) -> str:
     rate = a["curve_link_gbit_s"]
     where = "unshaped links" if rate is None else f"links held to {rate:g} Gbit/s"
     parts = []
-    said = []
+    said: list[str] = []
     for system, f in a["slopes"].items():
         slope = f["per_hop_ms_per_ms_rtt"]
         if slope is None:
             continue
-        said.append(f"{NAMES[system]} {slope:.2f} ms per hop per ms of RTT"
+        se = f.get("per_hop_ms_per_ms_rtt_stderr")
+        pm = f" ± {se:.2f}" if se is not None else ""
+        said.append(f"{NAMES[system]} {slope:.2f}{pm} ms per hop per ms of RTT"
                     f" ({f['ms_per_token_per_ms_rtt']:.2f} ms per token)")  # fmt: skip
     if said:
         parts.append(f"On {where}, each millisecond of emulated round trip adds "
@@ -237,10 +254,11 @@ def paragraph(rows: Sequence[dict[str, Any]], a: dict[str, Any]) -> str:
             f"Per hop, {NAMES[more]} pays {ratio:.1f}x {NAMES[less]}'s cost per ms of RTT."
         )
     for system, f in a["slopes"].items():
-        if f["per_hop_ms_per_ms_rtt"] is not None and f["per_hop_ms_per_ms_rtt"] <= 0:
+        slope, se = f["per_hop_ms_per_ms_rtt"], f.get("per_hop_ms_per_ms_rtt_stderr")
+        if slope is not None and (slope <= 0 or (se is not None and slope < 2 * se)):
             parts.append(
-                f"{NAMES[system]}'s per-hop cost did not rise measurably with the delay here: "
-                "this machine's noise exceeds it."
+                f"{NAMES[system]}'s slope is within two standard errors of zero or below: its "
+                "per-hop cost is not resolved from this run's noise."
             )
     c = a["crossing"]
     if c["kind"] == "measured":
