@@ -187,7 +187,7 @@ def test_latency_analysis_reads_slopes_crossing_and_overhead() -> None:
     assert a["prediction"]["median_abs_error"] == pytest.approx(0.1) and a["prediction"]["met"]
     assert "cross at about" in a["paragraph"] and "llama.cpp RPC pays 4.0x" in a["paragraph"]
     # ms/token slopes: LayerLink 1.125 per ms RTT, llama.cpp 4.5 = 1.5 round trips x 3 servers.
-    assert "1.5 ms per token per ms of RTT expected, 1.12 measured" in a["paragraph"]
+    assert "1.5 ms per token per ms of RTT expected, 1.12 ± 0.00 measured" in a["paragraph"]
     assert "about 1.5 round trips per token" in a["paragraph"]
 
 

@@ -108,6 +108,9 @@ def slopes(rows: Sequence[dict[str, Any]], rate: float | None) -> dict[str, dict
             ),
             "per_hop_ms_at_0": _round(hop_fit[0] if hop_fit else None),
             "ms_per_token_per_ms_rtt": _round(tok_fit[1] if tok_fit else None),
+            "ms_per_token_per_ms_rtt_stderr": _round(
+                slope_stderr([x for x, _ in tok], [y for _, y in tok])
+            ),
             "ms_per_token_at_0": _round(tok_fit[0] if tok_fit else None),
         }
     return out
@@ -236,17 +239,20 @@ def paragraph(rows: Sequence[dict[str, Any]], a: dict[str, Any]) -> str:
         parts.append(
             f"A LayerLink token crosses each of the {k} links of its ring once, one way "
             f"({k - 1} forward hops and the hop back to stage 0): {k / 2:g} ms per token per ms "
-            f"of RTT expected, {ll['ms_per_token_per_ms_rtt']:.2f} measured."
+            f"of RTT expected, {ll['ms_per_token_per_ms_rtt']:.2f}{_pm(ll, 'ms_per_token')} "
+            "measured."
         )
     lc = a["slopes"].get(SYSTEM_LLAMA, {})
     if lc.get("ms_per_token_per_ms_rtt") is not None and k > 1:
         parts.append(
             f"llama.cpp RPC's client reaches each of its {k} servers in about "
             f"{lc['ms_per_token_per_ms_rtt'] / k:.1f} round trips per token "
-            "(its ms/token slope / servers)."
+            f"(its ms/token slope, {lc['ms_per_token_per_ms_rtt']:.2f}"
+            f"{_pm(lc, 'ms_per_token')}, / servers)."
         )
     hop_ll, hop_lc = ll.get("per_hop_ms_per_ms_rtt"), lc.get("per_hop_ms_per_ms_rtt")
-    if hop_ll and hop_lc and hop_ll > 0 and hop_lc > 0:
+    if _resolved(ll) and _resolved(lc):
+        assert hop_ll is not None and hop_lc is not None
         more, less = (SYSTEM_LLAMA, SYSTEM_LAYERLINK) if hop_lc >= hop_ll else (
             SYSTEM_LAYERLINK, SYSTEM_LLAMA)  # fmt: skip
         ratio = max(hop_lc, hop_ll) / min(hop_lc, hop_ll)
@@ -254,8 +260,7 @@ def paragraph(rows: Sequence[dict[str, Any]], a: dict[str, Any]) -> str:
             f"Per hop, {NAMES[more]} pays {ratio:.1f}x {NAMES[less]}'s cost per ms of RTT."
         )
     for system, f in a["slopes"].items():
-        slope, se = f["per_hop_ms_per_ms_rtt"], f.get("per_hop_ms_per_ms_rtt_stderr")
-        if slope is not None and (slope <= 0 or (se is not None and slope < 2 * se)):
+        if f["per_hop_ms_per_ms_rtt"] is not None and not _resolved(f):
             parts.append(
                 f"{NAMES[system]}'s slope is within two standard errors of zero or below: its "
                 "per-hop cost is not resolved from this run's noise."
@@ -283,9 +288,13 @@ def paragraph(rows: Sequence[dict[str, Any]], a: dict[str, Any]) -> str:
         bits = [f"{NAMES[s]} {o[s]['per_hop_ms']:+.3f} ms per hop" for s in NAMES
                 if s in o and o[s]["per_hop_ms"] is not None]  # fmt: skip
         probe = o.get("probe_latency_us")
-        text = "The relay itself (0 ms against the direct link) costs " + ", ".join(bits)
+        text = "The relay itself (0 ms against the direct link) costs "
         if probe is not None:
-            text += f", {probe:+.0f} us one-way on the probe"
+            text += f"{probe:+.0f} us one-way on the probe, and "
+        text += ", ".join(bits) + " in the rows"
+        if any(abs(o[s]["per_hop_ms"] or 0.0) > 0.5 for s in NAMES if s in o):
+            text += " (a difference of more than 0.5 ms per hop is not the relay's, which adds "
+            text += "tens of microseconds per crossing, but this run's noise)"
         parts.append(text + ".")
     p = a["prediction"]
     if p["median_abs_error"] is not None:
@@ -297,6 +306,18 @@ def paragraph(rows: Sequence[dict[str, Any]], a: dict[str, Any]) -> str:
             f"{p['target'] * 100:.0f}% target."
         )
     return " ".join(parts)
+
+
+def _pm(f: dict[str, Any], key: str) -> str:
+    se = f.get(f"{key}_per_ms_rtt_stderr")
+    return f" ± {se:.2f}" if se is not None else ""
+
+
+def _resolved(f: dict[str, Any]) -> bool:
+    """A per-hop slope above zero by more than two standard errors (or with no error
+    estimate, above zero)."""
+    slope, se = f.get("per_hop_ms_per_ms_rtt"), f.get("per_hop_ms_per_ms_rtt_stderr")
+    return slope is not None and slope > 0 and (se is None or slope > 2 * se)
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:
