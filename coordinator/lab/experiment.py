@@ -121,10 +121,12 @@ LINKS: tuple[Link, ...] = (
     Link("wired", "0.25 ms", None, 0.25, kind="wired LAN"),
     Link("busy", "1 ms", None, 1.0, kind="busy LAN"),
     Link("wifi", "3±1 ms", None, 3.0, 1.0, kind="Wi-Fi"),
+    Link("wifi-far", "10±3 ms", None, 10.0, 3.0, kind="Wi-Fi far from the access point"),
     Link("tb-1gbe", "0.05 ms 1 GbE", _1GBE, 0.05, kind="Thunderbolt-like at 1 GbE"),
     Link("wired-1gbe", "0.25 ms 1 GbE", _1GBE, 0.25, kind="wired LAN at 1 GbE"),
     Link("busy-1gbe", "1 ms 1 GbE", _1GBE, 1.0, kind="busy LAN at 1 GbE"),
     Link("wifi-1gbe", "3±1 ms 1 GbE", _1GBE, 3.0, 1.0, kind="Wi-Fi at 1 GbE"),
+    Link("wifi-far-1gbe", "10±3 ms 1 GbE", _1GBE, 10.0, 3.0, kind="far Wi-Fi at 1 GbE"),
 )
 LINK_BY_DEPLOYMENT = {x.deployment: x for x in LINKS}
 
@@ -826,7 +828,7 @@ def write_outputs(result: ExperimentResult, counts: Sequence[int]) -> list[Path]
             w.writerow({**row, "layers": "+".join(str(c) for c in row["layers"])})
     files += plot(rows, out)
     if doc["latency"]["points"]:
-        files.append(latency.plot(rows, out / "latency.png", doc["model"]))
+        files.append(latency.plot(rows, out / "latency.png", _title(doc)))
     files.append(out / "report.md")
     files[-1].write_text(report_markdown(doc))
     return files
@@ -1004,9 +1006,14 @@ def render(out: Path) -> list[Path]:
     path.write_text(json.dumps(doc, indent=2) + "\n")
     files = [path]
     if doc["latency"]["points"]:
-        files.append(latency.plot(doc["rows"], out / "latency.png", doc["model"]))
+        files.append(latency.plot(doc["rows"], out / "latency.png", _title(doc)))
     (out / "report.md").write_text(report_markdown(doc))
     return [*files, out / "report.md"]
+
+
+def _title(doc: dict[str, Any]) -> str:
+    layers = "+".join(str(c) for c in doc.get("layers", []))
+    return f"{Path(doc['model']).name}, {doc['stages']} stages ({layers} layers)"
 
 
 def latency_markdown(doc: dict[str, Any]) -> list[str]:
