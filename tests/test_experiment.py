@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.lab import bench, experiment
+from coordinator.lab import bench, experiment, latency
 from coordinator.main import main
 from coordinator.session import read_model
 
@@ -83,7 +83,7 @@ def test_namespace_rows_cross_the_bridge(model_factory: ModelFactory, tmp_path: 
     gguf = model_dir / "model.gguf" if HAVE_LLAMA else None
     rows = experiment.netns_rows(
         settings, model, gguf, systems, experiment.select_links(("1gbe",)), lambda _m: None
-    )
+    ).rows
     assert {(r.spec.system, r.spec.stages) for r in rows} == {
         (s, k) for s in systems for k in (1, 2)
     }
@@ -107,6 +107,88 @@ def test_namespace_rows_cross_the_bridge(model_factory: ModelFactory, tmp_path: 
             f"10.213.0.1:{experiment.RPC_PORT}",
             f"10.213.0.2:{experiment.RPC_PORT}",
         ]
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(experiment.netns_unavailable() != "", reason=experiment.netns_unavailable())
+def test_latency_rows_rise_with_the_emulated_delay(model_factory: ModelFactory,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """The relay at 0 ms and at 1 ms one-way: both systems' rows, per-hop ms clearly higher
+    at 1 ms (a 2 ms round trip per hop is far above this machine's noise), the probe sees
+    the delay, LayerLink's rows carry the cost model's prediction from that probe, and the
+    report has the latency chart and paragraph."""
+    model_dir = model_factory("tiny", "llama", gguf=True)
+    out = tmp_path / "exp"
+    settings = experiment.ExperimentSettings(
+        model_dir=model_dir, out_dir=out, stages=2, repeats=2, gen_tokens=8,
+        prompt_tokens=8, links=("relay0", "busy"),
+    )  # fmt: skip
+    result = experiment.split_penalty(settings)
+    systems = [bench.SYSTEM_LAYERLINK] + ([bench.SYSTEM_LLAMA] if HAVE_LLAMA else [])
+    doc = json.loads((out / "results.json").read_text())
+    rows = {(r["condition"], r["system"], r["stages"]): r for r in doc["rows"]}
+    for system in systems:
+        zero = rows[("LAN relay 0 ms", system, 2)]
+        one = rows[("LAN 1 ms", system, 2)]
+        for r in (zero, one, rows[("LAN 1 ms", system, 1)]):
+            assert r["error"] is None, r["error"]
+        assert zero["one_way_ms"] == 0.0 and one["one_way_ms"] == 1.0
+        assert one["per_hop_ms"] > zero["per_hop_ms"] + 0.5, (system, zero, one)
+    links = {f["condition"]: f for f in doc["links"]}
+    assert set(links) == {"LAN relay 0 ms", "LAN 1 ms"}
+    # The probe measured the data path through the relays: ~1 ms more one-way at 1 ms.
+    extra_us = links["LAN 1 ms"]["probe_latency_us"] - links["LAN relay 0 ms"]["probe_latency_us"]
+    assert 700 < extra_us < 1500, links
+    for cond in links:
+        for k in (1, 2):
+            ll = rows[(cond, bench.SYSTEM_LAYERLINK, k)]
+            assert ll["predicted_tps"] is not None and ll["predicted_tps"] > 0, ll
+            assert ll["prediction_error"] == pytest.approx(
+                ll["predicted_tps"] / ll["decode_tps"] - 1, abs=1e-3
+            )
+    lat = doc["latency"]
+    assert lat["slopes"][bench.SYSTEM_LAYERLINK]["per_hop_ms_per_ms_rtt"] > 0
+    if HAVE_LLAMA:
+        assert lat["slopes"][bench.SYSTEM_LLAMA]["per_hop_ms_per_ms_rtt"] > 0
+    assert lat["prediction"]["rows"] == 2 and lat["prediction"]["median_abs_error"] is not None
+    assert "per ms of RTT" in lat["paragraph"]
+    assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC
+    report = (out / "report.md").read_text()
+    assert "## Latency" in report and "(latency.png)" in report and lat["paragraph"] in report
+    assert any(f.name == "latency.png" for f in result.files)
+
+
+def test_latency_analysis_reads_slopes_crossing_and_overhead() -> None:
+    """The paragraph's numbers come from the rows: a slope per ms of RTT per system, a
+    crossing between two measured delays, the relay's cost against the direct link."""
+    ll, lc = bench.SYSTEM_LAYERLINK, bench.SYSTEM_LLAMA
+
+    def row(cond: str, system: str, one_way: float | None, tps: float, hop: float) -> dict:  # type: ignore[type-arg]
+        return {"condition": cond, "system": system, "stages": 3, "one_way_ms": one_way,
+                "link_gbit_s": None, "decode_tps": tps, "ms_per_token": 1e3 / tps,
+                "per_hop_ms": hop, "error": None, "probe_latency_us": None,
+                "prediction_error": 0.1 if system == ll and one_way is not None else None,
+                "predicted_tps": None}  # fmt: skip
+
+    # LayerLink: 1 ms + 0.75 ms per ms RTT per hop; llama.cpp: 0.5 ms + 3 ms per ms RTT.
+    rows = [row("LAN", ll, None, 50.0, 1.0), row("LAN", lc, None, 200.0, 0.5)]
+    for d in (0.0, 0.25, 1.0, 3.0):
+        rtt = 2 * d
+        rows.append(row(f"LAN {d} ms", ll, d, 1e3 / (20 + 1.5 * (1 + 0.75 * rtt)), 1 + 0.75 * rtt))
+        rows.append(row(f"LAN {d} ms", lc, d, 1e3 / (5 + 1.5 * (0.5 + 3 * rtt)), 0.5 + 3 * rtt))
+    rows[2]["per_hop_ms"] += 0.02  # the relay's own cost on LayerLink's 0 ms row
+    a = latency.analyse(rows)
+    assert a["slopes"][lc]["per_hop_ms_per_ms_rtt"] == pytest.approx(3.0, abs=1e-3)
+    assert a["slopes"][ll]["per_hop_ms_per_ms_rtt"] == pytest.approx(0.75, abs=0.01)
+    assert a["crossing"]["kind"] == "measured" and a["crossing"]["faster_at_low_latency"] == lc
+    # 21.5 + 1.125 r = 5.75 + 4.5 r at r = 4.67 ms RTT, between the 2 and 6 ms rows.
+    assert a["crossing"]["rtt_ms"] == pytest.approx(4.667, abs=0.01)
+    assert a["overhead"][ll]["per_hop_ms"] == pytest.approx(0.02, abs=1e-6)
+    assert a["prediction"]["median_abs_error"] == pytest.approx(0.1) and a["prediction"]["met"]
+    assert "cross at about" in a["paragraph"] and "llama.cpp RPC pays 4.0x" in a["paragraph"]
+    # ms/token slopes: LayerLink 1.125 per ms RTT, llama.cpp 4.5 = 1.5 round trips x 3 servers.
+    assert "1.5 ms per token per ms of RTT expected, 1.12 ± 0.00 measured" in a["paragraph"]
+    assert "about 1.5 round trips per token" in a["paragraph"]
 
 
 def test_real_nodes_rows(local_cluster, model_factory: ModelFactory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from coordinator import console
 from coordinator.errors import UserError
-from coordinator.lab import bench, experiment
+from coordinator.lab import bench, experiment, latency
 from coordinator.session import SessionError
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     s = exp.add_parser(
         "split-penalty",
-        help="1 stage vs k stages on one host vs k stages over a (shaped) namespace LAN",
+        help="1 stage vs k stages on one host vs k stages over a (shaped, delayed) namespace LAN",
         description=(
             "For LayerLink and llama.cpp RPC: one process, 1 stage, k stages on one host, and k "
             "stages across network namespaces joined by a bridge, unshaped and shaped to "
-            "10 GbE, 1 GB/s, 2.5 GbE and 1 GbE (namespace rows need root). Writes "
-            "results.json, results.csv, decode.png, ttft.png and report.md into --out."
+            "10 GbE, 1 GB/s, 2.5 GbE and 1 GbE, and through delay relays at a Thunderbolt-like "
+            "0.05 ms, wired-LAN 0.25 ms, busy-LAN 1 ms and Wi-Fi 3+/-1 ms one-way (each also at "
+            "1 GbE) with the relay at 0 ms as the emulator's own cost (namespace rows need "
+            "root). Writes results.json, results.csv, decode.png, ttft.png, latency.png and "
+            "report.md into --out."
         ),
     )
     s.add_argument(
@@ -52,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--links",
         default=",".join(x.key for x in experiment.LINKS),
         help="namespace-LAN conditions, comma separated, from "
-        + ", ".join(x.key for x in experiment.LINKS)
+        + ", ".join(f"{x.key} ({x.kind or x.label})" for x in experiment.LINKS)
         + " (default: all; empty: none)",
     )
     s.add_argument("--no-netns", action="store_true", help="skip the namespace-LAN rows")
@@ -141,7 +144,7 @@ def run_split_penalty(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     except bench.BenchError as e:
         raise UserError(f"the experiment could not run: {e}") from None
-    rows = [experiment.row_json(r) for r in result.rows]
+    rows = [experiment.row_json(r, result.links) for r in result.rows]
     console.table(
         f"split penalty: {settings.stages} stages",
         ["condition", "system", "stages", "tok/s", "ms/tok", "TTFT ms", "hop ms", "predicted"],
@@ -164,6 +167,9 @@ def run_split_penalty(args: argparse.Namespace) -> int:
             console.error(f"{r['condition']} {r['system']}: {r['error']}")
     for line in experiment.comparison_lines(rows):
         console.text(line)
+    text = latency.analyse(rows)["paragraph"]
+    if text:
+        console.text(text)
     for note in result.notes:
         console.info(f"note: {note}")
     console.info("wrote " + ", ".join(str(f) for f in result.files))

@@ -39,6 +39,7 @@ import os
 import re
 import selectors
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -48,7 +49,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from coordinator.lab import bench
+from coordinator.calibrate import (
+    LiveCalibration,
+    device_ids,
+    live_cluster,
+    live_workload,
+    stream_dtype,
+)
+from coordinator.costmodel import ModelSpec, Placement, predict
+from coordinator.lab import bench, latency
 from coordinator.lab.bench import (
     DEPLOY_IN_PROCESS,
     DEPLOY_LOOPBACK,
@@ -59,7 +68,8 @@ from coordinator.lab.bench import (
     NodeRef,
     RunResult,
 )
-from coordinator.lab.lan import Lan, unavailable_reason
+from coordinator.lab.lan import DATA_PORT_OFFSET, NODE_PORT, Lan, NodeProcess, unavailable_reason
+from coordinator.lab.validation import session_probe
 from coordinator.session import ModelInfo, even_counts, read_model
 
 log = logging.getLogger(__name__)
@@ -72,24 +82,53 @@ _BANNER = re.compile(r"Starting RPC server v\d+")
 
 @dataclass(frozen=True)
 class Link:
-    """A namespace-LAN condition: unshaped (rate None) or every worker's link held to a rate."""
+    """A namespace-LAN condition: the direct veth link (one_way_ms None) or a wire relay in
+    front of every port another namespace connects to, adding one_way_ms (+/- jitter_ms) each
+    way; unshaped (rate None) or every worker's link held to a rate."""
 
     key: str
     label: str
     rate_bit_s: int | None
+    one_way_ms: float | None = None
+    jitter_ms: float = 0.0
+    kind: str = ""  # what the condition stands for ("wired LAN")
+
+    @property
+    def relayed(self) -> bool:
+        return self.one_way_ms is not None
 
     @property
     def deployment(self) -> str:
-        return "LAN" if self.rate_bit_s is None else f"LAN {self.label}"
+        return "LAN" if self.rate_bit_s is None and not self.relayed else f"LAN {self.label}"
+
+    @property
+    def rtt_ms(self) -> float | None:
+        """The round trip the relays add (2 x one-way)."""
+        return None if self.one_way_ms is None else 2.0 * self.one_way_ms
 
 
+_1GBE = 1_000_000_000
 LINKS: tuple[Link, ...] = (
     Link("lan", "unshaped", None),
     Link("10gbe", "10 GbE", 10_000_000_000),
     Link("riser", "1 GB/s", 8_000_000_000),  # a PCIe x1-riser-like 1 GB/s
     Link("2.5gbe", "2.5 GbE", 2_500_000_000),
-    Link("1gbe", "1 GbE", 1_000_000_000),
+    Link("1gbe", "1 GbE", _1GBE),
+    # Latency (one-way, each direction), through the wire relays (coordinator/lab/wire.py).
+    # "relay0" is the relay adding nothing: its difference to "lan" is the emulator's own cost.
+    Link("relay0", "relay 0 ms", None, 0.0, kind="the relay alone"),
+    Link("tb", "0.05 ms", None, 0.05, kind="Thunderbolt-like"),
+    Link("wired", "0.25 ms", None, 0.25, kind="wired LAN"),
+    Link("busy", "1 ms", None, 1.0, kind="busy LAN"),
+    Link("wifi", "3±1 ms", None, 3.0, 1.0, kind="Wi-Fi"),
+    Link("wifi-far", "10±3 ms", None, 10.0, 3.0, kind="Wi-Fi far from the access point"),
+    Link("tb-1gbe", "0.05 ms 1 GbE", _1GBE, 0.05, kind="Thunderbolt-like at 1 GbE"),
+    Link("wired-1gbe", "0.25 ms 1 GbE", _1GBE, 0.25, kind="wired LAN at 1 GbE"),
+    Link("busy-1gbe", "1 ms 1 GbE", _1GBE, 1.0, kind="busy LAN at 1 GbE"),
+    Link("wifi-1gbe", "3±1 ms 1 GbE", _1GBE, 3.0, 1.0, kind="Wi-Fi at 1 GbE"),
+    Link("wifi-far-1gbe", "10±3 ms 1 GbE", _1GBE, 10.0, 3.0, kind="far Wi-Fi at 1 GbE"),
 )
+LINK_BY_DEPLOYMENT = {x.deployment: x for x in LINKS}
 
 
 @dataclass(frozen=True)
@@ -277,9 +316,10 @@ def _drain(stream: Any) -> None:
 
 def run_worker(
     cmd_prefix: list[str], request: dict[str, Any], log_path: Path, timeout_s: float
-) -> list[RunResult]:
+) -> dict[str, Any]:
     """Run `python -m coordinator.lab.experiment --worker` (under cmd_prefix, e.g. `ip netns exec
-    HUB`) with a JSON request; its RunResults come back as JSON on stdout."""
+    HUB`) with a JSON request; its reply comes back as JSON on stdout: {runs: [RunResult], and
+    where the request asked for a probe, probe: ProbeResult, device_rounds: [...]}."""
     argv = [*cmd_prefix, sys.executable, "-m", "coordinator.lab.experiment", "--worker"]
     env = {
         **os.environ,
@@ -298,13 +338,15 @@ def run_worker(
     if done.returncode != 0 or not done.stdout.strip():
         tail = log_path.read_text(errors="replace")[-2000:]
         raise BenchError(f"the measuring process failed (exit {done.returncode}):\n{tail}")
-    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    reply: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if "error" in reply:
         raise BenchError(str(reply["error"]))
-    return [RunResult.from_json(r) for r in reply["runs"]]
+    return reply
 
 
-async def _worker(request: dict[str, Any]) -> list[RunResult]:
+async def _worker(request: dict[str, Any]) -> dict[str, Any]:
+    """Probe the LayerLink nodes' links and devices (when asked), then measure every runner,
+    re-timing the devices before each round of samples (as `validate-planner` does)."""
     model = read_model(request["model_dir"])
     settings = BenchSettings(
         model_dir=model.path,
@@ -318,12 +360,39 @@ async def _worker(request: dict[str, Any]) -> list[RunResult]:
     )
     nodes = [NodeRef(n["name"], n["address"], n["node_id"]) for n in request["nodes"]]
     gguf = Path(request["gguf"]) if request.get("gguf") else None
+    reply: dict[str, Any] = {}
+    between: Callable[[int], Any] | None = None
+    dtype = request.get("dtype")
+    if dtype and nodes:
+        from coordinator.discovery import resolve_static
+        from coordinator.lab.validation import device_figures
+        from coordinator.probe import probe_cluster
+
+        try:
+            records = await resolve_static([n.address for n in nodes])
+        except (ConnectionError, ValueError) as e:
+            raise BenchError(str(e)) from None
+        probe = await probe_cluster(records, dtypes=[dtype])
+        if probe.errors:
+            log.warning("probe errors: %s", "; ".join(probe.errors))
+        reply["probe"] = probe.to_json()
+        rounds: list[dict[str, Any]] = []
+        reply["device_rounds"] = rounds
+
+        async def remeasure(_round: int) -> None:
+            rounds.append(await device_figures(records, dtype))
+
+        between = remeasure
     runners = bench.bench_runners(
         settings, model, request["model_label"], nodes, request["rpc"], gguf,
         deployment=request["deployment"], include_in_process_llama=False,
         stage_counts=[1, settings.stages],
     )  # fmt: skip
-    return await bench.measure(runners, settings.repeats, None, settings.sample_timeout_s)
+    runs = await bench.measure(
+        runners, settings.repeats, None, settings.sample_timeout_s, between_rounds=between
+    )
+    reply["runs"] = [r.to_json() for r in runs]
+    return reply
 
 
 def worker_main() -> int:
@@ -333,12 +402,99 @@ def worker_main() -> int:
     )
     request = json.loads(sys.stdin.read())
     try:
-        runs = asyncio.run(_worker(request))
+        reply = asyncio.run(_worker(request))
     except (BenchError, ValueError, OSError) as e:
-        sys.stdout.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
-        return 0
-    sys.stdout.write(json.dumps({"runs": [r.to_json() for r in runs]}) + "\n")
+        reply = {"error": f"{type(e).__name__}: {e}"}
+    sys.stdout.write(json.dumps(reply) + "\n")
     return 0
+
+
+# Ports inside each node namespace. Direct conditions: the node and the RPC server on the
+# namespace's LAN address. Relayed conditions: a second node and RPC server on 127.0.0.1,
+# reached only through the wire relays on the LAN address at the same port numbers.
+RELAYED_NODE_PORT = 50161
+RELAYED_RPC_PORT = 50162
+
+
+@dataclass(frozen=True)
+class LinkFigures:
+    """One namespace condition as emulated and as the probe measured it (the cross-namespace
+    links among the LayerLink nodes of the condition; medians)."""
+
+    deployment: str
+    one_way_ms: float | None
+    jitter_ms: float
+    rate_bit_s: int | None
+    probe_latency_us: float | None = None
+    probe_bandwidth_gbs: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "condition": self.deployment,
+            "emulated_one_way_ms": self.one_way_ms,
+            "jitter_ms": self.jitter_ms,
+            "link_gbit_s": self.rate_bit_s / 1e9 if self.rate_bit_s else None,
+            "probe_latency_us": self.probe_latency_us,
+            "probe_bandwidth_gbs": self.probe_bandwidth_gbs,
+        }
+
+
+@dataclass(frozen=True)
+class NetnsRows:
+    rows: list[RunResult]
+    links: dict[str, LinkFigures]
+
+
+@dataclass
+class _Workers:
+    """One set of k LayerLink nodes and k RPC servers in the namespaces: the client-facing
+    addresses (the relays' for the relayed set) and the node ids."""
+
+    nodes: list[NodeRef]
+    rpc: list[str]
+    ports: list[int]  # the ports relays must stand in front of (relayed set)
+
+
+def _start_workers(lan: Lan, k: int, systems: tuple[str, ...], rpc_threads: int,
+                   relayed: bool) -> _Workers:  # fmt: skip
+    host = "127.0.0.1" if relayed else ""
+    port = RELAYED_NODE_PORT if relayed else NODE_PORT
+    rpc_port = RELAYED_RPC_PORT if relayed else RPC_PORT
+    suffix = "w" if relayed else ""
+    procs = (
+        [lan.start_node(i, name=f"exp{i}{suffix}", port=port, host=host) for i in range(k)]
+        if SYSTEM_LAYERLINK in systems
+        else []
+    )
+    rpcs = []
+    if SYSTEM_LLAMA in systems:
+        for i in range(k):
+            argv = [sys.executable, "-m", "node.llama_rpc", "--host", host or lan.nodes[i].ip,
+                    "--port", str(rpc_port), "--threads", str(rpc_threads)]  # fmt: skip
+            rpcs.append(lan.start(i, argv, f"rpc{i}{suffix}", rpc_port, {"PYTHONUNBUFFERED": "1"}))
+    if procs:
+        lan.wait_ready(procs)
+    _wait_banners(rpcs)
+    ports = ([port, port + DATA_PORT_OFFSET] if procs else []) + ([rpc_port] if rpcs else [])
+    return _Workers(
+        [NodeRef(p.name, p.address, p.node_id) for p in procs],
+        [p.address for p in rpcs],
+        ports,
+    )
+
+
+def _start_relays(lan: Lan, k: int, ports: Sequence[int], link: Link) -> list[NodeProcess]:
+    """A relay on each namespace's LAN address in front of each port (served on 127.0.0.1):
+    every cross-namespace connection crosses exactly one relay, which delays both
+    directions by the link's one-way delay."""
+    assert link.one_way_ms is not None
+    relays = [
+        lan.start_wire(i, p, p, link.one_way_ms * 1e3, "127.0.0.1", link.jitter_ms * 1e3)
+        for i in range(k)
+        for p in ports
+    ]
+    lan.wait_ready(relays)
+    return relays
 
 
 def netns_rows(
@@ -348,31 +504,32 @@ def netns_rows(
     systems: tuple[str, ...],
     links: Sequence[Link],
     say: Callable[[str], None],
-) -> list[RunResult]:
-    """k nodes and k RPC servers in namespaces; one measuring process per link condition."""
+) -> NetnsRows:
+    """k nodes and k RPC servers in namespaces; one measuring process per link condition.
+    LayerLink rows carry the cost model's prediction from that condition's probe."""
     k = settings.stages
     results: list[RunResult] = []
+    figures: dict[str, LinkFigures] = {}
+    dtype = stream_dtype(model.config, model.path) if SYSTEM_LAYERLINK in systems else None
     with Lan(k) as lan:
         say(f"namespace LAN: {k} node namespaces, hub {lan.hub}")
-        nodes = (
-            [lan.start_node(i, name=f"exp{i}") for i in range(k)]
-            if SYSTEM_LAYERLINK in systems
-            else []
-        )
-        rpcs = []
-        if SYSTEM_LLAMA in systems:
-            for i in range(k):
-                argv = [sys.executable, "-m", "node.llama_rpc", "--host", lan.nodes[i].ip,
-                        "--port", str(RPC_PORT), "--threads", str(settings.rpc_threads)]  # fmt: skip
-                rpcs.append(lan.start(i, argv, f"rpc{i}", RPC_PORT, {"PYTHONUNBUFFERED": "1"}))
-        if nodes:
-            lan.wait_ready(nodes)
-        _wait_banners(rpcs)
+        sets: dict[bool, _Workers] = {}
+        shaped: int | None = None
         log_path = lan.workdir / "worker.log"
         for link in links:
-            if link.rate_bit_s is not None:
+            if link.relayed not in sets:
+                sets[link.relayed] = _start_workers(
+                    lan, k, systems, settings.rpc_threads, link.relayed
+                )
+            workers = sets[link.relayed]
+            if link.rate_bit_s != shaped:
                 for i in range(k):
-                    lan.shape(i, link.rate_bit_s)
+                    if link.rate_bit_s is None:
+                        lan.unshape(i)
+                    else:
+                        lan.shape(i, link.rate_bit_s)
+                shaped = link.rate_bit_s
+            relays = _start_relays(lan, k, workers.ports, link) if link.relayed else []
             say(f"namespace LAN, {link.label}: measuring")
             request = {
                 "model_dir": str(model.path),
@@ -385,21 +542,75 @@ def netns_rows(
                 "rpc_threads": settings.rpc_threads,
                 "sample_timeout_s": settings.sample_timeout_s,
                 "nodes": [
-                    {"name": n.name, "address": n.address, "node_id": n.node_id} for n in nodes
+                    {"name": n.name, "address": n.address, "node_id": n.node_id}
+                    for n in workers.nodes
                 ],
-                "rpc": [f"{lan.nodes[i].ip}:{RPC_PORT}" for i in range(len(rpcs))],
+                "rpc": workers.rpc,
                 "gguf": str(gguf) if gguf else None,
                 "deployment": link.deployment,
+                "dtype": dtype,
             }
-            budget = 120.0 + 4 * settings.repeats * settings.sample_timeout_s
+            budget = 300.0 + 4 * settings.repeats * settings.sample_timeout_s
+            fig = LinkFigures(link.deployment, link.one_way_ms, link.jitter_ms, link.rate_bit_s)
             try:
-                results += run_worker(lan.hub_cmd([]), request, log_path, budget)
+                reply = run_worker(lan.hub_cmd([]), request, log_path, budget)
+                runs = [RunResult.from_json(r) for r in reply["runs"]]
+                if "probe" in reply and dtype is not None:
+                    probe = session_probe(reply["probe"], reply.get("device_rounds", []), dtype)
+                    ids = [n.node_id for n in workers.nodes]
+                    fig = _probed(fig, probe, ids)
+                    runs = [_predict_row(r, model, probe, ids, dtype, settings) for r in runs]
+                results += runs
             except BenchError as e:
                 for system in systems:
                     spec = bench.RunSpec(model.name, system, link.deployment, k,
                                          tuple(even_counts(model.num_layers, k)))  # fmt: skip
                     results.append(RunResult(spec, error=str(e)))
-    return results
+            finally:
+                for relay in relays:
+                    lan.stop(relay)
+            figures[link.deployment] = fig
+    return NetnsRows(results, figures)
+
+
+def _probed(fig: LinkFigures, probe: dict[str, Any], node_ids: Sequence[str]) -> LinkFigures:
+    """The condition's figures with the probe's medians over its links among node_ids."""
+    mine = [lk for lk in probe.get("links", []) if lk["src"] in node_ids and lk["dst"] in node_ids]
+    if not mine:
+        return fig
+    lat = statistics.median(float(lk["latency_us"]) for lk in mine)
+    bws = [float(lk.get("bandwidth_gbs") or 0.0) for lk in mine]
+    bw = statistics.median(bws) if all(b > 0 for b in bws) else None
+    return replace(fig, probe_latency_us=lat, probe_bandwidth_gbs=bw)
+
+
+def _predict_row(
+    r: RunResult,
+    model: ModelInfo,
+    probe: dict[str, Any],
+    node_ids: Sequence[str],
+    dtype: str,
+    settings: ExperimentSettings,
+) -> RunResult:
+    """A LayerLink row with the cost model's decode tokens/s for its split, on the probed
+    cluster (links and devices) with the live calibration (coordinator/calibrate.py)."""
+    if r.spec.system != SYSTEM_LAYERLINK:
+        return r
+    try:
+        spec = ModelSpec.from_config_dir(model.path, model.name)
+        cal = LiveCalibration.load()
+        devices = device_ids(probe)
+        placements = []
+        for node_id, (start, end) in zip(node_ids, bench.ranges(r.spec.layers), strict=False):
+            placements.append(Placement(devices[node_id][0], start, end))
+        workload = live_workload(
+            cal, settings.prompt_tokens + settings.gen_tokens + 8, settings.prompt_tokens
+        )
+        cost = predict(spec, live_cluster(probe, dtype, cal), placements, workload)
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        log.warning("no prediction for %s: %s", r.spec.label, e)
+        return r
+    return replace(r, predicted_tps=float(cost.decode_tps))
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,6 +624,7 @@ class ExperimentResult:
     notes: tuple[str, ...]
     settings: ExperimentSettings
     files: tuple[Path, ...] = ()
+    links: tuple[LinkFigures, ...] = ()  # the namespace conditions, emulated and probed
 
 
 async def _loopback_rows(
@@ -488,6 +700,7 @@ def split_penalty(
         notes.append(f"llama.cpp rows skipped: {reason}")
         systems = tuple(s for s in systems if s != SYSTEM_LLAMA)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
+    figures: tuple[LinkFigures, ...] = ()
     with bench.scratch_dir() as tmp:
         scratch = Path(tmp)
         gguf = bench.gguf_for(model.path, scratch) if SYSTEM_LLAMA in systems else None
@@ -510,24 +723,33 @@ def split_penalty(
         if ns_reason:
             notes.append(f"namespace-LAN rows skipped: {ns_reason}")
         elif links:
-            rows += netns_rows(settings, model, gguf, systems, links, say)
+            ns = netns_rows(settings, model, gguf, systems, links, say)
+            rows += ns.rows
+            figures = tuple(ns.links.values())
     rows = bench.with_per_hop(rows)
     predictor, pnote = make_predictor(model, settings.prompt_tokens, settings.gen_tokens)
     notes.append(pnote)
     if predictor is not None:
-        # This machine's figures predict the rows run on this machine only.
-        rates = {x.deployment: x.rate_bit_s for x in LINKS}
-        here = {DEPLOY_LOOPBACK, *rates}
+        # This machine's figures predict the loopback rows; the namespace rows were predicted
+        # from their own condition's probe; real machines are not predicted from here.
         rows = [
-            replace(r, predicted_tps=predictor(r.spec.layers, rates.get(r.spec.deployment)))
-            if r.spec.system == SYSTEM_LAYERLINK and r.spec.deployment in here
+            replace(r, predicted_tps=predictor(r.spec.layers, None))
+            if r.spec.system == SYSTEM_LAYERLINK and r.spec.deployment == DEPLOY_LOOPBACK
             else r
             for r in rows
         ]
+    if figures:
+        notes.append(
+            "namespace rows' predicted tok/s: coordinator.costmodel on that condition's probe "
+            "(each link's measured latency and bandwidth through the relays, the devices timed "
+            "before every round) with the live calibration: " + LiveCalibration.load().describe()
+        )
     rows.sort(
         key=lambda r: (_order(r), r.spec.stages, r.spec.system != SYSTEM_LAYERLINK, r.spec.system)
     )
-    result = ExperimentResult(tuple(rows), bench.end_load(machine), tuple(notes), settings)
+    result = ExperimentResult(
+        tuple(rows), bench.end_load(machine), tuple(notes), settings, links=figures
+    )
     files = write_outputs(result, counts)
     return replace(result, files=tuple(files))
 
@@ -544,22 +766,40 @@ def _rate_gbit(r: RunResult) -> float | None:
     return None
 
 
-def row_json(r: RunResult) -> dict[str, Any]:
-    return {"condition": condition_of(r), "link_gbit_s": _rate_gbit(r), **r.to_json()}
+def row_json(r: RunResult, figures: Sequence[LinkFigures] = ()) -> dict[str, Any]:
+    """The row as results.json holds it: the condition, its link (rate; emulated one-way
+    delay and jitter; the probe's latency and bandwidth where probed), the measurement and
+    the prediction's relative error."""
+    link = LINK_BY_DEPLOYMENT.get(r.spec.deployment)
+    probed = {f.deployment: f for f in figures}.get(r.spec.deployment)
+    measured, predicted = r.decode_tps, r.predicted_tps
+    error = predicted / measured - 1.0 if measured and predicted else None
+    return {
+        "condition": condition_of(r),
+        "link_gbit_s": _rate_gbit(r),
+        "one_way_ms": link.one_way_ms if link else None,
+        "jitter_ms": link.jitter_ms if link and link.relayed else None,
+        "probe_latency_us": probed.probe_latency_us if probed else None,
+        "probe_bandwidth_gbs": probed.probe_bandwidth_gbs if probed else None,
+        **r.to_json(),
+        "prediction_error": round(error, 4) if error is not None else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Outputs: results.json, results.csv, plots, report.md
 
-CSV_FIELDS = ("condition", "system", "deployment", "stages", "layers", "link_gbit_s", "repeats",
+CSV_FIELDS = ("condition", "system", "deployment", "stages", "layers", "link_gbit_s",
+              "one_way_ms", "jitter_ms", "probe_latency_us", "probe_bandwidth_gbs", "repeats",
               "decode_tps", "decode_tps_min", "decode_tps_max", "ms_per_token", "ttft_s",
-              "prefill_tps", "per_hop_ms", "predicted_tps", "error")  # fmt: skip
+              "prefill_tps", "per_hop_ms", "predicted_tps", "prediction_error",
+              "error")  # fmt: skip
 
 
 def write_outputs(result: ExperimentResult, counts: Sequence[int]) -> list[Path]:
     out = result.settings.out_dir
-    rows = [row_json(r) for r in result.rows]
-    doc = {
+    rows = [row_json(r, result.links) for r in result.rows]
+    doc: dict[str, Any] = {
         "experiment": "split-penalty",
         "command": result.settings.command,
         "model": str(result.settings.model_dir),
@@ -575,8 +815,10 @@ def write_outputs(result: ExperimentResult, counts: Sequence[int]) -> list[Path]
         },
         "machine": result.machine,
         "notes": list(result.notes),
+        "links": [f.to_json() for f in result.links],
         "rows": rows,
     }
+    doc["latency"] = latency.analyse(rows)
     files = [out / "results.json", out / "results.csv"]
     files[0].write_text(json.dumps(doc, indent=2) + "\n")
     with files[1].open("w", newline="") as f:
@@ -585,6 +827,8 @@ def write_outputs(result: ExperimentResult, counts: Sequence[int]) -> list[Path]
         for row in rows:
             w.writerow({**row, "layers": "+".join(str(c) for c in row["layers"])})
     files += plot(rows, out)
+    if doc["latency"]["points"]:
+        files.append(latency.plot(rows, out / "latency.png", _title(doc)))
     files.append(out / "report.md")
     files[-1].write_text(report_markdown(doc))
     return files
@@ -728,6 +972,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
               "the one-host row uses the loopback 1-stage row.", ""]  # fmt: skip
     if comp:
         lines += ["## Per-hop overhead, LayerLink vs llama.cpp RPC", "", *comp, ""]
+    lines += latency_markdown(doc)
     lines += [
         "## Plots",
         "",
@@ -750,6 +995,68 @@ def report_markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def render(out: Path) -> list[Path]:
+    """report.md and latency.png again from out/results.json (its analysis recomputed by this
+    code): for a run whose report predates a change in the analysis."""
+    path = out / "results.json"
+    doc = json.loads(path.read_text())
+    doc["latency"] = latency.analyse(doc["rows"])
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    files = [path]
+    if doc["latency"]["points"]:
+        files.append(latency.plot(doc["rows"], out / "latency.png", _title(doc)))
+    (out / "report.md").write_text(report_markdown(doc))
+    return [*files, out / "report.md"]
+
+
+def _title(doc: dict[str, Any]) -> str:
+    layers = "+".join(str(c) for c in doc.get("layers", []))
+    return f"{Path(doc['model']).name}, {doc['stages']} stages ({layers} layers)"
+
+
+def latency_markdown(doc: dict[str, Any]) -> list[str]:
+    """The latency section of report.md: the conditions as emulated and probed, the
+    generated paragraph, the slopes and the chart (nothing when no latency row ran)."""
+    lat = doc.get("latency") or {}
+    if not any((lat.get("points") or {}).values()):
+        return []
+    lines = [
+        "## Latency",
+        "",
+        lat["paragraph"],
+        "",
+        "| condition | emulated one-way ms | jitter ms | rate Gbit/s | probed one-way us | "
+        "probed GB/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in doc.get("links", []):
+        lines.append(
+            f"| {f['condition']} | {_cell(f['emulated_one_way_ms'], 'g')} | "
+            f"{_cell(f['jitter_ms'] or None, 'g')} | {_cell(f['link_gbit_s'], 'g')} | "
+            f"{_cell(f['probe_latency_us'], '.0f')} | {_cell(f['probe_bandwidth_gbs'], '.2f')} |"
+        )
+    lines += ["", "| system | per-hop ms per ms RTT | ± (std. error) | ms/token per ms RTT | "
+              "per-hop ms at 0 |", "|---|---|---|---|---|"]  # fmt: skip
+    for system, f in lat["slopes"].items():
+        lines.append(
+            f"| {system} | {_cell(f['per_hop_ms_per_ms_rtt'], '.3f')} | "
+            f"{_cell(f.get('per_hop_ms_per_ms_rtt_stderr'), '.3f')} | "
+            f"{_cell(f['ms_per_token_per_ms_rtt'], '.3f')} | {_cell(f['per_hop_ms_at_0'], '.3f')} |"
+        )
+    lines += [
+        "",
+        "Latency rows go through wire relays (coordinator/lab/wire.py) on each namespace's LAN "
+        "address, one in front of every port another namespace connects to: each "
+        "cross-namespace connection crosses one relay, delayed by the one-way figure in each "
+        "direction. Slopes are least-squares lines over the split rows against RTT = 2 x "
+        "one-way, the relay at 0 ms included.",
+        "",
+        "![decode tokens/s, per-hop ms and TTFT against link latency](latency.png)",
+        "",
+    ]
+    return lines
 
 
 def command_line(argv: Sequence[str]) -> str:

@@ -11,8 +11,9 @@ coordinator (`Lan.hub_cmd`); node namespaces hold `cluster-node` processes.
 
 Shaping: `Lan.shape(k, rate_bit_s)` puts a tbf on both ends of node k's veth (egress of eth0:
 the node's upload; egress of v<k> on the bridge: its download), so every link touching
-node k is held to that rate in both directions. netem is not available, so no latency can
-be injected.
+node k is held to that rate in both directions. netem is not available, so latency is
+added by wire relays (coordinator/lab/wire.py, `Lan.start_wire`): a node listens on 127.0.0.1
+in its namespace and a relay on its LAN address delays what crosses from other namespaces.
 
 Teardown: `Lan.close()` (or leaving the `with` block) kills every process the helper
 started, by process group, and deletes the namespaces (which deletes their veths and the
@@ -239,16 +240,33 @@ class Lan:
         return self.start(k, argv, name, port, env)
 
     def start_wire(self, k: int, port: int, target_port: int, delay_us: float,
-                   target_host: str = "") -> NodeProcess:  # fmt: skip
+                   target_host: str = "", jitter_us: float = 0.0) -> NodeProcess:  # fmt: skip
         """Start a wire-delay relay (coordinator/lab/wire.py) on node k's LAN address and `port`, in
         front of `target_port` (on that address, or `target_host` in the namespace): peers
-        from other namespaces see delay_us more one-way latency, peers in the same namespace
-        none. Call wait_ready() before use."""
+        from other namespaces see delay_us (+/- jitter_us) more one-way latency, peers in the
+        same namespace none. Call wait_ready() before use."""
         ip = self.nodes[k].ip
         argv = [sys.executable, "-m", "coordinator.lab.wire", "--listen", f"{ip}:{port}",
                 "--target", f"{target_host or ip}:{target_port}", "--delay-us",
-                str(delay_us)]  # fmt: skip
+                str(delay_us), "--jitter-us", str(jitter_us)]  # fmt: skip
         return self.start(k, argv, f"wire{k}-{port}", port)
+
+    def stop(self, process: NodeProcess) -> None:
+        """Stop one process this LAN started (its process group), e.g. a relay whose delay
+        changes."""
+        if process.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.process.pid, signal.SIGTERM)
+            try:
+                process.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.process.pid, signal.SIGKILL)
+                process.process.wait(timeout=5)
+        if process.process.stdout is not None:
+            process.process.stdout.close()
+        if process in self.processes:
+            self.processes.remove(process)
 
     def wait_ready(self, nodes: Sequence[NodeProcess], timeout_s: float = 60.0) -> None:
         """Wait until every process printed its ready line (no fixed sleeps)."""
