@@ -285,27 +285,11 @@ def test_stage_to_stage_grpc_hop_carries_the_proof(secured: LocalCluster, tiny_l
                                                     start=4, end=8, stage_index=1, stage_count=2))  # fmt: skip
             await ca.load_stage(pb.LoadStageRequest(plan_id="hop", model_path=str(tiny_llama), start=0,
                                                     end=4, next_address=b.address, stage_count=2))  # fmt: skip
-            events = cb.stub.Subscribe(pb.SubscribeRequest(plan_id="hop"))
-            queue: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
-
-            async def requests():  # type: ignore[no-untyped-def]
-                while (m := await queue.get()) is not None:
-                    yield m
-
-            pings = cb.stub.Forward(requests())
-            # Readiness without a fixed sleep: a malformed message to stage 1 is rejected
-            # and reported to subscribers; once one arrives, the subscription is live.
-            for _ in range(100):
-                queue.put_nowait(pb.ForwardRequest(request_id="ping", plan_id="hop",
-                                                   phase=pb.PHASE_DECODE))  # fmt: skip
-                try:
-                    ev = await asyncio.wait_for(events.read(), 0.2)
-                    if ev.request_id == "ping":
-                        break
-                except TimeoutError:
-                    continue
-            queue.put_nowait(None)
-            pings.cancel()
+            # Acknowledged once registered (SubscribeRequest.ack): the event of the prefill
+            # below cannot be missed. No read is cancelled half-way (that cancels the call).
+            events = cb.stub.Subscribe(pb.SubscribeRequest(plan_id="hop", ack=True))
+            ack = await asyncio.wait_for(events.read(), 60)
+            assert ack != grpc.aio.EOF and ack.message == "subscribed", ack
             prefill = pb.ForwardRequest(request_id="r", plan_id="hop", phase=pb.PHASE_PREFILL,
                                         tokens=[1, 2, 3], position=0, sample=True)  # fmt: skip
 

@@ -56,9 +56,14 @@ async def _load(address: str, model: Path) -> None:
 
 
 async def _generate(address: str) -> int:
-    """One valid prefill on the loaded plan; the sampled token (via Subscribe)."""
+    """One valid prefill on the loaded plan; the sampled token (via Subscribe).
+
+    The subscription is acknowledged before the prefill goes out (SubscribeRequest.ack), so
+    the token cannot be sampled unseen; each read waits with a generous deadline and is never
+    cancelled half-way (cancelling a read cancels the whole gRPC call: a busy node used to
+    turn a 0.5 s retry into a closed subscription)."""
     async with NodeClient(address, KEY) as c:
-        events = c.stub.Subscribe(pb.SubscribeRequest(plan_id=PLAN))
+        events = c.stub.Subscribe(pb.SubscribeRequest(plan_id=PLAN, ack=True))
         rid = "valid-" + os.urandom(4).hex()
         queue: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
 
@@ -68,22 +73,20 @@ async def _generate(address: str) -> int:
 
         stream = c.stub.Forward(requests())
         try:
-            # Until the subscription is live, a prefill may sample unseen: retry with a new id.
-            for attempt in range(50):
-                queue.put_nowait(pb.ForwardRequest(request_id=f"{rid}-{attempt}", plan_id=PLAN,
+            async with asyncio.timeout(120):
+                ack = await events.read()
+                assert ack != grpc.aio.EOF and ack.message == "subscribed", ack
+                queue.put_nowait(pb.ForwardRequest(request_id=rid, plan_id=PLAN,
                                                    phase=pb.PHASE_PREFILL, tokens=[1, 2, 3],
                                                    sample=True))  # fmt: skip
-                try:
-                    while True:
-                        ev = await asyncio.wait_for(events.read(), 0.5)
-                        if ev.request_id == f"{rid}-{attempt}":
-                            queue.put_nowait(pb.ForwardRequest(request_id=ev.request_id, plan_id=PLAN,
-                                                               phase=pb.PHASE_RELEASE))  # fmt: skip
-                            assert ev.code == 0, ev.message
-                            return int(ev.token)
-                except TimeoutError:
-                    continue
-            raise AssertionError("no token from a valid prefill")
+                while True:
+                    ev = await events.read()
+                    assert ev != grpc.aio.EOF, "the subscription closed before the token came"
+                    if ev.request_id == rid:
+                        queue.put_nowait(pb.ForwardRequest(request_id=rid, plan_id=PLAN,
+                                                           phase=pb.PHASE_RELEASE))  # fmt: skip
+                        assert ev.code == 0, ev.message
+                        return int(ev.token)
         finally:
             queue.put_nowait(None)
             stream.cancel()
