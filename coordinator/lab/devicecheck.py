@@ -51,6 +51,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from coordinator import console
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "layerlink.device-check/1"
@@ -434,8 +436,8 @@ def _llama_child() -> int:
     lib = Path(llama_cpp.__file__).parent / "lib"
     gpu = lib.is_dir() and any("ggml-cuda" in p.name for p in lib.iterdir())
     if req["require_gpu"] and not gpu:
-        print(json.dumps({"skipped": "llama-cpp-python here is a CPU build (no libggml-cuda); "
-                          "docs/hardware-runs.md says how to bring a CUDA build"}))  # fmt: skip
+        _answer_parent({"skipped": "llama-cpp-python here is a CPU build (no libggml-cuda); "
+                        "docs/hardware-runs.md says how to bring a CUDA build"})  # fmt: skip
         return 0
     llm = llama_cpp.Llama(model_path=req["gguf"], n_gpu_layers=-1 if gpu else 0, n_ctx=1024,
                           seed=0, verbose=False)  # fmt: skip
@@ -459,14 +461,20 @@ def _llama_child() -> int:
     generate(8)  # warm-up, not counted
     samples = [generate(req["gen_tokens"]) for _ in range(req["repeats"])]
     ms = statistics.median(d / max(1, len(t) - 1) * 1e3 for t, _, d in samples)
-    print(json.dumps({
+    _answer_parent({
         "gguf": req["gguf"], "cuda_build": gpu, "n_gpu_layers": -1 if gpu else 0,
         "prompt_tokens": len(prompt), "gen_tokens": req["gen_tokens"], "repeats": len(samples),
         "ms_per_token": round(ms, 4), "decode_tps": round(1e3 / ms, 2) if ms else None,
         "ttft_s": round(statistics.median(f for _, f, _ in samples), 5),
         "tokens": samples[0][0][:24],
-    }))  # fmt: skip
+    })  # fmt: skip
     return 0
+
+
+def _answer_parent(result: dict[str, Any]) -> None:
+    """The llama.cpp child's one JSON line on stdout: the channel its parent reads."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,8 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = run(args.out, args.dry_run, args.budget_s)
     summary = report["summary"]
-    print(f"device check: ok {summary[OK]}, failed {summary[FAILED]}, skipped {summary[SKIPPED]}"
-          f" -> {args.out / REPORT_FILE}")  # fmt: skip
+    console.info(
+        f"device check: ok {summary[OK]}, failed {summary[FAILED]}, "
+        f"skipped {summary[SKIPPED]} -> {args.out / REPORT_FILE}"
+    )
     return 1 if summary[FAILED] else 0
 
 
