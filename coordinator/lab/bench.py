@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -74,6 +74,23 @@ Events = Callable[[str], None]
 
 class BenchError(RuntimeError):
     """One configuration could not be measured; the message says which and why."""
+
+
+def json_worker(
+    work: Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]],
+) -> int:
+    """The body of a lab worker process (`python -m ... --worker`): one JSON request on stdin,
+    `work` run on it, one JSON reply on stdout (an error reply when it fails)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    request = json.loads(sys.stdin.read())
+    try:
+        reply: dict[str, Any] = asyncio.run(work(request))
+    except (BenchError, ValueError, OSError) as e:
+        reply = {"error": f"{type(e).__name__}: {e}"}
+    sys.stdout.write(json.dumps(reply) + "\n")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------

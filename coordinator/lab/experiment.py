@@ -67,6 +67,7 @@ from coordinator.lab.bench import (
     BenchSettings,
     NodeRef,
     RunResult,
+    json_worker,
 )
 from coordinator.lab.lan import DATA_PORT_OFFSET, NODE_PORT, Lan, NodeProcess, unavailable_reason
 from coordinator.lab.validation import session_probe
@@ -397,16 +398,7 @@ async def _worker(request: dict[str, Any]) -> dict[str, Any]:
 
 def worker_main() -> int:
     """Entry point of `python -m coordinator.lab.experiment --worker` (JSON in, JSON out)."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    request = json.loads(sys.stdin.read())
-    try:
-        reply = asyncio.run(_worker(request))
-    except (BenchError, ValueError, OSError) as e:
-        reply = {"error": f"{type(e).__name__}: {e}"}
-    sys.stdout.write(json.dumps(reply) + "\n")
-    return 0
+    return json_worker(_worker)
 
 
 # Ports inside each node namespace. Direct conditions: the node and the RPC server on the

@@ -54,7 +54,14 @@ from coordinator import calibrate
 from coordinator.calibrate import CALIBRATION_CSV, LiveCalibration, Observation
 from coordinator.costmodel import ModelSpec, Placement
 from coordinator.lab import bench
-from coordinator.lab.bench import SYSTEM_LAYERLINK, BenchError, NodeRef, RunResult, RunSpec
+from coordinator.lab.bench import (
+    SYSTEM_LAYERLINK,
+    BenchError,
+    NodeRef,
+    RunResult,
+    RunSpec,
+    json_worker,
+)
 from coordinator.session import ModelInfo, read_model
 from node.cpus import DEFAULT_POLICY as DEFAULT_CPU_POLICY
 from node.cpus import POLICIES as CPU_POLICIES
@@ -408,16 +415,7 @@ def session_probe(
 def worker_main() -> int:
     """`python -m coordinator.lab.validation --worker`: measure_cases, JSON in on stdin, JSON
     out."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    request = json.loads(sys.stdin.read())
-    try:
-        reply = asyncio.run(measure_cases(request))
-    except (BenchError, ValueError, OSError) as e:
-        reply = {"error": f"{type(e).__name__}: {e}"}
-    sys.stdout.write(json.dumps(reply) + "\n")
-    return 0
+    return json_worker(measure_cases)
 
 
 def _request(
