@@ -14,6 +14,7 @@ compute thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
@@ -196,7 +197,25 @@ class WeightService:
 
     async def _release(self, writer: TensorWriter) -> None:
         self._forget(writer)
-        await self._run(writer.close)
+        await self._finish(writer.close)
+
+    async def _finish(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on the weights thread to its end even if the awaiting stream is cancelled
+        meanwhile: a writer's close or commit that never ran would hold its tensor's lock
+        (every later stream of that tensor refused) until the node restarts."""
+        return await asyncio.shield(self._run(fn, *args))
+
+    async def _open_writer(self, meta: TensorMeta, offset: int) -> TensorWriter:
+        """cache.open_writer on the weights thread. A stream cancelled while the writer opens
+        (its client went away) closes it before the cancellation goes on."""
+        job = asyncio.ensure_future(self._run(self.cache.open_writer, meta, offset))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                opened = await asyncio.shield(job)
+                await self._finish(opened.close)
+            raise
 
     async def stage(self, weights_id: str) -> CachedStage:
         return await self._run(self.cache.stage, weights_id)
@@ -218,7 +237,7 @@ class WeightService:
             sha = done.meta.sha256
             self._forget(done)
             try:
-                if await self._run(done.commit):
+                if await self._finish(done.commit):
                     self._expected.pop(sha, None)
                     return pb.TensorAck(sha256=sha, bytes_received=received)
                 return pb.TensorAck(
@@ -228,7 +247,7 @@ class WeightService:
                     bytes_received=received,
                 )
             except CacheError as e:
-                await self._run(done.close)
+                await self._finish(done.close)
                 return pb.TensorAck(
                     sha256=sha, code=_code(e.code), message=str(e), bytes_received=received
                 )
@@ -258,8 +277,8 @@ class WeightService:
                         # that vanished without its stream ending here) yields to this one.
                         stale = self._writers.pop(sha, None)
                         if stale is not None:
-                            await self._run(stale.close)
-                        writer = await self._run(self.cache.open_writer, meta, chunk.offset)
+                            await self._finish(stale.close)
+                        writer = await self._open_writer(meta, chunk.offset)
                         self._writers[sha] = writer
                     await self._run(writer.write, data, chunk.offset)
                     if not writer.complete:

@@ -53,7 +53,7 @@ from node.weightcache import (
     WeightCache,
     blob_header,
 )
-from tests.helpers import reference_generate
+from tests.helpers import reference_generate, wait_until
 
 PROMPT = [1, 17, 42, 99, 7, 300, 12, 5]
 
@@ -572,6 +572,60 @@ def test_a_stream_that_hangs_mid_tensor_does_not_block_the_next(tmp_path: Path) 
 
     acks = asyncio.run(run())
     assert [(a.sha256, a.code) for a in acks] == [(sha, 0)]
+    assert blobs_intact(tmp_path / "c") == 1
+
+
+def test_a_stream_cancelled_while_its_writer_opens_leaves_the_tensor_unlocked(
+    tmp_path: Path,
+) -> None:
+    """The client goes away while the node opens the tensor's partial file (a CI run: every
+    later stream of that tensor was refused for 60 s with "being received by another node
+    process"): the writer opened for the cancelled stream is closed, the next stream is served."""
+    from node._proto.layerlink.v1 import node_pb2 as pb
+
+    data = os.urandom(1 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    request = byte_tensors_request([data])
+    opening, release = threading.Event(), threading.Event()
+
+    async def run() -> list[Any]:
+        service = WeightService(tmp_path / "c")
+        real_open = service.cache.open_writer
+
+        def slow_open(meta: Any, offset: int) -> Any:
+            if not opening.is_set():
+                opening.set()
+                release.wait(20)
+            return real_open(meta, offset)
+
+        service.cache.open_writer = slow_open  # type: ignore[method-assign]
+        await service.prepare(request, lambda raw: Path(raw), frozenset())
+        never = asyncio.Event()
+
+        async def vanishing() -> Any:
+            yield pb.TensorChunk(sha256=sha, offset=0, data=data[: 1 << 19])
+            await never.wait()
+
+        async def consume() -> None:
+            async for _ in service.push(vanishing()):
+                pass
+
+        hung = asyncio.create_task(consume())
+        await wait_until(opening.is_set, 20, "the writer never started to open")
+        hung.cancel()
+        release.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hung
+
+        async def whole() -> Any:
+            yield pb.TensorChunk(sha256=sha, offset=0, data=data)
+
+        acks = [a async for a in service.push(whole())]
+        service.close()
+        return acks
+
+    acks = asyncio.run(run())
+    assert [(a.sha256, a.code, a.message) for a in acks] == [(sha, 0, "")]
     assert blobs_intact(tmp_path / "c") == 1
 
 
