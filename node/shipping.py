@@ -14,7 +14,6 @@ compute thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import deque
@@ -97,8 +96,6 @@ class WeightService:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
         # Tensors announced by PrepareWeights, which PushTensors may receive.
         self._expected: dict[str, TensorMeta] = {}
-        # The open writer of each tensor being received.
-        self._writers: dict[str, TensorWriter] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
@@ -191,31 +188,15 @@ class WeightService:
             log.info("%s differs from the coordinator's model: shipping", folder)
         return same
 
-    def _forget(self, writer: TensorWriter) -> None:
-        if self._writers.get(writer.meta.sha256) is writer:
-            del self._writers[writer.meta.sha256]
-
     async def _release(self, writer: TensorWriter) -> None:
-        self._forget(writer)
         await self._finish(writer.close)
 
     async def _finish(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the weights thread to its end even if the awaiting stream is cancelled
-        meanwhile: a writer's close or commit that never ran would hold its tensor's lock
-        (every later stream of that tensor refused) until the node restarts."""
+        meanwhile: an open, close or commit cut short would leave a writer holding its
+        tensor's lock with no stream to finish it (a CI run: every later stream of the tensor
+        refused for 60 s); a writer left open is taken over by the tensor's next stream."""
         return await asyncio.shield(self._run(fn, *args))
-
-    async def _open_writer(self, meta: TensorMeta, offset: int) -> TensorWriter:
-        """cache.open_writer on the weights thread. A stream cancelled while the writer opens
-        (its client went away) closes it before the cancellation goes on."""
-        job = asyncio.ensure_future(self._run(self.cache.open_writer, meta, offset))
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                opened = await asyncio.shield(job)
-                await self._finish(opened.close)
-            raise
 
     async def stage(self, weights_id: str) -> CachedStage:
         return await self._run(self.cache.stage, weights_id)
@@ -235,7 +216,6 @@ class WeightService:
 
         async def commit(done: TensorWriter) -> pb.TensorAck:
             sha = done.meta.sha256
-            self._forget(done)
             try:
                 if await self._finish(done.commit):
                     self._expected.pop(sha, None)
@@ -273,17 +253,12 @@ class WeightService:
                                 grpc.StatusCode.FAILED_PRECONDITION,
                                 f"tensor {sha[:12]} was not prepared on this node",
                             )
-                        # A writer left open by an earlier stream of this tensor (a client
-                        # that vanished without its stream ending here) yields to this one.
-                        stale = self._writers.pop(sha, None)
-                        if stale is not None:
-                            await self._finish(stale.close)
-                        writer = await self._open_writer(meta, chunk.offset)
-                        self._writers[sha] = writer
+                        # (A writer an earlier stream of this tensor left open yields.)
+                        writer = await self._finish(self.cache.open_writer, meta, chunk.offset)
                     await self._run(writer.write, data, chunk.offset)
                     if not writer.complete:
                         continue
-                    done, writer = writer, None  # (in self._writers until committed)
+                    done, writer = writer, None
                     sealed.append((done, asyncio.wrap_future(done.when_hashed())))
                 except CacheError as e:
                     if writer is not None:

@@ -229,6 +229,12 @@ class TensorWriter:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         self._dfd = -1
         self._hashing: deque[Future[None]] = deque()
+        # A writer this process left open for the tensor (an earlier stream whose client
+        # vanished without its stream ending here) yields to this one: only a writer of
+        # another process can hold the lock below.
+        stale = cache.receiving.get(meta.sha256)
+        if stale is not None:
+            stale.close()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -237,6 +243,7 @@ class TensorWriter:
                 grpc.StatusCode.ABORTED,
                 f"tensor {meta.sha256[:12]} is being received by another node process",
             ) from None
+        cache.receiving[meta.sha256] = self
         size = os.fstat(self._fd).st_size
         have = size - len(header) if size >= len(header) else -1
         if have >= 0 and _header_len(self.path) != len(header):
@@ -348,6 +355,8 @@ class TensorWriter:
         return True
 
     def close(self) -> None:
+        if self.cache.receiving.get(self.meta.sha256) is self:
+            del self.cache.receiving[self.meta.sha256]
         self._hashed()
         self.cache.direct.settle(self._dfd)
         for fd in (self._dfd, self._fd):
@@ -377,6 +386,8 @@ class WeightCache:
         self._lock: IO[str] | None = None
         self._hasher: ThreadPoolExecutor | None = None
         self._direct: DirectWriter | None = None
+        # The open writer of each tensor being received (weights thread only).
+        self.receiving: dict[str, TensorWriter] = {}
 
     @property
     def direct(self) -> DirectWriter:
