@@ -501,12 +501,13 @@ def create_app(state: ApiState) -> FastAPI:
         steps: dict[tuple[str, ...], float] = {}
         seconds: dict[tuple[str, ...], float] = {}
         if plan is not None:
-            views = {v.address: v for v in state.monitor.views()} if state.monitor else {}
+            # By node: a node's GetInfo lists the stages of its device workers too.
+            views = {v.node_id: v for v in state.monitor.views()} if state.monitor else {}
             computes: list[float] = []
             for i, s in enumerate(plan.stages):
                 labels = {"stage": str(i), "node": s.node_name}
                 metrics.stage_layers.set(s.layer_count, **labels)
-                view = views.get(s.address)
+                view = views.get(s.node_id)
                 if view is None or not view.reachable:
                     continue
                 mine = [st for st in view.stages if st.plan_id == plan.plan_id]

@@ -386,12 +386,16 @@ class Cluster:
     ) -> Cluster:
         """Build from `coordinator probe --json` (issue 3): nodes with devices and node links.
 
-        Devices the probe could not time (stream or matmul 0) are left out. Devices of one node
-        are joined by a PCIe (device -> host -> device) link from their measured h2d/d2h
-        bandwidths, or a host-memory link when there is no PCIe figure. A link whose bandwidth
-        the sweep could not resolve (0) is taken as 10 GB/s: decode hops are latency-bound."""
+        Devices the probe could not time (stream or matmul 0) are left out. Two devices of one
+        node are joined by the hop their processes measured through host memory
+        (`device_links`), plus, for GPUs, the device -> host and host -> device copies their
+        PCIe figures give; a node whose devices share one process (no measured hop) gets
+        assumed figures (20 us over PCIe, 5 us and 10 GB/s in host memory). A link whose
+        bandwidth the sweep could not resolve (0) is taken as 10 GB/s: decode hops are
+        latency-bound."""
         devices: list[DeviceSpec] = []
-        pcie: dict[str, tuple[float, float]] = {}
+        pcie: dict[str, tuple[float, float]] = {}  # device id -> (h2d, d2h) bytes/s
+        copy_latency: dict[str, tuple[float, float]] = {}  # device id -> (h2d, d2h) s
         links: list[LinkSpec] = []
         names: dict[str, str] = {}
         for node in probe.get("nodes", []):
@@ -420,6 +424,20 @@ class Cluster:
                 p = d.get("pcie")
                 if isinstance(p, Mapping) and p.get("h2d_gbs") and p.get("d2h_gbs"):
                     pcie[dev_id] = (float(p["h2d_gbs"]) * 1e9, float(p["d2h_gbs"]) * 1e9)
+                    copy_latency[dev_id] = (
+                        float(p.get("h2d_latency_us") or 0.0) * 1e-6,
+                        float(p.get("d2h_latency_us") or 0.0) * 1e-6,
+                    )
+        measured: dict[tuple[str, str], tuple[float, float]] = {}
+        for dl in probe.get("device_links", []):
+            owner = names.get(str(dl["node"]))
+            if owner is None:
+                continue
+            bw = float(dl.get("bandwidth_gbs") or 0.0) * 1e9
+            measured[(f"{owner}/{dl['src']}", f"{owner}/{dl['dst']}")] = (
+                max(0.0, float(dl["latency_us"]) * 1e-6),
+                bw if bw > 0 else 10e9,
+            )
         for lk in probe.get("links", []):
             src, dst = names.get(str(lk["src"])), names.get(str(lk["dst"]))
             if src is None or dst is None or src == dst:
@@ -442,13 +460,35 @@ class Cluster:
                 for b in group:
                     if a.id == b.id:
                         continue
-                    if a.id in pcie and b.id in pcie:
-                        d2h, h2d = pcie[a.id][1], pcie[b.id][0]
-                        bw = 1.0 / (1.0 / d2h + 1.0 / h2d)  # staged through host memory
-                        links.append(LinkSpec(a.id, b.id, 20e-6, bw, hop_overhead_s, "pcie"))
-                    else:
-                        links.append(LinkSpec(a.id, b.id, 5e-6, 10e9, hop_overhead_s, "host"))
+                    links.append(_intra_node_link(a.id, b.id, measured.get((a.id, b.id)),
+                                                  pcie, copy_latency, hop_overhead_s))  # fmt: skip
         return Cluster(tuple(devices), tuple(links))
+
+
+def _intra_node_link(
+    a: str,
+    b: str,
+    hop: tuple[float, float] | None,
+    pcie: Mapping[str, tuple[float, float]],
+    copy_latency: Mapping[str, tuple[float, float]],
+    overhead_s: float,
+) -> LinkSpec:
+    """Device a -> device b of one node: a's device -> host copy (GPUs), the hop between
+    their processes through host memory as measured (`hop`: latency s, bytes/s), b's host ->
+    device copy. Not measured (devices sharing one process): 20 us over PCIe, else 5 us and
+    10 GB/s."""
+    gpus = a in pcie and b in pcie
+    if hop is None:
+        if not gpus:
+            return LinkSpec(a, b, 5e-6, 10e9, overhead_s, "host")
+        bw = 1.0 / (1.0 / pcie[a][1] + 1.0 / pcie[b][0])
+        return LinkSpec(a, b, 20e-6, bw, overhead_s, "pcie")
+    latency, bw = hop
+    if not gpus:
+        return LinkSpec(a, b, latency, bw, overhead_s, "host")
+    latency += copy_latency.get(a, (0.0, 0.0))[1] + copy_latency.get(b, (0.0, 0.0))[0]
+    bw = 1.0 / (1.0 / pcie[a][1] + 1.0 / bw + 1.0 / pcie[b][0])  # staged through host memory
+    return LinkSpec(a, b, latency, bw, overhead_s, "pcie")
 
 
 # --------------------------------------------------------------------------------------------

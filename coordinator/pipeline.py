@@ -142,6 +142,7 @@ class Pipeline:
                 stage_index=i,
                 stage_count=len(stages),
                 owner=self.owner,
+                device=s.device,
             )
             try:
                 reply = await self.clients[s.address].load_stage(req)

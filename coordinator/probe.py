@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SLOW_TOLERANCE = 1.25
 LINK_TIMEOUT_S = 60.0
 DEVICES_TIMEOUT_S = 300.0
+NOT_SERVED_NOTE = "the node runs no stages on it (start it with `cluster-node up --devices N`)"
 
 
 class ProbeClient(Protocol):
@@ -110,11 +111,16 @@ class DeviceFigures:
     # Where the memory figures come from (DeviceInfo.mem_source): "nvml", "mlx",
     # "metal-working-set" or "os"; "" from a node that does not say.
     mem_source: str = ""
+    # The node serves stages on it (GetInfo's runs_stages), and where: host:port of the
+    # device worker that serves it ("" : the node's own server).
+    runs_stages: bool = True
+    address: str = ""
 
     @property
     def usable(self) -> bool:
-        """Stages can run on it: it was timed (MLX drives it)."""
-        return self.stream_gbs > 0.0 and self.matmul_tflops > 0.0
+        """Stages can run on it: the node serves stages on it and it was timed (MLX
+        drives it)."""
+        return self.runs_stages and self.stream_gbs > 0.0 and self.matmul_tflops > 0.0
 
     @classmethod
     def from_proto(cls, m: pb.DeviceMeasurement) -> DeviceFigures:
@@ -150,6 +156,8 @@ class DeviceFigures:
             "note": self.note,
             "compute_dtype": self.compute_dtype,
             "mem_source": self.mem_source,
+            "runs_stages": self.runs_stages,
+            "address": self.address,
         }
 
 
@@ -215,11 +223,39 @@ class LinkFigures:
 
 
 @dataclass(frozen=True)
+class DeviceLinkFigures:
+    """The hop between two devices of one node, device `src`'s process sending to device
+    `dst`'s through host memory (a loopback socket), as `src` measured it: the intra-node
+    hop the cost model plans with (the device <-> host copies are added from each device's
+    PCIe figures)."""
+
+    node_id: str
+    node_name: str
+    src: str  # device labels, as the node numbers its devices
+    dst: str
+    latency_us: float
+    bandwidth_gbs: float
+    bandwidth_resolved: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "node_name": self.node_name,
+            "src": self.src,
+            "dst": self.dst,
+            "latency_us": self.latency_us,
+            "bandwidth_gbs": self.bandwidth_gbs,
+            "bandwidth_resolved": self.bandwidth_resolved,
+        }
+
+
+@dataclass(frozen=True)
 class ProbeResult:
     nodes: tuple[NodeFigures, ...]
     links: tuple[LinkFigures, ...]
     seconds: float
     errors: tuple[str, ...] = ()
+    device_links: tuple[DeviceLinkFigures, ...] = ()
 
     def link(self, src: str, dst: str) -> LinkFigures | None:
         return next((x for x in self.links if x.src == src and x.dst == dst), None)
@@ -248,6 +284,7 @@ class ProbeResult:
             "nodes": [n.to_json() for n in self.nodes],
             "links": [x.to_json((x.src, x.dst) in slow) for x in self.links],
             "slowest": {"src": worst.src, "dst": worst.dst} if worst is not None else None,
+            "device_links": [x.to_json() for x in self.device_links],
             "seconds": self.seconds,
             "errors": list(self.errors),
         }
@@ -346,6 +383,24 @@ async def probe_cluster(
             say(f"links: batch {i + 1}: " + ", ".join(f"{a.name}<->{b.name}" for a, b in batch))
             await asyncio.gather(*(both_ways(a, b) for a, b in batch))
 
+        device_links: list[DeviceLinkFigures] = []
+        for n in live:
+            servers = stage_servers(n, infos[n.node_id])
+            if len(servers) < 2:
+                continue
+            say(f"links: inside {n.name}: devices " + ", ".join(servers))
+            for a, a_address in servers.items():
+                for b, b_address in servers.items():
+                    if a == b:
+                        continue
+                    try:
+                        async with client_factory(a_address) as c:
+                            reply = await c.measure_link(b_address, timeout=LINK_TIMEOUT_S)
+                    except (grpc.aio.AioRpcError, OSError) as e:
+                        errors.append(f"link {n.name} device {a} -> {b}: {_describe(e)}")
+                        continue
+                    device_links.append(device_link_from_reply(n, a, b, reply))
+
         reports: dict[str, pb.MeasureDevicesReply] = {}
         if devices:
 
@@ -376,7 +431,35 @@ async def probe_cluster(
     ordered_links = tuple(links[k] for k in sorted(links, key=lambda k: (order[k[0]], order[k[1]])))
     return ProbeResult(
         nodes=node_figures, links=ordered_links, seconds=time.monotonic() - t0,
-        errors=tuple(errors),
+        errors=tuple(errors), device_links=tuple(device_links),
+    )  # fmt: skip
+
+
+def stage_servers(rec: NodeRecord, info: pb.NodeInfo) -> dict[str, str]:
+    """Device label -> host:port of the server that runs that device's stages, for every
+    device of the node that runs stages (a node from before device workers: its first)."""
+    host = rec.address.rsplit(":", 1)[0]
+    out = {
+        str(d.index): f"{host}:{d.grpc_port}" if d.grpc_port else rec.address
+        for d in info.devices
+        if d.runs_stages
+    }
+    if not out and info.devices:
+        out[str(info.devices[0].index)] = rec.address
+    return out
+
+
+def device_link_from_reply(
+    rec: NodeRecord, src: str, dst: str, reply: pb.MeasureLinkReply
+) -> DeviceLinkFigures:
+    samples = [linkfit.Sample(s.payload_bytes, s.median_rtt_us) for s in reply.samples]
+    try:
+        resolved = linkfit.fit_link(samples).resolved
+    except ValueError:
+        resolved = False
+    return DeviceLinkFigures(
+        node_id=rec.node_id, node_name=rec.name, src=src, dst=dst, latency_us=reply.latency_us,
+        bandwidth_gbs=reply.bandwidth_gbs, bandwidth_resolved=resolved,
     )  # fmt: skip
 
 
@@ -406,7 +489,19 @@ def _node_figures(
         )
         host_copy, nvml_status = 0.0, ""
     rules = {d.index: d.compute_dtype for d in info.devices if d.compute_dtype}
-    devices = tuple(replace(d, compute_dtype=rules.get(d.index, d.compute_dtype)) for d in devices)
+    servers = stage_servers(rec, info)
+    devices = tuple(
+        replace(
+            d,
+            compute_dtype=rules.get(d.index, d.compute_dtype),
+            runs_stages=str(d.index) in servers,
+            address="" if servers.get(str(d.index), rec.address) == rec.address
+            else servers[str(d.index)],
+            note=d.note if str(d.index) in servers
+            else "; ".join(x for x in (d.note, NOT_SERVED_NOTE) if x),
+        )
+        for d in devices
+    )  # fmt: skip
     return NodeFigures(
         node_id=rec.node_id, name=rec.name, address=rec.address, backend=info.backend or rec.backend,
         hostname=info.hostname, host_copy_gbs=host_copy, nvml_status=nvml_status, devices=devices,

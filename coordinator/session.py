@@ -104,44 +104,91 @@ async def node_infos(records: list[NodeRecord]) -> dict[str, Any]:
     return {r.node_id: i for r, i in zip(records, infos, strict=True)}
 
 
-def stage_device_free(info: Any) -> int:
-    """Free bytes of the device a node's stages run on (NodeInfo.devices[*].runs_stages; a node
-    that does not say, from before that field, runs them on its first device)."""
-    devices = list(info.devices)
-    if not devices:
-        return 0
-    chosen = next((d for d in devices if d.runs_stages), devices[0])
-    return int(chosen.mem_free_bytes)
+@dataclass(frozen=True)
+class StageDevice:
+    """A device a node runs stages on, where its stages are served, and its free memory."""
+
+    record: NodeRecord
+    device: str  # the device's label on its node ("0", "1", ...)
+    address: str  # host:port of the process that serves its stages
+    mem_free_bytes: int
+
+
+def stage_devices(record: NodeRecord, info: Any) -> list[StageDevice]:
+    """Every device a node runs stages on (NodeInfo.devices[*].runs_stages, served by the
+    node's own process or by a device worker of its own); a node from before that field
+    runs them on its first device."""
+    from coordinator.probe import stage_servers
+
+    by_label = {str(d.index): d for d in info.devices}
+    return [
+        StageDevice(record, label, address, int(by_label[label].mem_free_bytes))
+        for label, address in stage_servers(record, info).items()
+    ]
+
+
+async def all_stage_devices(records: list[NodeRecord]) -> list[StageDevice]:
+    """The devices of every node that run stages, nodes by name, devices in their order."""
+    infos = await node_infos(records)
+    ordered = sorted(records, key=lambda r: (r.name, r.node_id))
+    return [d for r in ordered for d in stage_devices(r, infos[r.node_id])]
 
 
 async def memory_plan(
     model: ModelInfo, records: list[NodeRecord], max_stages: int | None = None
 ) -> Plan:
-    """Contiguous layer ranges proportional to the free memory of the device each node runs
-    its stage on (the placement used until measurements are available; the planner replaces
-    it). A PC's other GPUs do not count: its one stage cannot use their memory."""
+    """Contiguous layer ranges proportional to the free memory of each device the nodes run
+    stages on (the placement used until measurements are available; the planner replaces
+    it): a PC with `--devices 3` holds three stages, one per GPU, each sized by that GPU."""
     if not records:
         raise SessionError("no nodes to place the model on")
-    records = sorted(records, key=lambda r: (r.name, r.node_id))[: max_stages or len(records)]
-    if len(records) > model.num_layers:
-        records = records[: model.num_layers]
-    infos = await node_infos(records)
-    free = [max(1, stage_device_free(infos[r.node_id])) for r in records]
+    targets = await all_stage_devices(records)
+    targets = targets[: min(max_stages or len(targets), model.num_layers)]
+    free = [max(1, t.mem_free_bytes) for t in targets]
     ranges = split_by_weights(model.num_layers, [float(f) for f in free])
-    stages = tuple(
-        Stage(node_id=r.node_id, node_name=r.name, address=r.address, start=s, end=e)
-        for r, (s, e) in zip(records, ranges, strict=True)
-    )
     return Plan(
         model=model.name,
         num_layers=model.num_layers,
-        stages=stages,
-        explanation="layers split in proportion to each node's free memory",
+        stages=_stages_on(targets, ranges),
+        explanation="layers split in proportion to each device's free memory",
+    )
+
+
+def _stages_on(targets: list[StageDevice], ranges: list[tuple[int, int]]) -> tuple[Stage, ...]:
+    return tuple(
+        Stage(
+            node_id=t.record.node_id,
+            node_name=t.record.name,
+            address=t.address,
+            start=s,
+            end=e,
+            device=t.device,
+        )  # fmt: skip
+        for t, (s, e) in zip(targets, ranges, strict=True)
+    )
+
+
+async def even_plan(model: ModelInfo, records: list[NodeRecord]) -> Plan:
+    """mlx-lm's split over every device the nodes run stages on: equal layer counts."""
+    if not records:
+        raise SessionError("no nodes to place the model on")
+    targets = (await all_stage_devices(records))[: model.num_layers]
+    counts = even_counts(model.num_layers, len(targets))
+    ranges, start = [], 0
+    for n in counts:
+        ranges.append((start, start + n))
+        start += n
+    return Plan(
+        model=model.name,
+        num_layers=model.num_layers,
+        stages=_stages_on(targets, ranges),
+        explanation=f"fixed split {counts}",
     )
 
 
 def fixed_plan(model: ModelInfo, records: list[NodeRecord], layer_counts: list[int]) -> Plan:
-    """A plan with explicit layer counts per node, in the given node order."""
+    """A plan with explicit layer counts per node (each on its first device), in the given
+    node order."""
     if (
         len(layer_counts) != len(records)
         or sum(layer_counts) != model.num_layers
@@ -289,7 +336,13 @@ def device_map(
             continue
         for i, d in enumerate(node.get("devices", [])):
             label = str(d.get("index", i))
-            out[f"{name}/{label}"] = (node_id, rec.name, rec.address, label)
+            # A device served by a worker process of its node has an address of its own.
+            out[f"{name}/{label}"] = (
+                node_id,
+                rec.name,
+                str(d.get("address") or rec.address),
+                label,
+            )
     return out
 
 
@@ -420,6 +473,5 @@ async def select_plan(
     if placement == "memory":
         return await memory_plan(model, records), None
     if placement == "even":
-        recs = sorted(records, key=lambda r: (r.name, r.node_id))[: model.num_layers]
-        return fixed_plan(model, recs, even_counts(model.num_layers, len(recs))), None
+        return await even_plan(model, records), None
     raise SessionError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")

@@ -459,6 +459,19 @@ def choice_json(choice: PlanChoice, cluster: Cluster) -> dict[str, Any]:
         }
         for h in cost.hops
     ]
+    # The hops between devices of one node (PCIe or host memory), as the cost model prices
+    # them: measured on a live cluster (coordinator/probe.py's device_links).
+    out["intra_node_links"] = [
+        {
+            "src": lk.src,
+            "dst": lk.dst,
+            "kind": lk.kind,
+            "latency_ms": round(lk.latency_s * 1e3, 4),
+            "bandwidth_gbs": round(lk.bandwidth_Bps / 1e9, 3),
+        }
+        for lk in cluster.links
+        if lk.kind in ("pcie", "host")
+    ]
     out["memory"] = [
         {
             "device_id": m.device,

@@ -297,8 +297,16 @@ def _fit_buffer(buffer_bytes: int, free_bytes: int) -> int:
     return buffer_bytes
 
 
-def measure_devices(request: pb.MeasureDevicesRequest) -> pb.MeasureDevicesReply:
-    """Time every device this node runs stages on. Raises BenchError on a bad request."""
+# How long a node waits for one device worker's measurement (it measures one device).
+WORKER_TIMEOUT_S = 240.0
+
+
+def measure_devices(
+    request: pb.MeasureDevicesRequest, first_only: bool = False
+) -> pb.MeasureDevicesReply:
+    """Time every device this node runs stages on (`first_only`: MLX's default device alone,
+    for a node whose other devices have worker processes of their own). Raises BenchError
+    on a bad request."""
     dtypes, buffer_bytes = _check(request)
     t0 = time.perf_counter()
     backend = hardware.mlx_backend()
@@ -307,9 +315,9 @@ def measure_devices(request: pb.MeasureDevicesRequest) -> pb.MeasureDevicesReply
     if backend == "metal":
         _measure_metal(reply, dtypes, buffer_bytes, total, avail)
     elif backend == "cuda":
-        _measure_cuda(reply, dtypes, buffer_bytes)
+        _measure_cuda(reply, dtypes, buffer_bytes, first_only)
     else:
-        _measure_cpu(reply, dtypes, buffer_bytes, total, avail)
+        _measure_cpu(reply, dtypes, buffer_bytes, total, avail, first_only)
     log.info("devices measured in %.2fs", time.perf_counter() - t0)
     return reply
 
@@ -319,13 +327,18 @@ def _cpu_name() -> str:
 
 
 def _measure_cpu(
-    reply: pb.MeasureDevicesReply, dtypes: list[str], buffer_bytes: int, total: int, avail: int
+    reply: pb.MeasureDevicesReply,
+    dtypes: list[str],
+    buffer_bytes: int,
+    total: int,
+    avail: int,
+    first_only: bool = False,
 ) -> None:
     msg = pb.DeviceMeasurement(index=0, name=_cpu_name(), kind="cpu", mem_total_bytes=total,
                                mem_free_bytes=avail, mem_source=hardware.MEM_OS)  # fmt: skip
     with _on(mx.cpu):
         notes = _timed_device(dtypes, _fit_buffer(buffer_bytes, avail), msg)
-    gpus, status = nvml.read_gpus()
+    gpus, status = ([], "") if first_only else nvml.read_gpus()
     if gpus:
         # NVIDIA GPUs MLX cannot drive from this install: report what NVML knows.
         reply.nvml_status = status or f"{len(gpus)} NVIDIA GPU(s); {NO_CUDA_NOTE}"
@@ -366,10 +379,12 @@ def _measure_metal(
     reply.nvml_status = "no NVIDIA GPU (Apple Silicon)"
 
 
-def _measure_cuda(reply: pb.MeasureDevicesReply, dtypes: list[str], buffer_bytes: int) -> None:
+def _measure_cuda(
+    reply: pb.MeasureDevicesReply, dtypes: list[str], buffer_bytes: int, first_only: bool = False
+) -> None:
     """Each GPU in MLX's order: its timings, its copies, then NVML for that GPU at once (the
     link has just been busy, so it shows its working speed; its memory is the driver's)."""
-    count = int(mx.device_count(mx.gpu))
+    count = 1 if first_only else int(mx.device_count(mx.gpu))
     matched: set[str] = set()
     problems: list[str] = []
     for i in range(count):

@@ -14,11 +14,16 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+from node.workers import ready_line
 
 log = logging.getLogger("node")
 
-READY_PREFIX = "LAYERLINK_NODE_READY"
+WORKER_START_S = 180.0  # loading MLX in a fresh process on a busy machine takes a while
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster name announced over mDNS (default: $LAYERLINK_CLUSTER or 'default')",
     )
     up.add_argument("--no-advertise", action="store_true", help="do not announce over mDNS")
+    up.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve stages on N devices, one process per device (a PC with several GPUs: "
+        "one node, its GPUs as pipeline stages; device K's process listens on the gRPC port "
+        "+ 2K and + 2K + 1). On the CPU, N devices share the processor (tests, demos). "
+        "Default: every GPU MLX drives, else 1",
+    )
+    # Internal: a device worker of the node with id --worker-of (node/workers.py).
+    up.add_argument("--worker-device", default=None, help=argparse.SUPPRESS)  # K/N
+    up.add_argument("--worker-of", default="", help=argparse.SUPPRESS)  # the node's id
     up.add_argument(
         "--cpus",
         default=None,
@@ -159,7 +177,7 @@ async def serve(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from node import PROTOCOL_VERSION, auth, hardware
+    from node import PROTOCOL_VERSION, auth, devices, hardware
     from node._proto.layerlink.v1 import node_pb2_grpc as pb_grpc
     from node.datapath import DataServer
     from node.identity import node_id_for
@@ -186,7 +204,12 @@ async def serve(args: argparse.Namespace) -> int:
 
     keep_large_buffers()  # weight shipping moves bulk bytes: no mmap churn per piece
     hw = hardware.probe()
-    node_id = node_id_for(name)
+    try:
+        serving = _serving(args, hw)
+    except devices.DeviceError as e:
+        log.error("%s", e)
+        return 2
+    node_id = args.worker_of if serving.is_worker else node_id_for(name)
     rpc_server = None
     rpc_port = rpc_version = 0
     if args.llama_rpc:
@@ -238,6 +261,32 @@ async def serve(args: argparse.Namespace) -> int:
             e,
         )
         return 1
+    stop = asyncio.Event()  # set by SIGINT/SIGTERM (handlers below) or a worker's exit
+    loop = asyncio.get_running_loop()
+
+    def worker_gone(device: int, code: int) -> None:
+        log.error(
+            "the worker of device %d exited (code %d): stopping the node, so that "
+            "coordinators re-plan without it",
+            device,
+            code,
+        )
+        stop.set()
+
+    workers = None
+    if serving.count > 1 and not serving.is_worker:
+        workers, started = await _start_workers(
+            args,
+            hw,
+            serving,
+            name,
+            node_id,
+            lambda device, code: _ignore(loop.call_soon_threadsafe(worker_gone, device, code)),
+        )
+        if workers is None:
+            await data_server.close()
+            return 1
+        serving = replace(serving, workers=started)
     config = NodeConfig(
         node_id=node_id,
         name=name,
@@ -251,6 +300,7 @@ async def serve(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         cache_max_bytes=int(args.cache_max_gb * 1e9),
         data_port=data_port,
+        serving=serving,
     )
     service = NodeService(config, hw)
     holder.append(service)
@@ -266,13 +316,12 @@ async def serve(args: argparse.Namespace) -> int:
     # Handle SIGINT/SIGTERM from here on: a signal that arrived between the READY line and
     # the handler would kill the node with its default action, without the mDNS goodbye,
     # leaving its record listed until the TTL ran out (a test caught this race).
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
     advertiser = None
     adv_host = _advertised_host(args.host)
+    served = devices.served_devices(hw.devices, serving)
     if not args.no_advertise:
         record = NodeRecord(
             node_id=node_id,
@@ -281,8 +330,8 @@ async def serve(args: argparse.Namespace) -> int:
             port=port,
             protocol_version=PROTOCOL_VERSION,
             backend=hw.backend,
-            device_count=len(hw.devices),
-            mem_bytes=sum(d.mem_total_bytes for d in hw.devices),
+            device_count=len(served),
+            mem_bytes=sum(d.mem_total_bytes for d in served),
             cluster=args.cluster,
             llama_rpc_port=rpc_port,
             llama_rpc_version=rpc_version,
@@ -291,13 +340,16 @@ async def serve(args: argparse.Namespace) -> int:
         advertiser = Advertiser(record, mdns_interfaces(args.host))
         await advertiser.start()
     log.info(
-        "node %s (%s) serving on %s:%d (data path :%d), backend %s",
+        "node %s (%s) serving on %s:%d (data path :%d), backend %s, %s",
         name,
         node_id[:8],
         adv_host,
         port,
         data_port,
         hw.backend,
+        f"device {serving.own} of {serving.count}"
+        if serving.is_worker
+        else f"{serving.count} device(s)",
     )
     if key is None:
         log.warning(
@@ -306,7 +358,7 @@ async def serve(args: argparse.Namespace) -> int:
             port,
             "" if auth.is_loopback(args.host) else " (--insecure)",
         )
-    print(f"{READY_PREFIX} {adv_host}:{port} {node_id}", flush=True)
+    print(ready_line(f"{adv_host}:{port}", node_id, data_port), flush=True)
 
     await stop.wait()
     log.info("shutting down")
@@ -318,7 +370,77 @@ async def serve(args: argparse.Namespace) -> int:
     await service.close()
     if rpc_server is not None:
         rpc_server.stop()
+    if workers is not None:
+        await asyncio.to_thread(workers.stop)
     return 0
+
+
+def _ignore(_value: object) -> None:
+    pass
+
+
+def _serving(args: argparse.Namespace, hw: Any) -> Any:
+    """The devices this process serves (node/devices.py); raises DeviceError."""
+    from node import devices
+
+    if args.worker_device:
+        own, _, count = str(args.worker_device).partition("/")
+        try:
+            serving = devices.Serving(own=int(own), count=int(count))
+        except ValueError:
+            raise devices.DeviceError(
+                f"--worker-device {args.worker_device!r}: expected K/N"
+            ) from None
+        if not args.worker_of:
+            raise devices.DeviceError("--worker-device needs --worker-of (the node's id)")
+        if not 0 < serving.own < serving.count:
+            raise devices.DeviceError(f"--worker-device {args.worker_device!r}: expected 0 < K < N")
+        return serving
+    return devices.Serving(count=devices.check_count(args.devices, hw.devices, hw.backend))
+
+
+async def _start_workers(
+    args: argparse.Namespace,
+    hw: Any,
+    serving: Any,
+    name: str,
+    node_id: str,
+    on_exit: Callable[[int, int], None],
+) -> tuple[Any, tuple[Any, ...]]:
+    """Start the node's device workers and wait until each serves: (the DeviceWorkers and
+    their servers), or (None, ()) after logging why they did not start."""
+    from node import auth
+    from node.weightcache import default_root
+    from node.workers import DeviceWorkers, WorkerError, WorkerSpec, worker_argv
+
+    token = auth.token_from(args.token, args.token_file)
+    cache_root = args.cache_dir or default_root()
+    uuids = {d.index: d.uuid for d in hw.devices if d.kind == "cuda"}
+    specs = []
+    for k in range(1, serving.count):
+        env: list[tuple[str, str]] = [("LAYERLINK_TOKEN", token)] if token else []
+        if hw.backend == "cuda":  # the worker sees its GPU alone (by UUID: no ordering doubt)
+            env.append(("CUDA_VISIBLE_DEVICES", uuids.get(k) or str(k)))
+        argv = worker_argv(
+            k, serving.count, node_id, host=args.host, port=args.port, name=name,
+            cluster=args.cluster,
+            model_dirs=[str(d) for d in args.model_dir], cache_dir=str(cache_root / f"device-{k}"),
+            cache_max_gb=args.cache_max_gb, idle_timeout_s=args.idle_timeout,
+            insecure=args.insecure, verbose=args.verbose,
+        )  # fmt: skip
+        specs.append(WorkerSpec(k, argv, tuple(env)))
+    workers = DeviceWorkers(specs, on_exit)
+    workers.launch()  # from the main thread (node/workers.py says why)
+    try:
+        started = await asyncio.to_thread(workers.wait_ready, WORKER_START_S)
+    except WorkerError as e:
+        log.error("%s", e)
+        return None, ()
+    log.info(
+        "device workers serving: %s",
+        ", ".join(f"device {w.device} on :{w.grpc_port}" for w in started),
+    )
+    return workers, started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         log.info("pinned to CPU cores %s", ",".join(map(str, sorted(cores))))
+    if args.command == "up" and args.worker_device:
+        from node.workers import die_with_parent
+
+        die_with_parent()
     if args.command == "up":
         return asyncio.run(serve(args))
     if args.command == "cache":

@@ -30,9 +30,11 @@ import mlx.core as mx
 from node import (
     PROTOCOL_VERSION,
     __version__,
+    auth,
     codec,
     computedtype,
     devicebench,
+    devices,
     hardware,
     inputs,
     linkprobe,
@@ -102,6 +104,9 @@ def code_number(code: grpc.StatusCode) -> int:
     return value[0]
 
 
+WORKER_INFO_TIMEOUT_S = 2.0
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: str
@@ -118,6 +123,8 @@ class NodeConfig:
     cache_dir: Path | None = None
     cache_max_bytes: int = 0
     data_port: int = 0
+    # The devices this process and the node's device workers serve (node/devices.py).
+    serving: devices.Serving = devices.Serving()
 
 
 def _sampling_of(msg: pb.ForwardRequest) -> Sampling:
@@ -210,6 +217,9 @@ class NodeService(pb_grpc.NodeServicer):
     def __init__(self, config: NodeConfig, hw: hardware.Hardware) -> None:
         self.config = config
         self.hw = hw
+        # Channels to the node's device workers (GetInfo lists their stages).
+        self._worker_channels: list[grpc.aio.Channel] = []
+        self._worker_stubs: dict[int, pb_grpc.NodeStub] = {}
         # Every MLX call runs on this one thread: MLX streams belong to the thread that made
         # them, so an array left unevaluated by one thread cannot be evaluated by another.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -240,6 +250,8 @@ class NodeService(pb_grpc.NodeServicer):
                     log.info("freed KV cache of idle request %s", rid)
 
     async def close(self) -> None:
+        for channel in self._worker_channels:
+            await channel.close()
         self.weights.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -263,7 +275,9 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.NodeInfo:
         total, avail, live = await asyncio.to_thread(self._memory_now)
-        devices = [
+        serving = self.config.serving
+        workers = {w.device: w for w in serving.workers}
+        infos = [
             pb.DeviceInfo(
                 index=d.index,
                 name=d.name,
@@ -281,8 +295,10 @@ class NodeService(pb_grpc.NodeServicer):
                 compute_dtype=computedtype.policy(),
                 mem_source=d.mem_source,
                 runs_stages=d.runs_stages,
+                grpc_port=workers[d.index].grpc_port if d.index in workers else 0,
+                data_port=workers[d.index].data_port if d.index in workers else 0,
             )
-            for d in live
+            for d in devices.served_devices(live, serving)
         ]
         return pb.NodeInfo(
             node_id=self.config.node_id,
@@ -294,8 +310,8 @@ class NodeService(pb_grpc.NodeServicer):
             hostname=self.hw.hostname,
             mem_total_bytes=total,
             mem_available_bytes=avail,
-            devices=devices,
-            stages=[s.status() for s in self.stages.values()],
+            devices=infos,
+            stages=[*self._own_stages(), *await self._worker_stages()],
             grpc_port=self.config.port,
             cluster=self.config.cluster,
             mlx_active_bytes=mx.get_active_memory(),
@@ -304,6 +320,39 @@ class NodeService(pb_grpc.NodeServicer):
             version=__version__,
             data_port=self.config.data_port,
         )
+
+    def _own_stages(self) -> list[pb.StageStatus]:
+        out = []
+        for loaded in self.stages.values():
+            status = loaded.status()
+            status.device = str(self.config.serving.own)
+            out.append(status)
+        return out
+
+    async def _worker_stages(self) -> list[pb.StageStatus]:
+        """The stages the node's device workers hold (a worker that does not answer within
+        WORKER_INFO_TIMEOUT_S is left out: its node stops when it exits)."""
+
+        async def one(worker: devices.DeviceServer) -> list[pb.StageStatus]:
+            stub = self._worker_stubs.get(worker.device)
+            if stub is None:
+                channel = auth.secure_channel(f"{self._local_host()}:{worker.grpc_port}")
+                self._worker_channels.append(channel)
+                stub = self._worker_stubs[worker.device] = pb_grpc.NodeStub(channel)
+            try:
+                info = await stub.GetInfo(pb.GetInfoRequest(), timeout=WORKER_INFO_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                log.warning("device %d's worker did not answer: %s", worker.device, e.code().name)
+                return []
+            return list(info.stages)
+
+        found = await asyncio.gather(*(one(w) for w in self.config.serving.workers))
+        return [st for group in found for st in group]
+
+    def _local_host(self) -> str:
+        """Where this node's device workers are reached from the node itself."""
+        host = self.config.host
+        return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
     def _check_not_in_use(self, plan_id: str, owner: str) -> None:
         """Plan ids follow from the model and the placement, so two coordinators with the
@@ -336,6 +385,9 @@ class NodeService(pb_grpc.NodeServicer):
                 )
             if len(request.owner) > 128:
                 raise StageError(ErrorKind.INVALID_ARGUMENT, "owner must be at most 128 characters")
+            why = devices.check_stage_device(request.device, self.config.serving, self.config.host)
+            if why:
+                raise StageError(ErrorKind.FAILED_PRECONDITION, why)
             self._check_not_in_use(request.plan_id, request.owner)
             model_path, cached = await self._stage_source(request)
             spec = StageSpec(
@@ -816,13 +868,40 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.MeasureDevicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MeasureDevicesReply:
         t0 = time.perf_counter()
+        serving = self.config.serving
         try:
             reply: pb.MeasureDevicesReply = await self.run_compute(
-                devicebench.measure_devices, request
+                devicebench.measure_devices, request, serving.count > 1
             )
         except devicebench.BenchError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if serving.count > 1:
+            del reply.devices[1:]
+            for d in reply.devices:
+                d.index = serving.own
+                if d.kind == "cpu":  # one processor, its memory shared out
+                    d.mem_total_bytes //= serving.count
+                    d.mem_free_bytes //= serving.count
+            for w in serving.workers:  # one after the other: they share the host
+                try:
+                    theirs = await self._measure_worker(w, request)
+                except grpc.aio.AioRpcError as e:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"device {w.device}'s worker did not measure: {e.code().name} "
+                        f"{e.details()}",
+                    )
+                reply.devices.extend(theirs.devices[:1])
         log.info("measured devices in %.2fs", time.perf_counter() - t0)
+        return reply
+
+    async def _measure_worker(
+        self, worker: devices.DeviceServer, request: pb.MeasureDevicesRequest
+    ) -> pb.MeasureDevicesReply:
+        async with auth.secure_channel(f"{self._local_host()}:{worker.grpc_port}") as channel:
+            reply: pb.MeasureDevicesReply = await pb_grpc.NodeStub(channel).MeasureDevices(
+                request, timeout=devicebench.WORKER_TIMEOUT_S
+            )
         return reply
 
     # ----- weight shipping (node/shipping.py, docs/weights.md) --------------------------------

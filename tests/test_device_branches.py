@@ -329,11 +329,27 @@ def _node_info(*devices: tuple[int, bool]) -> pb.NodeInfo:
     ])  # fmt: skip
 
 
-def test_stage_device_free_is_one_device_not_the_sum() -> None:
-    assert session.stage_device_free(_node_info((8 * GIB, True), (24 * GIB, False))) == 8 * GIB
+def test_stage_devices_are_the_devices_that_run_stages_each_with_its_memory() -> None:
+    from node.mdns import NodeRecord
+
+    rec = NodeRecord("a" * 32, "pc", "10.0.0.5", 50151, 1, "cuda", 3, 1, "c")
+
+    def targets(info: pb.NodeInfo) -> list[tuple[str, str, int]]:
+        return [(t.device, t.address, t.mem_free_bytes) for t in session.stage_devices(rec, info)]
+
+    # One GPU runs stages, another is only listed: one target with that GPU's memory.
+    assert targets(_node_info((8 * GIB, True), (24 * GIB, False))) == [
+        ("0", "10.0.0.5:50151", 8 * GIB)
+    ]
     # A node from before runs_stages: its first device.
-    assert session.stage_device_free(_node_info((6 * GIB, False), (24 * GIB, False))) == 6 * GIB
-    assert session.stage_device_free(pb.NodeInfo()) == 0
+    assert targets(_node_info((6 * GIB, False), (24 * GIB, False))) == [
+        ("0", "10.0.0.5:50151", 6 * GIB)
+    ]
+    assert targets(pb.NodeInfo()) == []
+    # --devices 2: device 1 is served by a worker on its own port of the same host.
+    two = _node_info((8 * GIB, True), (6 * GIB, True))
+    two.devices[1].grpc_port = 50153
+    assert targets(two) == [("0", "10.0.0.5:50151", 8 * GIB), ("1", "10.0.0.5:50153", 6 * GIB)]
 
 
 def test_memory_placement_splits_by_each_nodes_stage_device(

@@ -52,20 +52,32 @@ def test_recent_rate_needs_enough_steps_and_goes_stale() -> None:
 
 
 def test_stage_alerts_name_only_the_slow_stage() -> None:
-    stages = (Stage("a", "alpha", "h:1", 0, 4), Stage("b", "beta", "h:2", 4, 8))
+    # Node a holds two stages: device 1's is served by its worker on another port, and the
+    # node's GetInfo (at h:1) lists both.
+    stages = (Stage("a", "alpha", "h:1", 0, 4), Stage("a", "alpha", "h:3", 4, 6, device="1"),
+              Stage("b", "beta", "h:2", 6, 8))  # fmt: skip
     plan = Plan(model="m", num_layers=8, stages=stages,
-                predicted=Prediction(10.0, 0.1, 10.0, stage_s=(0.004, 0.002)))  # fmt: skip
+                predicted=Prediction(10.0, 0.1, 10.0, stage_s=(0.004, 0.002, 0.002)))  # fmt: skip
 
-    def node(address: str, start: int, ms: float | None) -> NodeView:
-        view = StageView(plan_id=plan.plan_id, model="m", start=start, end=start + 4,
+    def view(start: int, end: int, ms: float | None) -> StageView:
+        return StageView(plan_id=plan.plan_id, model="m", start=start, end=end,
                          active_requests=1, weight_bytes=1, recent_ms=ms)  # fmt: skip
-        return NodeView(name=address, address=address, reachable=True, stages=(view,))
 
-    assert stage_alerts(plan, [node("h:1", 0, 11.9), node("h:2", 4, 5.9)]) == []
-    (alert,) = stage_alerts(plan, [node("h:1", 0, 4.0), node("h:2", 4, 6.5)])
-    assert alert.key == "stage 1" and "beta" in alert.message and "3.2x" in alert.message
-    assert stage_alerts(plan, [node("h:1", 0, None), node("h:2", 4, None)]) == []
-    assert stage_alerts(replace(plan, predicted=None), [node("h:2", 4, 60.0)]) == []
+    def nodes(a0: float | None, a1: float | None, b: float | None) -> list[NodeView]:
+        return [
+            NodeView(name="alpha", address="h:1", node_id="a", reachable=True,
+                     stages=(view(0, 4, a0), view(4, 6, a1))),
+            NodeView(name="beta", address="h:2", node_id="b", reachable=True,
+                     stages=(view(6, 8, b),)),
+        ]  # fmt: skip
+
+    assert stage_alerts(plan, nodes(11.9, 5.9, 5.9)) == []
+    (alert,) = stage_alerts(plan, nodes(4.0, 2.0, 6.5))
+    assert alert.key == "stage 2" and "beta" in alert.message and "3.2x" in alert.message
+    (alert,) = stage_alerts(plan, nodes(4.0, 7.0, 2.0))
+    assert alert.key == "stage 1" and "alpha" in alert.message and "3.5x" in alert.message
+    assert stage_alerts(plan, nodes(None, None, None)) == []
+    assert stage_alerts(replace(plan, predicted=None), nodes(60.0, 60.0, 60.0)) == []
 
 
 class DutyCycle:

@@ -414,10 +414,10 @@ def stage_alerts(plan: Plan | None, nodes: Sequence[NodeView]) -> list[Alert]:
     predicted = plan.predicted.stage_s
     if len(predicted) != len(plan.stages):
         return []
-    by_address = {n.address: n for n in nodes if n.reachable}
+    by_node = {n.node_id: n for n in nodes if n.reachable}  # (with its device workers' stages)
     out = []
     for i, (stage, pred_s) in enumerate(zip(plan.stages, predicted, strict=True)):
-        node = by_address.get(stage.address)
+        node = by_node.get(stage.node_id)
         if node is None or pred_s <= 0:
             continue
         view = next(

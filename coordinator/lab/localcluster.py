@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from node.cpus import local_cpus
-from node.main import READY_PREFIX
+from node.workers import READY_PREFIX, parse_ready
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class LocalCluster:
             raise RuntimeError(
                 f"node {name} did not become ready within {timeout:.0f}s (exit {proc.poll()})"
             )
-        _, address, node_id = line_box[0].split()
+        address, node_id, _data_port = parse_ready(line_box[0])
         node = LocalNode(name=name, address=address, node_id=node_id, pid=proc.pid)
         self.nodes.append(node)
         return node

@@ -41,7 +41,7 @@ class PcieInfo(_message.Message):
     def __init__(self, gen: _Optional[int] = ..., width: _Optional[int] = ..., max_gen: _Optional[int] = ..., max_width: _Optional[int] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("index", "name", "kind", "mem_total_bytes", "mem_free_bytes", "pcie", "compute_dtype", "mem_source", "runs_stages")
+    __slots__ = ("index", "name", "kind", "mem_total_bytes", "mem_free_bytes", "pcie", "compute_dtype", "mem_source", "runs_stages", "grpc_port", "data_port")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class DeviceInfo(_message.Message):
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MEM_SOURCE_FIELD_NUMBER: _ClassVar[int]
     RUNS_STAGES_FIELD_NUMBER: _ClassVar[int]
+    GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     index: int
     name: str
     kind: str
@@ -60,10 +62,12 @@ class DeviceInfo(_message.Message):
     compute_dtype: str
     mem_source: str
     runs_stages: bool
-    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., pcie: _Optional[_Union[PcieInfo, _Mapping]] = ..., compute_dtype: _Optional[str] = ..., mem_source: _Optional[str] = ..., runs_stages: _Optional[bool] = ...) -> None: ...
+    grpc_port: int
+    data_port: int
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., pcie: _Optional[_Union[PcieInfo, _Mapping]] = ..., compute_dtype: _Optional[str] = ..., mem_source: _Optional[str] = ..., runs_stages: _Optional[bool] = ..., grpc_port: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("plan_id", "model", "start", "end", "first", "last", "active_requests", "weight_bytes", "next_address", "weights_id", "decode_steps", "decode_seconds", "batched_steps", "compute_dtype")
+    __slots__ = ("plan_id", "model", "start", "end", "first", "last", "active_requests", "weight_bytes", "next_address", "weights_id", "decode_steps", "decode_seconds", "batched_steps", "compute_dtype", "device")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +82,7 @@ class StageStatus(_message.Message):
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model: str
     start: int
@@ -92,7 +97,8 @@ class StageStatus(_message.Message):
     decode_seconds: float
     batched_steps: int
     compute_dtype: str
-    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., weights_id: _Optional[str] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., batched_steps: _Optional[int] = ..., compute_dtype: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., weights_id: _Optional[str] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., batched_steps: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "protocol_version", "backend", "os", "cpu", "hostname", "mem_total_bytes", "mem_available_bytes", "devices", "stages", "grpc_port", "cluster", "mlx_active_bytes", "llama_rpc_port", "llama_rpc_version", "version", "data_port")
@@ -139,7 +145,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("plan_id", "model_path", "start", "end", "next_address", "stage_index", "stage_count", "next_data_address", "ring_data_address", "weights_id", "owner")
+    __slots__ = ("plan_id", "model_path", "start", "end", "next_address", "stage_index", "stage_count", "next_data_address", "ring_data_address", "weights_id", "owner", "device")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +157,7 @@ class LoadStageRequest(_message.Message):
     RING_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model_path: str
     start: int
@@ -162,7 +169,8 @@ class LoadStageRequest(_message.Message):
     ring_data_address: str
     weights_id: str
     owner: str
-    def __init__(self, plan_id: _Optional[str] = ..., model_path: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., next_data_address: _Optional[str] = ..., ring_data_address: _Optional[str] = ..., weights_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, plan_id: _Optional[str] = ..., model_path: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., next_data_address: _Optional[str] = ..., ring_data_address: _Optional[str] = ..., weights_id: _Optional[str] = ..., owner: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("stage", "load_seconds")
