@@ -254,3 +254,64 @@ def test_killing_a_node_drops_both_its_stages_and_the_supervisor_replans(
         return False
 
     asyncio.run(wait_until(worker_gone, 30, "device 1's worker outlived its node"))
+
+
+# ----- pure parts: the device count and what each process reports -------------------------------
+
+
+def _gpu(index: int, free_gib: int) -> Any:
+    from node.hardware import MEM_NVML, Device
+
+    return Device(index, "RTX 2060 SUPER", "cuda", 8 * GIB, free_gib * GIB, mem_source=MEM_NVML,
+                  uuid=f"GPU-{index}", runs_stages=index == 0)  # fmt: skip
+
+
+def test_the_device_count_follows_what_mlx_drives() -> None:
+    from node.devices import DeviceError, check_count
+    from node.hardware import Device
+
+    gpus = [_gpu(i, 7) for i in range(3)]
+    cpu = [Device(0, "x86", "cpu", 16 * GIB, 8 * GIB, runs_stages=True)]
+    assert check_count(0, gpus, "cuda") == 3  # default: every GPU
+    assert check_count(2, gpus, "cuda") == 2
+    assert check_count(0, cpu, "cpu") == 1 and check_count(3, cpu, "cpu") == 3
+    with pytest.raises(DeviceError, match="MLX drives 3 CUDA GPU"):
+        check_count(4, gpus, "cuda")
+    with pytest.raises(DeviceError, match="one node per Mac"):
+        check_count(2, [Device(0, "M4", "metal", 16 * GIB, 8 * GIB)], "metal")
+    with pytest.raises(DeviceError, match=">= 1"):
+        check_count(-1, cpu, "cpu")
+
+
+def test_each_process_reports_the_devices_it_serves() -> None:
+    from node.devices import DeviceServer, Serving, served_devices
+    from node.hardware import Device
+
+    gpus = (_gpu(0, 7), _gpu(1, 6), _gpu(2, 5))
+    # The node's process on a 3-GPU PC with workers for GPUs 1 and 2: every GPU runs stages,
+    # each with its own NVML memory.
+    node = Serving(count=3, workers=(DeviceServer(1, 50153, 50154), DeviceServer(2, 50155, 50156)))
+    assert [(d.index, d.runs_stages, d.mem_free_bytes) for d in served_devices(gpus, node)] == [
+        (0, True, 7 * GIB), (1, True, 6 * GIB), (2, True, 5 * GIB)
+    ]  # fmt: skip
+    # --devices 1 on the same PC: GPUs 1 and 2 are listed, no stage runs on them.
+    assert [d.runs_stages for d in served_devices(gpus, Serving())] == [True, False, False]
+    # A worker sees its GPU alone (as MLX's device 0) and reports it under the node's label.
+    (mine,) = served_devices((_gpu(0, 6),), Serving(own=2, count=3))
+    assert (mine.index, mine.runs_stages, mine.uuid) == (2, True, "GPU-0")
+    # CPU devices share the host's memory evenly.
+    cpu = (Device(0, "x86", "cpu", 16 * GIB, 9 * GIB, runs_stages=True),)
+    shared = served_devices(cpu, Serving(count=3))
+    assert [(d.index, d.mem_total_bytes, d.mem_free_bytes) for d in shared] == [
+        (i, 16 * GIB // 3, 3 * GIB) for i in range(3)
+    ]
+
+
+def test_a_node_refuses_a_device_count_it_cannot_serve() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "node.main", "up", "--host", "127.0.0.1", "--port", "0",
+         "--no-advertise", "--devices", "-2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--devices -2: expected a count >= 1" in done.stderr
