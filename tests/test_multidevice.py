@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,30 @@ def test_the_planner_keeps_a_nodes_devices_together_when_its_hop_is_cheaper() ->
 
     assert network_hops(30.0) == 2
     assert network_hops(20_000.0) == 4
+
+
+def test_the_experiments_one_pc_rows_run_on_one_nodes_devices(
+    two_nodes: LocalCluster, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`experiment split-penalty --pc-node A`: the 'one PC' rows put their stages on A's two
+    devices (the hop between them inside the node), beside the other rows."""
+    from coordinator.lab import bench, experiment
+
+    a = two_nodes.nodes[0]
+    refs = asyncio.run(experiment.resolve_nodes([a.address], devices=True))
+    assert [(r.name, r.device, r.address) for r in refs] == [
+        ("mdA", "0", a.address), ("mdA", "1", worker_address(two_nodes))
+    ]  # fmt: skip
+    settings = experiment.ExperimentSettings(
+        model_dir=tiny_llama, out_dir=tmp_path, stages=2, repeats=1, gen_tokens=4,
+        prompt_tokens=8, netns=False, pc_nodes=refs,
+    )  # fmt: skip
+    result = experiment.split_penalty(settings, (bench.SYSTEM_LAYERLINK,))
+    pc = [r for r in result.rows if r.spec.deployment == experiment.DEPLOY_ONE_PC]
+    assert [r.spec.stages for r in pc] == [1, 2] and all(r.ok for r in pc)
+    assert pc[1].per_hop_ms is not None
+    with pytest.raises(ValueError, match="--pc-node: 2 device"):
+        experiment.split_penalty(replace(settings, stages=3), (bench.SYSTEM_LAYERLINK,))
 
 
 def test_killing_a_node_drops_both_its_stages_and_the_supervisor_replans(

@@ -83,7 +83,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help="a node of one multi-GPU PC, one per GPU (the 'one PC' rows)",
+        help="the node of one multi-GPU PC, started with --devices N (its devices hold the "
+        "'one PC' rows' stages); or one node per GPU, given once per stage",
+    )
+    real.add_argument(
+        "--local-pc",
+        action="store_true",
+        help="no PC at hand: run the 'one PC' rows on a node of this machine started with "
+        "--devices STAGES (CPU devices; LayerLink only)",
     )
     real.add_argument("--pc-rpc", action="append", default=[], metavar="HOST:PORT",
                       help="a llama.cpp RPC server of that PC, one per GPU")  # fmt: skip
@@ -113,7 +120,11 @@ def run_split_penalty(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     try:
         lan_nodes = asyncio.run(experiment.resolve_nodes(args.node)) if args.node else ()
-        pc_nodes = asyncio.run(experiment.resolve_nodes(args.pc_node)) if args.pc_node else ()
+        pc_nodes = (
+            asyncio.run(experiment.resolve_nodes(args.pc_node, devices=True))
+            if args.pc_node
+            else ()
+        )
     except bench.BenchError as e:
         raise UserError(str(e)) from None
     settings = experiment.ExperimentSettings(
@@ -131,6 +142,7 @@ def run_split_penalty(args: argparse.Namespace) -> int:
         command=reproduce(args),
         pc_nodes=pc_nodes,
         pc_rpc=tuple(args.pc_rpc),
+        local_pc=args.local_pc,
         lan_nodes=lan_nodes,
         lan_rpc=tuple(args.rpc),
     )
@@ -186,6 +198,8 @@ def reproduce(args: argparse.Namespace) -> str:
     argv += ["--threads", str(args.threads)]
     if args.no_netns:
         argv.append("--no-netns")
+    if args.local_pc:
+        argv.append("--local-pc")
     for flag, values in (("--pc-node", args.pc_node), ("--pc-rpc", args.pc_rpc),
                          ("--node", args.node), ("--rpc", args.rpc)):  # fmt: skip
         for v in values:

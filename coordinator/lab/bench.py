@@ -102,8 +102,9 @@ class NodeRef:
     """A LayerLink node a benchmark places a stage on."""
 
     name: str
-    address: str  # host:port of its gRPC server
+    address: str  # host:port of the gRPC server that serves the device
     node_id: str
+    device: str = "0"  # the device's label on its node (a node may serve several)
 
 
 @dataclass(frozen=True)
@@ -380,7 +381,14 @@ class LayerLinkRunner:
         self.prompt = prompt
         self.params = GenerationParams(max_tokens=gen_tokens, step_timeout_s=timeout_s)
         stages = tuple(
-            Stage(node_id=n.node_id, node_name=n.name, address=n.address, start=s, end=e)
+            Stage(
+                node_id=n.node_id,
+                node_name=n.name,
+                address=n.address,
+                start=s,
+                end=e,
+                device=n.device,
+            )  # fmt: skip
             for n, (s, e) in zip(nodes, ranges(spec.layers), strict=True)
         )
         self.plan = Plan(

@@ -148,8 +148,10 @@ class ExperimentSettings:
     command: str = ""
     # Real machines (optional): k nodes of one PC (one per GPU) and k nodes on a LAN, each with
     # the llama.cpp RPC servers to use for the same split (empty: LayerLink only).
-    pc_nodes: tuple[NodeRef, ...] = ()
+    pc_nodes: tuple[NodeRef, ...] = ()  # one per stage device (a node with --devices k: k)
     pc_rpc: tuple[str, ...] = ()
+    # No PC named: the 'one PC' rows on a node of this machine with k CPU devices.
+    local_pc: bool = False
     lan_nodes: tuple[NodeRef, ...] = ()
     lan_rpc: tuple[str, ...] = ()
 
@@ -637,21 +639,52 @@ async def _loopback_rows(
         return await bench.measure(runners, settings.repeats, say, settings.sample_timeout_s)
 
 
-async def resolve_nodes(addresses: Sequence[str]) -> tuple[NodeRef, ...]:
-    """NodeRefs for nodes named by address (their name and id from GetInfo)."""
+async def resolve_nodes(addresses: Sequence[str], devices: bool = False) -> tuple[NodeRef, ...]:
+    """NodeRefs for nodes named by address (their name and id from GetInfo); `devices`: one
+    per device each node runs stages on (a PC's node with `--devices N` gives N)."""
     import grpc
 
     from coordinator.nodeclient import NodeClient
+    from coordinator.probe import stage_servers
+    from node.mdns import NodeRecord
 
-    refs = []
+    refs: list[NodeRef] = []
     for address in addresses:
         async with NodeClient(address) as client:
             try:
                 info = await client.get_info()
             except grpc.aio.AioRpcError as e:
                 raise BenchError(f"node {address} did not answer: {e.code().name}") from None
-        refs.append(NodeRef(info.name, address, info.node_id))
+        if not devices:
+            refs.append(NodeRef(info.name, address, info.node_id))
+            continue
+        host, _, port = address.rpartition(":")
+        rec = NodeRecord(info.node_id, info.name, host, int(port), 0, info.backend, 0, 0, "")
+        refs += [
+            NodeRef(info.name, served, info.node_id, label)
+            for label, served in stage_servers(rec, info).items()
+        ]
     return tuple(refs)
+
+
+async def _local_pc_rows(
+    settings: ExperimentSettings, model: ModelInfo, gguf: Path | None, scratch: Path,
+    say: Callable[[str], None],
+) -> list[RunResult]:  # fmt: skip
+    """The 'one PC' rows on this machine: one node started with `--devices k` (CPU devices:
+    its own process and k - 1 device workers), the hops between its devices through host
+    memory. LayerLink only (llama.cpp's RPC servers have no such node)."""
+    from coordinator.lab.localcluster import LocalCluster
+
+    k = settings.stages
+    (scratch / "pc-logs").mkdir(exist_ok=True)
+    with LocalCluster(0, f"pc-{os.getpid()}", log_dir=scratch / "pc-logs",
+                      extra_args=["--no-advertise"]) as cluster:  # fmt: skip
+        node = cluster.start_node("pc", extra_args=["--devices", str(k)])
+        refs = await resolve_nodes([node.address], devices=True)
+        return await _real_rows(
+            settings, model, gguf, (SYSTEM_LAYERLINK,), DEPLOY_ONE_PC, refs, (), say
+        )
 
 
 async def _real_rows(
@@ -680,10 +713,17 @@ def split_penalty(
     counts = even_counts(model.num_layers, settings.stages)
     if settings.stages < 2 or settings.stages > model.num_layers:
         raise ValueError(f"--stages must be between 2 and the model's {model.num_layers} layers")
-    for what, group in (("--pc-node", settings.pc_nodes), ("--node", settings.lan_nodes),
-                        ("--pc-rpc", settings.pc_rpc), ("--rpc", settings.lan_rpc)):  # fmt: skip
+    for what, group in (("--node", settings.lan_nodes), ("--pc-rpc", settings.pc_rpc),
+                        ("--rpc", settings.lan_rpc)):  # fmt: skip
         if group and len(group) != settings.stages:
             raise ValueError(f"{what} must be given {settings.stages} times (once per stage)")
+    if settings.pc_nodes and len(settings.pc_nodes) < settings.stages:
+        raise ValueError(
+            f"--pc-node: {len(settings.pc_nodes)} device(s) run stages there, --stages is "
+            f"{settings.stages} (name the PC's node once, started with --devices "
+            f"{settings.stages}, or one node per GPU)"
+        )
+    settings = replace(settings, pc_nodes=settings.pc_nodes[: settings.stages])
     links = select_links(settings.links)
     notes: list[str] = []
     machine = bench.machine_info()
@@ -712,6 +752,15 @@ def split_penalty(
                 )
                 if SYSTEM_LLAMA in systems and not rpc:
                     notes.append(f"{deployment}: no llama.cpp RPC servers named, LayerLink only")
+        if settings.local_pc and not settings.pc_nodes and SYSTEM_LAYERLINK in systems:
+            say(f"one PC: a node of this machine with {settings.stages} devices")
+            rows += asyncio.run(_local_pc_rows(settings, model, gguf, scratch, say))
+            notes.append(
+                f"'one PC' rows: one node of this machine started with --devices "
+                f"{settings.stages} (CPU devices: its process and {settings.stages - 1} device "
+                "worker(s)); each hop between its devices goes through host memory (loopback), "
+                "as a hop between two GPUs of a PC does (plus the GPUs' copies); LayerLink only"
+            )
         if ns_reason:
             notes.append(f"namespace-LAN rows skipped: {ns_reason}")
         elif links:
