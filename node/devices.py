@@ -12,7 +12,8 @@ coordinator addresses each stage at its own server; activations between two devi
 node go from one process to the other through host memory (a loopback TCP socket: device ->
 host -> device), never through the LAN or the coordinator.
 
-Everything here is pure: the figures come from node/hardware.py and the worker table.
+Everything here is pure: the figures come from node/hardware.py, the device bench and the
+worker table.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from node._proto.layerlink.v1 import node_pb2 as pb
 from node.hardware import Device
 
 
@@ -122,3 +124,15 @@ def check_stage_device(requested: str, serving: Serving, host: str) -> str:
             f"this server runs device {serving.own}'s stages"
         )
     return f"this node has no device {index} that runs stages (it serves device {serving.own})"
+
+
+def keep_own_measurement(reply: pb.MeasureDevicesReply, serving: Serving) -> None:
+    """A MeasureDevices reply of a process of a multi-device node: its own device only (the
+    bench timed MLX's default device), under the node's label, a CPU device with its share
+    of host memory."""
+    del reply.devices[1:]
+    for d in reply.devices:
+        d.index = serving.own
+        if d.kind == "cpu":
+            d.mem_total_bytes //= serving.count
+            d.mem_free_bytes //= serving.count

@@ -876,12 +876,7 @@ class NodeService(pb_grpc.NodeServicer):
         except devicebench.BenchError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if serving.count > 1:
-            del reply.devices[1:]
-            for d in reply.devices:
-                d.index = serving.own
-                if d.kind == "cpu":  # one processor, its memory shared out
-                    d.mem_total_bytes //= serving.count
-                    d.mem_free_bytes //= serving.count
+            devices.keep_own_measurement(reply, serving)
             for w in serving.workers:  # one after the other: they share the host
                 try:
                     theirs = await self._measure_worker(w, request)
