@@ -170,8 +170,8 @@ class DeviceWorkers:
         )
 
     def _read(self, device: int, proc: subprocess.Popen[str]) -> None:
-        """Drain the worker's output into the node's log; note its READY line; report its
-        exit."""
+        """Drain the worker's output into the node's stderr; note its READY line; report
+        its exit."""
         tail = self._tails.setdefault(device, [])
         event = self._events[device]
         assert proc.stdout is not None
@@ -186,7 +186,8 @@ class DeviceWorkers:
                 continue
             tail.append(line)
             del tail[:-50]
-            log.info("[device %d] %s", device, line)
+            # The worker logs at the node's level already: its lines go out as they are.
+            sys.stderr.write(f"[device {device}] {line}\n")
         code = proc.wait()
         event.set()
         if not self._stopping:
