@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--nodes", type=int, default=3, help="number of local nodes (default: 3)")
     p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="devices per node (`cluster-node up --devices N`: CPU devices here, one stage "
+        "process each; default: 1)",
+    )
+    p.add_argument(
         "--model",
         default=None,
         metavar="PATH",
@@ -116,11 +124,17 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.nodes <= 16:
         raise UserError("--nodes must be between 1 and 16")
+    if not 1 <= args.devices <= 8:
+        raise UserError("--devices must be between 1 and 8")
     model_path = Path(args.model) if args.model else default_model()
     cluster_name = f"demo-{uuid.uuid4().hex[:8]}"
-    console.info(f"starting {args.nodes} local nodes")
+    each = f" of {args.devices} devices each" if args.devices > 1 else ""
+    console.info(f"starting {args.nodes} local nodes{each}")
     env = {"XDG_CONFIG_HOME": os.environ.get("XDG_CONFIG_HOME", str(Path.home() / ".config"))}
-    with LocalCluster(args.nodes, cluster_name, env=env, name_prefix="demo") as cluster:
+    devices = ["--devices", str(args.devices)] if args.devices > 1 else []
+    with LocalCluster(
+        args.nodes, cluster_name, env=env, name_prefix="demo", extra_args=devices
+    ) as cluster:
         for n in cluster.nodes:
             console.info(f"  {n.name} at {n.address}")
         asyncio.run(demo(args, model_path, cluster))

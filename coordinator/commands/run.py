@@ -116,11 +116,12 @@ def print_result(out: dict[str, Any]) -> None:
     console.text("")
     console.table(
         "plan",
-        ["stage", "node", "address", "layers", "count"],
+        ["stage", "node", "device", "address", "layers", "count"],
         [
             [
                 i,
                 s["node"],
+                s.get("device", "0"),
                 s["address"],
                 f"[{s['layers'][0]}, {s['layers'][1]})",
                 s["layers"][1] - s["layers"][0],
