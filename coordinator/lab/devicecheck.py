@@ -224,13 +224,13 @@ def nodes_part(check: Check, stack: contextlib.ExitStack, scratch: Path) -> dict
     cluster = f"devcheck{os.getpid()}"
     logs = scratch / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for k, gpu in enumerate(_gpu_plan(check)):
-        env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}
-        lc = LocalCluster(0, cluster, env=env, log_dir=logs, cpu_policy="none")
-        stack.callback(lc.stop)
-        name = f"gpu{gpu}-n{k}" if gpu else f"n{k}"
-        check.nodes.append(lc.start_node(name, timeout=120.0))
-        check.node_gpus.append(gpu)
+    gpus = _gpu_plan(check)
+    lc = LocalCluster(0, cluster, log_dir=logs, cpu_policy="none")
+    stack.callback(lc.stop)
+    names = [f"gpu{gpu}-n{k}" if gpu else f"n{k}" for k, gpu in enumerate(gpus)]
+    envs = [{"CUDA_VISIBLE_DEVICES": gpu} if gpu else {} for gpu in gpus]
+    check.nodes.extend(lc.start_nodes(names, timeout=120.0, envs=envs))
+    check.node_gpus.extend(gpus)
 
     async def infos() -> list[Any]:
         out = []

@@ -71,12 +71,20 @@ class LocalCluster:
         return self._wait_ready(self._spawn(name, timeout, extra_args))
 
     def start_nodes(
-        self, names: list[str], timeout: float = 60.0, extra_args: list[str] | None = None
+        self,
+        names: list[str],
+        timeout: float = 60.0,
+        extra_args: list[str] | None = None,
+        envs: list[dict[str, str]] | None = None,
     ) -> list[LocalNode]:
         """Start the nodes all at once, then wait for each one's READY line (a node's start is
         mostly imports and its mDNS announcement: waited for one after the other, they added
-        up). On a failure every node of this call is stopped."""
-        pending = [self._spawn(name, timeout, extra_args) for name in names]
+        up); `envs`: each node's own additions to the cluster's environment. On a failure
+        every node of this call is stopped."""
+        pending = [
+            self._spawn(name, timeout, extra_args, envs[i] if envs else None)
+            for i, name in enumerate(names)
+        ]
         try:
             return [self._wait_ready(p) for p in pending]
         except BaseException:
@@ -84,7 +92,13 @@ class LocalCluster:
                 self.stop_node(p.name)
             raise
 
-    def _spawn(self, name: str, timeout: float, extra_args: list[str] | None) -> _Starting:
+    def _spawn(
+        self,
+        name: str,
+        timeout: float,
+        extra_args: list[str] | None,
+        env: dict[str, str] | None = None,
+    ) -> _Starting:
         cmd = [
             sys.executable,
             "-m",
@@ -107,7 +121,9 @@ class LocalCluster:
         if pinned is not None:
             cmd += ["--cpus", pinned]
         stderr = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**self.env, **(env or {})}
+        )
         self.procs[name] = proc
         assert proc.stdout is not None
         starting = _Starting(name, proc, time.monotonic() + timeout, timeout)
