@@ -76,13 +76,19 @@ class LocalCluster:
         timeout: float = 60.0,
         extra_args: list[str] | None = None,
         envs: list[dict[str, str]] | None = None,
+        args: list[list[str]] | None = None,
     ) -> list[LocalNode]:
         """Start the nodes all at once, then wait for each one's READY line (a node's start is
         mostly imports and its mDNS announcement: waited for one after the other, they added
-        up); `envs`: each node's own additions to the cluster's environment. On a failure
-        every node of this call is stopped."""
+        up); `envs` and `args`: each node's own additions to the cluster's environment and to
+        `extra_args`. On a failure every node of this call is stopped."""
         pending = [
-            self._spawn(name, timeout, extra_args, envs[i] if envs else None)
+            self._spawn(
+                name,
+                timeout,
+                [*(extra_args or []), *(args[i] if args else [])],
+                envs[i] if envs else None,
+            )
             for i, name in enumerate(names)
         ]
         try:
