@@ -71,9 +71,7 @@ def test_real_model_three_stages_equal_mlx_lm_and_answer_paris(
     model = read_model(source)
     tokenizer = load_tokenizer(model)
     prompt = encode_prompt(tokenizer, QUESTION, chat=True)
-    want, _ = reference_generate(model.path, prompt, MAX_TOKENS)
-    if END_OF_TURN in want:
-        want = want[: want.index(END_OF_TURN) + 1]
+    want, _ = reference_generate(model.path, prompt, MAX_TOKENS, stop_at=END_OF_TURN)
     params = GenerationParams(max_tokens=MAX_TOKENS, stop_token_ids=frozenset(tokenizer.eos_token_ids))
     (result,) = asyncio.run(run_on_nodes(local_cluster.nodes, source, [prompt], params))
     assert list(result.tokens) == want, f"{form}: 3-stage tokens differ from mlx_lm's"
