@@ -15,9 +15,11 @@ from coordinator.pipeline import GenerationParams, GenerationResult, Pipeline
 from coordinator.session import even_counts, fixed_plan, read_model
 
 
-def reference_generate(model_path: Path, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+def reference_generate(model_path: Path, prompt: list[int], n: int,
+                       stop_at: int | None = None) -> tuple[list[int], list[np.ndarray]]:  # fmt: skip
     """mlx_lm's own single-process greedy generation: tokens and log-probabilities, with the
-    weights held in the dtype a node on this machine computes in (node/computedtype.py)."""
+    weights held in the dtype a node on this machine computes in (node/computedtype.py);
+    `stop_at`: a token after which it stops (included)."""
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
@@ -31,6 +33,8 @@ def reference_generate(model_path: Path, prompt: list[int], n: int) -> tuple[lis
     for tok, lp in steps:
         tokens.append(int(tok))
         logprobs.append(np.array(lp.astype(mx.float32)))
+        if tokens[-1] == stop_at:
+            break
     return tokens, logprobs
 
 

@@ -483,19 +483,25 @@ def test_metrics_report_each_stage_and_the_hops(
         return steps, _samples(text, "layerlink_stage_decode_seconds_total"), text
 
     def settled() -> tuple[dict[str, float], dict[str, float], str]:
-        """The counters once they stayed the same over two of the node monitor's polls
-        (every 1.5 s): three reads 1.6 s apart that agree."""
-        reads = [counters()]
-        for _ in range(30):
-            time.sleep(1.6)
-            reads = [*reads[-2:], counters()]
-            if (
-                len(reads) == 3
-                and reads[0][0] == reads[1][0] == reads[2][0]
-                and all(k in reads[2][0] for k in keys)
-            ):
-                return reads[2]
-        raise AssertionError(f"the counters never settled: {reads[-1][0]}")
+        """The counters from a node-monitor poll sent after this call: /metrics mirrors the
+        monitor's last GetInfo of each node (coordinator/api.py), and /api/state says when
+        each was answered (`checked_at`). Two rounds of polls answered after now: the second
+        round was sent after the first had been answered, so after now."""
+        mark = time.time()
+        deadline = time.monotonic() + 60
+        for _ in range(2):
+            while True:
+                done = [
+                    n["checked_at"] for n in httpx.get(server.url + "/api/state").json()["nodes"]
+                ]
+                if done and min(done) > mark:
+                    break
+                assert time.monotonic() < deadline, f"no node-monitor poll after {mark}: {done}"
+                time.sleep(0.1)
+            mark = max(done)
+        got = counters()
+        assert all(k in got[0] for k in keys), got[0]
+        return got
 
     steps0, seconds0, _ = settled()
     body = {"model": tiny_llama.name, "prompt": "count", "max_tokens": 48, "temperature": 0}

@@ -299,8 +299,10 @@ def test_dashboard_answers_while_the_coordinator_is_still_loading(
     # Even placement: three stages, so never the module's dashboard_server's plan (which may
     # be the planner's one-stage plan on the same node: the node would refuse to replace a
     # plan another live coordinator uses).
+    # 500 tokens over three stages: several seconds between the last weight bar and the plan
+    # (1500 held it 20 s or more, all of which the test then waited out before serving).
     cmd = [sys.executable, "-m", "coordinator.main", "up", "--model", str(tiny_llama),
-           "--port", str(port), "--check-tokens", "1500", "--placement", "even"]  # fmt: skip
+           "--port", str(port), "--check-tokens", "500", "--placement", "even"]  # fmt: skip
     for n in local_cluster.nodes:
         cmd += ["--node", n.address]
     url = f"http://127.0.0.1:{port}"

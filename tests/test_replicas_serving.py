@@ -20,7 +20,7 @@ from tests.test_api import CoordinatorProcess
 from tests.test_api_stream import stream_chat
 
 PROMPTS = [f"Request number {i}: tell me about {w}" for i, w in enumerate("abcdefgh")]
-TOKENS = 48
+TOKENS = 24
 
 
 @pytest.fixture(scope="module")

@@ -146,12 +146,9 @@ def ship_nodes(session_dir: Path) -> Iterator[tuple[LocalCluster, dict[str, Path
         log_dir=root / "logs",
         extra_args=["--no-advertise", "--model-dir", str(empty)],
     )
-    caches = {}
+    caches = {f"wn{i}": root / "cache" / f"wn{i}" for i in range(3)}
     try:
-        for i in range(3):
-            name = f"wn{i}"
-            caches[name] = root / "cache" / name
-            cluster.start_node(name, extra_args=["--cache-dir", str(caches[name])])
+        cluster.start_nodes(list(caches), args=[["--cache-dir", str(c)] for c in caches.values()])
         yield cluster, caches
     finally:
         cluster.stop()

@@ -6,8 +6,13 @@
 - A wheel built from the checkout holds every module and the package data (calibration,
   dashboard, schemas) and nothing of tests/. Installed into a fresh venv with its dependencies
   only (no test extra, no llama-cpp-python), every module imports and every command of
-  `coordinator` and `cluster-node`, found by walking their argparse parsers, answers --help.
-  Slow: the install resolves the dependencies from pip's cache or PyPI (about 50 s here).
+  `coordinator` and `cluster-node`, found by walking their argparse parsers, answers --help:
+  the two installed scripts themselves, and every command through the console-script entry
+  point the wheel declares, all in one process (a Python start per command was a third of
+  the test). Slow: the install resolves the dependencies from pip's cache or PyPI (about
+  15 s here); this environment's pip installs into the venv (`pip --python`), so the venv
+  is made without pip of its own (ensurepip and Python's bundled pip, far slower to
+  resolve, were half of the test).
 """
 
 from __future__ import annotations
@@ -120,16 +125,45 @@ present = [m for m in ("pytest", "llama_cpp") if importlib.util.find_spec(m) is 
 print(json.dumps({"failed": failed, "outside": outside, "commands": lines, "present": present}))
 """
 
+# Run in a fresh process of the venv with the command lines as JSON on stdin: each one through
+# the console-script entry point the installed wheel declares (what bin/<script> runs), with
+# --help; the exit code and what it printed, per command.
+HELPS = r"""
+import contextlib, io, json, sys
+from importlib.metadata import entry_points
+
+results = []
+for argv in json.load(sys.stdin):
+    (ep,) = entry_points(group="console_scripts", name=argv[0])
+    main = ep.load()
+    sys.argv = [argv[0], *argv[1:], "--help"]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception as e:
+            code, err = -1, io.StringIO(f"{type(e).__name__}: {e}")
+    results.append({"argv": argv, "dist": ep.dist.name if ep.dist else None, "code": code,
+                    "stdout": out.getvalue(), "stderr": err.getvalue()[-2000:]})
+print(json.dumps(results))
+"""
+
 
 def clean_env() -> dict[str, str]:
     """This environment without anything that would put the checkout on sys.path."""
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
 
-def run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str], cwd: Path, timeout: float, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        argv, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout
-    )
+        argv, cwd=cwd, env=clean_env(), input=stdin, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
 
 
 def build_wheel(tmp_path: Path) -> Path:
@@ -182,12 +216,15 @@ def test_wheel_in_a_fresh_venv_imports_every_module_and_runs_every_help(tmp_path
     assert tops == set(PACKAGES), f"the wheel holds more than the packages: {sorted(tops)}"
 
     venv = tmp_path / "venv"
-    out = run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path, timeout=300)
+    out = run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path,
+              timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr
     python, bin_dir = venv / "bin" / "python", venv / "bin"
-    # Dependencies only (no [test]), from pip's cache where it has them. --no-compile: byte-
-    # compiling every dependency is a quarter of the install; imports compile what they load.
-    install = [str(python), "-m", "pip", "install", "-q", "--no-compile", str(wheel)]
+    # Dependencies only (no [test]), from pip's cache where it has them, by this environment's
+    # pip aimed at the venv's interpreter. --no-compile: byte-compiling every dependency is a
+    # quarter of the install; imports compile what they load.
+    install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+               "--no-compile", str(wheel)]  # fmt: skip
     out = run(install, cwd=tmp_path, timeout=780)
     assert out.returncode == 0, f"installing the wheel failed:\n{out.stdout}\n{out.stderr[-4000:]}"
 
@@ -203,8 +240,16 @@ def test_wheel_in_a_fresh_venv_imports_every_module_and_runs_every_help(tmp_path
     assert ["coordinator", "up"] in commands and ["cluster-node", "up"] in commands, commands
 
     failures = []
-    for argv in commands:
-        out = run([str(bin_dir / argv[0]), *argv[1:], "--help"], cwd=tmp_path, timeout=120)
+    for script in ("coordinator", "cluster-node"):  # the installed scripts themselves
+        out = run([str(bin_dir / script), "--help"], cwd=tmp_path, timeout=120)
         if out.returncode != 0 or "usage:" not in out.stdout:
-            failures.append(f"{' '.join(argv)} --help: exit {out.returncode}\n{out.stderr[-2000:]}")
+            failures.append(f"{script} --help: exit {out.returncode}\n{out.stderr[-2000:]}")
+    out = run([str(python), "-c", HELPS], cwd=tmp_path, timeout=300, stdin=json.dumps(commands))
+    assert out.returncode == 0, out.stderr[-4000:]
+    helps = json.loads(out.stdout.splitlines()[-1])
+    assert [h["argv"] for h in helps] == commands
+    for h in helps:
+        if h["code"] != 0 or "usage:" not in h["stdout"] or h["dist"] != "layerlink":
+            failures.append(f"{' '.join(h['argv'])} --help: exit {h['code']} (entry point of "
+                            f"{h['dist']})\n{h['stderr']}")  # fmt: skip
     assert not failures, "\n".join(failures)

@@ -80,11 +80,14 @@ class Sizes:
     pipeline_tokens: int
     gen_tokens: int
     repeats: int
+    # The real model's timed runs prefill the question's first N tokens (None: all of it).
+    # A dry run only shows that they run: a CPU prefills at about the decode rate.
+    timed_prompt_tokens: int | None = None
 
     @staticmethod
     def for_run(dry_run: bool) -> Sizes:
         if dry_run:
-            return Sizes(("float32",), 16 << 20, 8, 16, 1)
+            return Sizes(("float32",), 16 << 20, 8, 8, 1, timed_prompt_tokens=8)
         return Sizes(("float16", "q4"), 256 << 20, 24, 128, 3)
 
 
@@ -224,13 +227,13 @@ def nodes_part(check: Check, stack: contextlib.ExitStack, scratch: Path) -> dict
     cluster = f"devcheck{os.getpid()}"
     logs = scratch / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for k, gpu in enumerate(_gpu_plan(check)):
-        env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}
-        lc = LocalCluster(0, cluster, env=env, log_dir=logs, cpu_policy="none")
-        stack.callback(lc.stop)
-        name = f"gpu{gpu}-n{k}" if gpu else f"n{k}"
-        check.nodes.append(lc.start_node(name, timeout=120.0))
-        check.node_gpus.append(gpu)
+    gpus = _gpu_plan(check)
+    lc = LocalCluster(0, cluster, log_dir=logs, cpu_policy="none")
+    stack.callback(lc.stop)
+    names = [f"gpu{gpu}-n{k}" if gpu else f"n{k}" for k, gpu in enumerate(gpus)]
+    envs = [{"CUDA_VISIBLE_DEVICES": gpu} if gpu else {} for gpu in gpus]
+    check.nodes.extend(lc.start_nodes(names, timeout=120.0, envs=envs))
+    check.node_gpus.extend(gpus)
 
     async def infos() -> list[Any]:
         out = []
@@ -370,18 +373,19 @@ def real_model_part(check: Check) -> dict[str, Any]:
     answer = _compare(got, _reference_tokens(model.path, prompt, 24, stops))
     answer["text"] = answer_text(tokenizer, got)
     sizes = check.sizes
+    timed = prompt[: sizes.timed_prompt_tokens]  # [:None]: the whole prompt
     name = gguf.name
     refs = [bench.NodeRef(n.name, n.address, n.node_id) for n in check.nodes[:2]]
     half = model.num_layers // 2
     runners: list[Any] = [
         bench.MlxLmRunner(bench.RunSpec(name, bench.SYSTEM_MLX_LM, bench.DEPLOY_IN_PROCESS, 1,
-                                        (model.num_layers,)), model.path, prompt, sizes.gen_tokens),
+                                        (model.num_layers,)), model.path, timed, sizes.gen_tokens),
         bench.LayerLinkRunner(bench.RunSpec(name, bench.SYSTEM_LAYERLINK, bench.DEPLOY_LOOPBACK,
-                                            1, (model.num_layers,)), model, refs[:1], prompt,
+                                            1, (model.num_layers,)), model, refs[:1], timed,
                               sizes.gen_tokens),
         bench.LayerLinkRunner(bench.RunSpec(name, bench.SYSTEM_LAYERLINK, bench.DEPLOY_LOOPBACK,
                                             2, (half, model.num_layers - half)), model, refs,
-                              prompt, sizes.gen_tokens),
+                              timed, sizes.gen_tokens),
     ]  # fmt: skip
     results = asyncio.run(bench.measure(runners, sizes.repeats))
     out = {"gguf": str(gguf), "question": QUESTION, "answer": answer,

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -25,6 +25,18 @@ class LocalNode:
     address: str
     node_id: str
     pid: int
+
+
+@dataclass
+class _Starting:
+    """A node process spawned and not yet known to be ready."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    deadline: float
+    timeout: float
+    line: list[str] = field(default_factory=list)  # its READY line, once read
+    reader: threading.Thread | None = None
 
 
 class LocalCluster:
@@ -56,6 +68,43 @@ class LocalCluster:
     def start_node(
         self, name: str, timeout: float = 60.0, extra_args: list[str] | None = None
     ) -> LocalNode:
+        return self._wait_ready(self._spawn(name, timeout, extra_args))
+
+    def start_nodes(
+        self,
+        names: list[str],
+        timeout: float = 60.0,
+        extra_args: list[str] | None = None,
+        envs: list[dict[str, str]] | None = None,
+        args: list[list[str]] | None = None,
+    ) -> list[LocalNode]:
+        """Start the nodes all at once, then wait for each one's READY line (a node's start is
+        mostly imports and its mDNS announcement: waited for one after the other, they added
+        up); `envs` and `args`: each node's own additions to the cluster's environment and to
+        `extra_args`. On a failure every node of this call is stopped."""
+        pending = [
+            self._spawn(
+                name,
+                timeout,
+                [*(extra_args or []), *(args[i] if args else [])],
+                envs[i] if envs else None,
+            )
+            for i, name in enumerate(names)
+        ]
+        try:
+            return [self._wait_ready(p) for p in pending]
+        except BaseException:
+            for p in pending:
+                self.stop_node(p.name)
+            raise
+
+    def _spawn(
+        self,
+        name: str,
+        timeout: float,
+        extra_args: list[str] | None,
+        env: dict[str, str] | None = None,
+    ) -> _Starting:
         cmd = [
             sys.executable,
             "-m",
@@ -78,35 +127,42 @@ class LocalCluster:
         if pinned is not None:
             cmd += ["--cpus", pinned]
         stderr = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**self.env, **(env or {})}
+        )
         self.procs[name] = proc
         assert proc.stdout is not None
-        line_box: list[str] = []
+        starting = _Starting(name, proc, time.monotonic() + timeout, timeout)
 
         def read() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith(READY_PREFIX):
-                    line_box.append(line)
+                    starting.line.append(line)
                     break
 
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        if not line_box:
-            proc.kill()
+        starting.reader = threading.Thread(target=read, daemon=True)
+        starting.reader.start()
+        return starting
+
+    def _wait_ready(self, starting: _Starting) -> LocalNode:
+        assert starting.reader is not None
+        starting.reader.join(max(0.0, starting.deadline - time.monotonic()))
+        if not starting.line:
+            starting.proc.kill()
             raise RuntimeError(
-                f"node {name} did not become ready within {timeout:.0f}s (exit {proc.poll()})"
+                f"node {starting.name} did not become ready within {starting.timeout:.0f}s "
+                f"(exit {starting.proc.poll()})"
             )
-        address, node_id, _data_port = parse_ready(line_box[0])
-        node = LocalNode(name=name, address=address, node_id=node_id, pid=proc.pid)
+        address, node_id, _data_port = parse_ready(starting.line[0])
+        node = LocalNode(
+            name=starting.name, address=address, node_id=node_id, pid=starting.proc.pid
+        )
         self.nodes.append(node)
         return node
 
     def start(self) -> list[LocalNode]:
-        for i in range(self.count):
-            self.start_node(f"{self.name_prefix}{i}")
-        return self.nodes
+        return self.start_nodes([f"{self.name_prefix}{i}" for i in range(self.count)])
 
     def stop_node(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         proc = self.procs.pop(name, None)
@@ -120,9 +176,22 @@ class LocalCluster:
             proc.kill()
             proc.wait()
 
-    def stop(self) -> None:
-        for name in list(self.procs):
-            self.stop_node(name)
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM to every node at once, then wait for each (each sends its mDNS goodbye on
+        the way out); one still running after `timeout` is killed."""
+        procs = list(self.procs.values())
+        self.procs.clear()
+        self.nodes = []
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def __enter__(self) -> LocalCluster:
         self.start()
