@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -320,6 +321,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     advertiser = None
+    advertising: asyncio.Task[None] | None = None
     adv_host = _advertised_host(args.host)
     served = devices.served_devices(hw.devices, serving)
     if not args.no_advertise:
@@ -338,7 +340,10 @@ async def serve(args: argparse.Namespace) -> int:
             cluster_id=key.cluster_id if key is not None else "",
         )
         advertiser = Advertiser(record, mdns_interfaces(args.host))
-        await advertiser.start()
+        # Announced in the background: mDNS probing and announcing take ~1.5 s, and the
+        # node serves from now on (coordinators that name it with --node need no record).
+        advertising = asyncio.create_task(advertiser.start(), name="mdns-register")
+        advertising.add_done_callback(_report_mdns)
     log.info(
         "node %s (%s) serving on %s:%d (data path :%d), backend %s, %s",
         name,
@@ -362,7 +367,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     await stop.wait()
     log.info("shutting down")
-    if advertiser is not None:
+    if advertiser is not None and advertising is not None:
+        with contextlib.suppress(Exception):  # (logged when it failed)
+            await advertising  # a record still being announced is withdrawn, not left
         await advertiser.close()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=1.0)
@@ -373,6 +380,14 @@ async def serve(args: argparse.Namespace) -> int:
     if workers is not None:
         await asyncio.to_thread(workers.stop)
     return 0
+
+
+def _report_mdns(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "mDNS announcement failed (%s): coordinators must name this node with --node",
+            task.exception(),
+        )
 
 
 def _ignore(_value: object) -> None:
