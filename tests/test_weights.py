@@ -439,7 +439,9 @@ def test_cache_detects_a_changed_blob_and_verify_rehashes(tmp_path: Path) -> Non
     meta = write_tensor(cache, os.urandom(1 << 16))
     with cache.blob_path(meta.sha256).open("r+b") as f:  # an edit that moves mtime
         f.seek(-1, os.SEEK_END)
-        f.write(b"\0")
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))  # (writing a 0 changed nothing when the byte was 0)
     os.utime(cache.blob_path(meta.sha256), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert not cache.check_blob(meta)
     cache.close()
