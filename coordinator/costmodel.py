@@ -284,9 +284,11 @@ class DeviceSpec:
     stream_gbs: float  # effective weight-streaming bandwidth, GB/s
     matmul_tflops: float  # effective matmul throughput (prefill), TFLOPS
     per_layer_overhead_s: float = 0.0  # fixed cost per layer per token (kernel launches)
-    # The machine whose CPU runs it ("" when unknown). CPU devices of one host share its
-    # cores: the probe times them one after another, each with the machine to itself.
+    # The machine whose CPU runs it ("" when unknown), and the cores it may run on there (()
+    # when unknown). CPU devices on the same cores share them: the probe times them one after
+    # another, each with the machine to itself.
     host: str = ""
+    cores: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("cuda", "metal", "cpu"):
@@ -419,6 +421,7 @@ class Cluster:
                         matmul_tflops=float(d["matmul_tflops"]),
                         per_layer_overhead_s=float(d.get("per_layer_overhead_s", 0.0)),
                         host=str(node.get("hostname") or ""),
+                        cores=tuple(int(c) for c in node.get("cpu_cores") or ()),
                     )
                 )
                 p = d.get("pcie")

@@ -171,6 +171,8 @@ class NodeFigures:
     host_copy_gbs: float
     nvml_status: str
     devices: tuple[DeviceFigures, ...]
+    # The CPU cores the node's processes run on (GetInfo); () from a node that does not say.
+    cpu_cores: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -179,6 +181,7 @@ class NodeFigures:
             "address": self.address,
             "backend": self.backend,
             "hostname": self.hostname,
+            "cpu_cores": list(self.cpu_cores),
             "host_copy_gbs": self.host_copy_gbs,
             "nvml_status": self.nvml_status,
             # Devices stages can run on; the others (an NVIDIA GPU that MLX cannot drive from
@@ -505,4 +508,5 @@ def _node_figures(
     return NodeFigures(
         node_id=rec.node_id, name=rec.name, address=rec.address, backend=info.backend or rec.backend,
         hostname=info.hostname, host_copy_gbs=host_copy, nvml_status=nvml_status, devices=devices,
+        cpu_cores=tuple(int(c) for c in info.cpu_cores),
     )  # fmt: skip

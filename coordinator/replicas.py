@@ -22,8 +22,9 @@ M requests are shared the way the router sends them: one at a time, each to the 
 it would decode fastest (`share_requests`). Aggregate tokens/s is the sum over replicas;
 per-request tokens/s is the slowest request's rate (its replica's throughput / its load).
 CPU devices of one host share its cores (the probe times them one after another, each with
-the machine to itself): where the stages and hop overheads on one host would need more than
-one second of it per second, the replicas on that host are scaled down to fit (`host_capped`).
+the machine to itself): where the stages and hop overheads on a set of cores would need more
+than one second per core per second, the replicas on them are scaled down to fit
+(`host_capped`).
 
 Choice. The candidate with the highest aggregate whose per-request rate is >= `min_tps`;
 ties (within 1e-6) go to fewer replicas, then fewer devices. When no candidate reaches
@@ -313,37 +314,58 @@ def _candidate(
     return Candidate(name, groups, pipes, shares, sum(rates), per_request, m, shared)
 
 
-def host_work(cost: PlanCost, cluster: Cluster) -> dict[str, float]:
-    """CPU seconds one decoded token of this pipeline costs each host: its stages on CPU
-    devices of that host, and the software overhead of the hops those stages send."""
-    out: dict[str, float] = {}
+CpuKey = tuple[str, tuple[int, ...]]  # (host, the cores its devices there run on)
+
+
+def host_work(cost: PlanCost, cluster: Cluster) -> dict[CpuKey, float]:
+    """CPU seconds one decoded token of this pipeline costs each set of cores: its stages on
+    CPU devices (by host and the cores they may run on), and the software overhead of the
+    hops those stages send."""
+    out: dict[CpuKey, float] = {}
     for st in cost.stages:
         d = cluster.device(st.device)
         if d.kind == "cpu" and d.host:
-            out[d.host] = out.get(d.host, 0.0) + st.total_s
+            key = (d.host, d.cores)
+            out[key] = out.get(key, 0.0) + st.total_s
     for hop in cost.hops:
         d = cluster.device(hop.src)
         if d.kind == "cpu" and d.host:
-            out[d.host] = out.get(d.host, 0.0) + hop.overhead_s
+            key = (d.host, d.cores)
+            out[key] = out.get(key, 0.0) + hop.overhead_s
     return out
 
 
 def host_capped(
-    rates: Sequence[float], works: Sequence[Mapping[str, float]]
+    rates: Sequence[float], works: Sequence[Mapping[CpuKey, float]]
 ) -> tuple[list[float], tuple[str, ...]]:
-    """Rates scaled down where CPU devices of one host would need more than one second of
-    that host per second: each device was timed with the host to itself, so together they
-    share it. A replica on several such hosts takes the smallest of their scales."""
-    load: dict[str, float] = {}
+    """Rates scaled down where CPU devices would need more of their cores than there are:
+    each device was timed with the host to itself, so devices on the same cores share them
+    (one second per core per second), and a host's devices share all the cores they run on.
+    Cores unknown (a node that does not say): one. A replica on several capped sets takes the
+    smallest of their scales; the hosts named are those where a cap applied."""
+    load: dict[CpuKey, float] = {}
+    host_load: dict[str, float] = {}
+    host_cores: dict[str, set[int]] = {}
     for rate, work in zip(rates, works, strict=True):
-        for host, seconds in work.items():
-            load[host] = load.get(host, 0.0) + rate * seconds
-    scale = {h: 1.0 / w for h, w in load.items() if w > 1.0}
-    out = [
-        rate * min([scale[h] for h in work if h in scale], default=1.0)
-        for rate, work in zip(rates, works, strict=True)
-    ]
-    return out, tuple(sorted(scale))
+        for key, seconds in work.items():
+            load[key] = load.get(key, 0.0) + rate * seconds
+            host_load[key[0]] = host_load.get(key[0], 0.0) + rate * seconds
+            host_cores.setdefault(key[0], set()).update(key[1])
+    scale = {k: max(1, len(k[1])) / w for k, w in load.items() if w > max(1, len(k[1]))}
+    host_scale = {
+        h: max(1, len(host_cores[h])) / w
+        for h, w in host_load.items()
+        if w > max(1, len(host_cores[h]))
+    }
+
+    def factor(work: Mapping[CpuKey, float]) -> float:
+        limits = [scale[k] for k in work if k in scale]
+        limits += [host_scale[k[0]] for k in work if k[0] in host_scale]
+        return min(limits, default=1.0)
+
+    out = [rate * factor(work) for rate, work in zip(rates, works, strict=True)]
+    capped = {k[0] for k in scale} | set(host_scale)
+    return out, tuple(sorted(capped))
 
 
 def choose(candidates: Sequence[Candidate], min_tps: float | None) -> tuple[Candidate | None, str]:

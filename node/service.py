@@ -33,6 +33,7 @@ from node import (
     auth,
     codec,
     computedtype,
+    cpus,
     devicebench,
     devices,
     hardware,
@@ -319,6 +320,7 @@ class NodeService(pb_grpc.NodeServicer):
             llama_rpc_version=self.config.llama_rpc_version,
             version=__version__,
             data_port=self.config.data_port,
+            cpu_cores=sorted(cpus.available()),
         )
 
     def _own_stages(self) -> list[pb.StageStatus]:

@@ -105,10 +105,12 @@ def mixed_cluster() -> Cluster:
     return Cluster(devs, links)
 
 
-def cpu_box(host: str) -> Cluster:
-    """Four CPU nodes; on one machine when `host` is given (the probe's hostname)."""
+def cpu_box(host: str, cores: tuple[tuple[int, ...], ...] = ((), (), (), ())) -> Cluster:
+    """Four CPU nodes; on one machine when `host` is given (the probe's hostname), each on
+    the cores given (() when the node does not say)."""
     devs = tuple(
-        DeviceSpec(f"n{i}/0", f"n{i}", "cpu", "cpu", 8 * GIB, 4.5, 0.0025, 400e-6, host=host)
+        DeviceSpec(f"n{i}/0", f"n{i}", "cpu", "cpu", 8 * GIB, 4.5, 0.0025, 400e-6, host=host,
+                   cores=cores[i])  # fmt: skip
         for i in range(4)
     )
     links = tuple(
@@ -119,7 +121,8 @@ def cpu_box(host: str) -> Cluster:
 
 def test_cpu_devices_of_one_host_share_it() -> None:
     """Each CPU device was timed with the machine to itself: on one host, all replicas
-    together get one machine's worth, and replicas without hops do best."""
+    together get one second per core they run on (one when the nodes do not say), and
+    replicas without hops do best."""
     model = six_2060s("8B", 1).model
     model = replace(model, layers=8, layer_bytes=(4 * 10**6,) * 8, embed_bytes=10**6,
                     head_bytes=10**6)  # fmt: skip
@@ -137,6 +140,19 @@ def test_cpu_devices_of_one_host_share_it() -> None:
     assert "capped by the CPU of box" in shared.explanation
     assert apart.chosen.aggregate_tps > 3 * shared.chosen.aggregate_tps
     assert not apart.chosen.shared_hosts
+    # Pinned two and two on a 2-core machine (node/cpus.py's spread): each core carries one
+    # device's worth, the machine two.
+    spread = plan_serving(model, cpu_box("box", ((0,), (1,), (0,), (1,))), wl)
+    assert spread.chosen is not None and spread.chosen.shape == "4 replicas of 1 stage"
+    for k in spread.candidates:
+        assert k.aggregate_tps <= 2.0 / t_one * (1 + 1e-9), (k.shape, k.aggregate_tps)
+    assert spread.chosen.aggregate_tps == pytest.approx(2.0 / t_one)
+    # Unpinned, every node may use both cores: the same two devices' worth in all.
+    both = plan_serving(model, cpu_box("box", ((0, 1),) * 4), wl)
+    assert both.chosen is not None and both.chosen.aggregate_tps == pytest.approx(2.0 / t_one)
+    # All four on core 0: one device's worth, even though the host has two cores.
+    one = plan_serving(model, cpu_box("box", ((0,),) * 4), wl)
+    assert one.chosen is not None and one.chosen.aggregate_tps == pytest.approx(1.0 / t_one)
 
 
 def test_min_tps_is_respected_and_changes_the_choice() -> None:

@@ -101,7 +101,7 @@ class StageStatus(_message.Message):
     def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., weights_id: _Optional[str] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., batched_steps: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "protocol_version", "backend", "os", "cpu", "hostname", "mem_total_bytes", "mem_available_bytes", "devices", "stages", "grpc_port", "cluster", "mlx_active_bytes", "llama_rpc_port", "llama_rpc_version", "version", "data_port")
+    __slots__ = ("node_id", "name", "protocol_version", "backend", "os", "cpu", "hostname", "mem_total_bytes", "mem_available_bytes", "devices", "stages", "grpc_port", "cluster", "mlx_active_bytes", "llama_rpc_port", "llama_rpc_version", "version", "data_port", "cpu_cores")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class NodeInfo(_message.Message):
     LLAMA_RPC_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     protocol_version: int
@@ -138,7 +139,8 @@ class NodeInfo(_message.Message):
     llama_rpc_version: int
     version: str
     data_port: int
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., backend: _Optional[str] = ..., os: _Optional[str] = ..., cpu: _Optional[str] = ..., hostname: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., grpc_port: _Optional[int] = ..., cluster: _Optional[str] = ..., mlx_active_bytes: _Optional[int] = ..., llama_rpc_port: _Optional[int] = ..., llama_rpc_version: _Optional[int] = ..., version: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
+    cpu_cores: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., backend: _Optional[str] = ..., os: _Optional[str] = ..., cpu: _Optional[str] = ..., hostname: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., grpc_port: _Optional[int] = ..., cluster: _Optional[str] = ..., mlx_active_bytes: _Optional[int] = ..., llama_rpc_port: _Optional[int] = ..., llama_rpc_version: _Optional[int] = ..., version: _Optional[str] = ..., data_port: _Optional[int] = ..., cpu_cores: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
