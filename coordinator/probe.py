@@ -293,12 +293,17 @@ class ProbeResult:
         }
 
 
-def link_from_reply(src: NodeRecord, dst: NodeRecord, reply: pb.MeasureLinkReply) -> LinkFigures:
+def _samples_of(reply: pb.MeasureLinkReply) -> tuple[list[linkfit.Sample], bool]:
+    """A link reply's samples, and whether their fit resolved the bandwidth."""
     samples = [linkfit.Sample(s.payload_bytes, s.median_rtt_us) for s in reply.samples]
     try:
-        resolved = linkfit.fit_link(samples).resolved
+        return samples, linkfit.fit_link(samples).resolved
     except ValueError:
-        resolved = False
+        return samples, False
+
+
+def link_from_reply(src: NodeRecord, dst: NodeRecord, reply: pb.MeasureLinkReply) -> LinkFigures:
+    samples, resolved = _samples_of(reply)
     return LinkFigures(
         src=src.node_id, dst=dst.node_id, src_name=src.name, dst_name=dst.name,
         latency_us=reply.latency_us, bandwidth_gbs=reply.bandwidth_gbs,
@@ -388,7 +393,7 @@ async def probe_cluster(
 
         device_links: list[DeviceLinkFigures] = []
         for n in live:
-            servers = stage_servers(n, infos[n.node_id])
+            servers = stage_servers(n.address, infos[n.node_id])
             if len(servers) < 2:
                 continue
             say(f"links: inside {n.name}: devices " + ", ".join(servers))
@@ -438,28 +443,25 @@ async def probe_cluster(
     )  # fmt: skip
 
 
-def stage_servers(rec: NodeRecord, info: pb.NodeInfo) -> dict[str, str]:
+def stage_servers(address: str, info: pb.NodeInfo) -> dict[str, str]:
     """Device label -> host:port of the server that runs that device's stages, for every
-    device of the node that runs stages (a node from before device workers: its first)."""
-    host = rec.address.rsplit(":", 1)[0]
+    device of the node at `address` that runs stages (a node from before device workers: its
+    first)."""
+    host = address.rsplit(":", 1)[0]
     out = {
-        str(d.index): f"{host}:{d.grpc_port}" if d.grpc_port else rec.address
+        str(d.index): f"{host}:{d.grpc_port}" if d.grpc_port else address
         for d in info.devices
         if d.runs_stages
     }
     if not out and info.devices:
-        out[str(info.devices[0].index)] = rec.address
+        out[str(info.devices[0].index)] = address
     return out
 
 
 def device_link_from_reply(
     rec: NodeRecord, src: str, dst: str, reply: pb.MeasureLinkReply
 ) -> DeviceLinkFigures:
-    samples = [linkfit.Sample(s.payload_bytes, s.median_rtt_us) for s in reply.samples]
-    try:
-        resolved = linkfit.fit_link(samples).resolved
-    except ValueError:
-        resolved = False
+    _, resolved = _samples_of(reply)
     return DeviceLinkFigures(
         node_id=rec.node_id, node_name=rec.name, src=src, dst=dst, latency_us=reply.latency_us,
         bandwidth_gbs=reply.bandwidth_gbs, bandwidth_resolved=resolved,
@@ -492,7 +494,7 @@ def _node_figures(
         )
         host_copy, nvml_status = 0.0, ""
     rules = {d.index: d.compute_dtype for d in info.devices if d.compute_dtype}
-    servers = stage_servers(rec, info)
+    servers = stage_servers(rec.address, info)
     devices = tuple(
         replace(
             d,

@@ -123,7 +123,7 @@ def stage_devices(record: NodeRecord, info: Any) -> list[StageDevice]:
     by_label = {str(d.index): d for d in info.devices}
     return [
         StageDevice(record, label, address, int(by_label[label].mem_free_bytes))
-        for label, address in stage_servers(record, info).items()
+        for label, address in stage_servers(record.address, info).items()
     ]
 
 

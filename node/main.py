@@ -274,16 +274,12 @@ async def serve(args: argparse.Namespace) -> int:
         )
         stop.set()
 
+    def on_worker_exit(device: int, code: int) -> None:  # (a reader thread calls it)
+        loop.call_soon_threadsafe(worker_gone, device, code)
+
     workers = None
     if serving.count > 1 and not serving.is_worker:
-        workers, started = await _start_workers(
-            args,
-            hw,
-            serving,
-            name,
-            node_id,
-            lambda device, code: _ignore(loop.call_soon_threadsafe(worker_gone, device, code)),
-        )
+        workers, started = await _start_workers(args, hw, serving, name, node_id, on_worker_exit)
         if workers is None:
             await data_server.close()
             return 1
@@ -388,10 +384,6 @@ def _report_mdns(task: asyncio.Task[None]) -> None:
             "mDNS announcement failed (%s): coordinators must name this node with --node",
             task.exception(),
         )
-
-
-def _ignore(_value: object) -> None:
-    pass
 
 
 def _serving(args: argparse.Namespace, hw: Any) -> Any:

@@ -105,7 +105,9 @@ def code_number(code: grpc.StatusCode) -> int:
     return value[0]
 
 
-WORKER_INFO_TIMEOUT_S = 2.0
+# How long GetInfo waits for a device worker's stages: well under the coordinator's 1 s
+# heartbeat deadline, which a node's GetInfo must meet whatever its workers do.
+WORKER_INFO_TIMEOUT_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -336,13 +338,10 @@ class NodeService(pb_grpc.NodeServicer):
         WORKER_INFO_TIMEOUT_S is left out: its node stops when it exits)."""
 
         async def one(worker: devices.DeviceServer) -> list[pb.StageStatus]:
-            stub = self._worker_stubs.get(worker.device)
-            if stub is None:
-                channel = auth.secure_channel(f"{self._local_host()}:{worker.grpc_port}")
-                self._worker_channels.append(channel)
-                stub = self._worker_stubs[worker.device] = pb_grpc.NodeStub(channel)
             try:
-                info = await stub.GetInfo(pb.GetInfoRequest(), timeout=WORKER_INFO_TIMEOUT_S)
+                info = await self._worker_stub(worker).GetInfo(
+                    pb.GetInfoRequest(), timeout=WORKER_INFO_TIMEOUT_S
+                )
             except grpc.aio.AioRpcError as e:
                 log.warning("device %d's worker did not answer: %s", worker.device, e.code().name)
                 return []
@@ -351,10 +350,16 @@ class NodeService(pb_grpc.NodeServicer):
         found = await asyncio.gather(*(one(w) for w in self.config.serving.workers))
         return [st for group in found for st in group]
 
-    def _local_host(self) -> str:
-        """Where this node's device workers are reached from the node itself."""
-        host = self.config.host
-        return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    def _worker_stub(self, worker: devices.DeviceServer) -> pb_grpc.NodeStub:
+        """The node's channel to one of its device workers (opened once, kept)."""
+        stub = self._worker_stubs.get(worker.device)
+        if stub is None:
+            host = self.config.host
+            local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+            channel = auth.secure_channel(f"{local}:{worker.grpc_port}")
+            self._worker_channels.append(channel)
+            stub = self._worker_stubs[worker.device] = pb_grpc.NodeStub(channel)
+        return stub
 
     def _check_not_in_use(self, plan_id: str, owner: str) -> None:
         """Plan ids follow from the model and the placement, so two coordinators with the
@@ -881,7 +886,9 @@ class NodeService(pb_grpc.NodeServicer):
             devices.keep_own_measurement(reply, serving)
             for w in serving.workers:  # one after the other: they share the host
                 try:
-                    theirs = await self._measure_worker(w, request)
+                    theirs: pb.MeasureDevicesReply = await self._worker_stub(w).MeasureDevices(
+                        request, timeout=devicebench.WORKER_TIMEOUT_S
+                    )
                 except grpc.aio.AioRpcError as e:
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE,
@@ -890,15 +897,6 @@ class NodeService(pb_grpc.NodeServicer):
                     )
                 reply.devices.extend(theirs.devices[:1])
         log.info("measured devices in %.2fs", time.perf_counter() - t0)
-        return reply
-
-    async def _measure_worker(
-        self, worker: devices.DeviceServer, request: pb.MeasureDevicesRequest
-    ) -> pb.MeasureDevicesReply:
-        async with auth.secure_channel(f"{self._local_host()}:{worker.grpc_port}") as channel:
-            reply: pb.MeasureDevicesReply = await pb_grpc.NodeStub(channel).MeasureDevices(
-                request, timeout=devicebench.WORKER_TIMEOUT_S
-            )
         return reply
 
     # ----- weight shipping (node/shipping.py, docs/weights.md) --------------------------------

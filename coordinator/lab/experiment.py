@@ -646,7 +646,6 @@ async def resolve_nodes(addresses: Sequence[str], devices: bool = False) -> tupl
 
     from coordinator.nodeclient import NodeClient
     from coordinator.probe import stage_servers
-    from node.mdns import NodeRecord
 
     refs: list[NodeRef] = []
     for address in addresses:
@@ -658,11 +657,9 @@ async def resolve_nodes(addresses: Sequence[str], devices: bool = False) -> tupl
         if not devices:
             refs.append(NodeRef(info.name, address, info.node_id))
             continue
-        host, _, port = address.rpartition(":")
-        rec = NodeRecord(info.node_id, info.name, host, int(port), 0, info.backend, 0, 0, "")
         refs += [
             NodeRef(info.name, served, info.node_id, label)
-            for label, served in stage_servers(rec, info).items()
+            for label, served in stage_servers(address, info).items()
         ]
     return tuple(refs)
 

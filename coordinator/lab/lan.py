@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from node.workers import READY_PREFIX
+
 # The folder that holds the coordinator and node packages (a checkout, or site-packages).
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-READY_PREFIX = "LAYERLINK_NODE_READY"
 WIRE_READY_PREFIX = "WIRE_READY"
 NODE_PORT = 50151
 # A node's data port is NODE_PORT-based too but clear of the wire relays' ports (502xx) and
