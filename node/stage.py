@@ -288,6 +288,9 @@ class ModelStage:
         self.vocab_size = int(config["vocab_size"])
         self.dtype = self._activation_dtype(kept)
         self._all_cache_len = len(model.layers)
+        # Measured on MLX's CPU backend only (docs/performance.md); GPUs keep one
+        # evaluation per step until a device run says otherwise.
+        self._eval_each_layer = mx.default_device().type == mx.DeviceType.cpu
         del model, inner
 
     @staticmethod
@@ -500,6 +503,8 @@ class ModelStage:
         mask = mask[:, None, None, :]
         for li, layer in enumerate(self.layers):
             h = layer(h, mask, _RowsCache([r[2].cache[li] for r in rows]))
+            if self._eval_each_layer:
+                mx.async_eval(h)  # as run_layers: layer li computes while li + 1 is built
         now = time.monotonic()
         for _, _, state in rows:
             state.offset += 1
@@ -550,11 +555,17 @@ class ModelStage:
         )
 
     def run_layers(self, h: mx.array, cache: list[Any]) -> mx.array:
+        """This stage's layers on `h`. On the CPU each layer's output goes to MLX to
+        evaluate as soon as its graph is built (`mx.async_eval`), so layer i computes while
+        Python builds layer i + 1 instead of after it (docs/performance.md, "Evaluating
+        layer by layer"); the graph and its results are the same."""
         from mlx_lm.models.base import create_attention_mask
 
         mask = create_attention_mask(h, cache[0] if cache else None)
         for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c)
+            if self._eval_each_layer:
+                mx.async_eval(h)
         return h
 
     def logits(self, h: mx.array) -> mx.array:

@@ -108,16 +108,19 @@ def test_checks_compare_layerlink_with_the_floor() -> None:
     assert c.value == pytest.approx(10.0 / 12.4)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("dtype", "layers"), [("float32", (3, 3, 2)), ("bfloat16", (3, 3, 2)), ("float32", (8,))]
+)
 def test_floor_ring_generates_what_the_unsplit_model_does(
-    model_factory: ModelFactory, dtype: str
+    model_factory: ModelFactory, dtype: str, layers: tuple[int, ...]
 ) -> None:
     """The floor (a bare ring of worker processes) runs the real split: its greedy tokens
-    are mlx_lm's own (bfloat16 activations travel as their bit patterns)."""
+    are mlx_lm's own (bfloat16 activations travel as their bit patterns); so are those of a
+    ring of one, which looks ahead."""
     model = model_factory("tiny", "llama", dtype=dtype)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     prompt = bench.prompt_ids(vocab, 8)
-    spec = bench.RunSpec("tiny", SYSTEM_FLOOR, DEPLOY_LOOPBACK, 3, (3, 3, 2))
+    spec = bench.RunSpec("tiny", SYSTEM_FLOOR, DEPLOY_LOOPBACK, len(layers), layers)
     runner = bench.FloorRunner(spec, model, prompt, 6)
 
     async def run() -> bench.Sample:

@@ -6,7 +6,9 @@ blocking socket read, computes, and writes raw bytes to the next (the last stage
 straight back to stage 0), with no framing beyond two integers, no validation, no gRPC, no
 threads. It cannot serve anything; it measures what splitting costs on this machine before
 any framework: separate processes waking up for each token, each computing its slice on its
-own. LayerLink's split is compared with it (docs/performance.md).
+own. A ring of one looks ahead (it queues the next step before reading this step's token
+back), as LayerLink's one-stage pipeline and mlx_lm's loop do; a split stage cannot, and what
+that costs belongs to the split. LayerLink's split is compared with it (docs/performance.md).
 
     python -m coordinator.lab.ringfloor --model DIR --start A --end B --index K --count N
         --listen PORT --next PORT [--cpus LIST]
@@ -110,10 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         h = mx.array(np.frombuffer(data, dtype=dtype).reshape(1, -1, width))
         return h.view(mx.bfloat16) if stage.dtype == mx.bfloat16 else h
 
-    def run(rid: str, pos: int, prefill: bool, tokens: list[int] | None, hidden: bytes) -> None:
+    def run(
+        rid: str,
+        pos: int,
+        prefill: bool,
+        tokens: list[int] | None,
+        hidden: bytes,
+        lookahead: bool = False,
+    ) -> None:
         h = from_bytes(hidden) if hidden else None
         trace.mark("compute", rid, pos)
-        r = stage.step(rid, pos, prefill, greedy, tokens, h, True, False)
+        r = stage.step(rid, pos, prefill, greedy, tokens, h, True, False, lookahead)
         trace.mark("done", rid, pos)
         if last:
             down.sendall(_HEAD.pack(TOKEN, pos, int(r.token or 0)))
@@ -133,18 +142,23 @@ def main(argv: list[str] | None = None) -> int:
             rid = f"g{rounds}"
             down.sendall(_HEAD.pack(START, rounds, 0))
             t0 = time.perf_counter()
-            run(rid, 0, True, prompt, b"")
+            # A ring of one looks ahead as a node holding the whole model does (and mlx_lm's
+            # loop): it builds the next step before reading this one's token back.
+            solo = args.count == 1
+            run(rid, 0, True, prompt, b"", solo and max_tokens > 1)
             pos, tokens = len(prompt), []
             t_first = t_end = t0
             while True:
-                _, _, token = _HEAD.unpack(_recv_exact(up, _HEAD.size))
+                kind, _, token = _HEAD.unpack(_recv_exact(up, _HEAD.size))
+                if kind != TOKEN:  # a ring of one reads its own START and END
+                    continue
                 tokens.append(token)
                 t_end = time.perf_counter()
                 if len(tokens) == 1:
                     t_first = t_end
                 if len(tokens) >= max_tokens:
                     break
-                run(rid, pos, False, [token], b"")
+                run(rid, pos, False, [token], b"", solo and len(tokens) + 1 < max_tokens)
                 pos += 1
             stage.release(rid)
             trace.flush()  # workers are killed at the end, without exit handlers
