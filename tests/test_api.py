@@ -8,8 +8,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,65 +24,11 @@ from coordinator.api import (
     StopMatcher,
     create_app,
 )
-from coordinator.commands.up import READY_PREFIX
+from coordinator.lab.localcluster import CoordinatorProcess
 from coordinator.metrics import ServingMetrics
 from coordinator.pipeline import GenerationParams, TokenEvent
 
 # ----- a `coordinator up` subprocess, shared by the API, stream and dashboard tests ----------
-
-
-class CoordinatorProcess:
-    """`coordinator up --port 0` over the given nodes; `url` is read from its READY line."""
-
-    def __init__(
-        self,
-        model: Path,
-        nodes: list[Any],
-        log_path: Path,
-        extra_args: list[str] | None = None,
-        timeout: float = 120.0,
-    ) -> None:
-        cmd = [sys.executable, "-m", "coordinator.main", "up", "--model", str(model), "--port", "0"]
-        for n in nodes:
-            cmd += ["--node", n.address]
-        cmd += extra_args or []
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env={**os.environ}
-        )
-        box: list[str] = []
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith(READY_PREFIX) and not box:
-                    box.append(line.split()[1])
-                    ready.set()
-            # (keeps draining stdout so the coordinator never blocks on a full pipe)
-
-        self._reader = threading.Thread(target=read, daemon=True)
-        self._reader.start()
-        # Poll for readiness, and stop waiting early if the process dies.
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"coordinator up did not become ready (exit {self.proc.poll()}); log: "
-                    + log_path.read_text()[-2000:]
-                )
-        self.url = box[0]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
+from coordinator.lab.localcluster import CoordinatorProcess
 from coordinator.nodeclient import NodeClient
 from coordinator.pipeline import GenerationParams, Pipeline
 from coordinator.session import fixed_plan, read_model
-from tests.test_api import CoordinatorProcess
 
 
 @pytest.fixture(scope="module")

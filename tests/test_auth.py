@@ -478,7 +478,7 @@ def test_join_flow_with_https_and_an_api_key(
     import httpx
 
     from coordinator import secret
-    from tests.test_api import CoordinatorProcess
+    from coordinator.lab.localcluster import CoordinatorProcess
 
     if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
         pytest.skip("openssl is not installed")

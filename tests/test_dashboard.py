@@ -21,9 +21,9 @@ import pytest
 
 from coordinator.api import ApiState, create_app
 from coordinator.dashboard.state import NodeMonitor, NodeTarget, build_state, links_of
+from coordinator.lab.localcluster import CoordinatorProcess
 from coordinator.metrics import ServingMetrics
 from node import hardware
-from tests.test_api import CoordinatorProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -162,7 +162,7 @@ def test_http_stream_survives_sigkill_of_the_middle_node(tiny_llama: Path, sessi
     mid-answer: one uninterrupted answer with the tokens of an uninterrupted run."""
     import openai
 
-    from tests.test_api import CoordinatorProcess
+    from coordinator.lab.localcluster import CoordinatorProcess
 
     with LocalCluster(3, "fault-http", log_dir=session_dir, name_prefix="fh") as cluster:
         up = CoordinatorProcess(tiny_llama, cluster.nodes, session_dir / "fault-http.log",

@@ -17,8 +17,9 @@ import openai
 import pytest
 
 from coordinator.api import ApiState, create_app
+from coordinator.lab.localcluster import CoordinatorProcess
 from coordinator.pipeline import GenerationParams, PipelineError, TokenEvent
-from tests.test_api import CoordinatorProcess, ScriptedPipeline, server, tokenizer
+from tests.test_api import ScriptedPipeline, server, tokenizer
 from tests.test_api_stream import active_requests
 
 __all__ = ["server", "tokenizer"]  # module-scoped fixtures shared with test_api

@@ -18,10 +18,10 @@ import pytest
 
 from coordinator import ggufsource
 from coordinator.bundled import smollm2_gguf
+from coordinator.lab.localcluster import CoordinatorProcess
 from coordinator.pipeline import GenerationParams
 from coordinator.session import answer_text, encode_prompt, load_tokenizer, read_model
 from tests.helpers import reference_generate, run_on_nodes
-from tests.test_api import CoordinatorProcess
 from tests.test_ggufsource import _ollama_store
 
 QUESTION = "What is the capital of France?"

@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.lab.localcluster import LocalCluster
-from tests.test_api import CoordinatorProcess
+from coordinator.lab.localcluster import CoordinatorProcess, LocalCluster
 from tests.test_api_stream import stream_chat
 
 PROMPTS = [f"Request number {i}: tell me about {w}" for i, w in enumerate("abcdefgh")]

@@ -176,8 +176,7 @@ def test_prober_never_blocks_the_event_loop_while_probing() -> None:
 def test_up_reprobes_when_a_node_joins(tiny_llama: Path, tmp_path: Path) -> None:
     """`coordinator up` plans from a probe of two mDNS nodes; a third node joins while it
     serves; /api/state's probe then includes it (and its links), without a restart."""
-    from coordinator.lab.localcluster import LocalCluster
-    from tests.test_api import CoordinatorProcess
+    from coordinator.lab.localcluster import CoordinatorProcess, LocalCluster
 
     cluster_name = f"rp{os.getpid()}{int(time.time() * 1000) % 100000}"
     logs = tmp_path / "logs"

@@ -11,11 +11,10 @@ import os
 import time
 from pathlib import Path
 
-from coordinator.lab.localcluster import LocalCluster
+from coordinator.lab.localcluster import CoordinatorProcess, LocalCluster
 from coordinator.nodeclient import NodeClient
 from node import auth
 from tests.soak import soak, summary
-from tests.test_api import CoordinatorProcess
 
 REQUESTS = 200
 CLIENTS = 16

@@ -861,7 +861,7 @@ def test_a_node_without_weight_shipping_loads_its_own_copy(tiny_llama: Path) -> 
 def test_coordinator_up_ships_each_node_its_stages_and_a_restart_ships_nothing(
     ship_nodes: Any, model_factory: Any, tmp_path: Path
 ) -> None:
-    from tests.test_api import CoordinatorProcess
+    from coordinator.lab.localcluster import CoordinatorProcess
 
     cluster, caches = ship_nodes
     path = model_factory("tiny", "qwen2", dtype="float16")

@@ -1,4 +1,5 @@
-"""Start and stop `cluster-node` processes on this machine (demo, tests, benchmarks).
+"""Start and stop `cluster-node` processes on this machine (demo, tests, benchmarks), and
+`coordinator up` over them.
 
 Each node binds 127.0.0.1 on a free port and prints a READY line with its address; we wait
 for that line (never a fixed sleep) and stop every process we started on exit."""
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from coordinator.commands.up import READY_PREFIX as COORDINATOR_READY
 from node.cpus import local_cpus
 from node.workers import READY_PREFIX, parse_ready
 
@@ -210,3 +212,54 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> boo
             return True
         time.sleep(interval)
     return False
+
+
+class CoordinatorProcess:
+    """`coordinator up --port 0` over the given nodes, as users run it; `url` is read from
+    its READY line. Raises RuntimeError, with the end of its log, if it exits or is not
+    ready within `timeout` seconds."""
+
+    def __init__(
+        self,
+        model: Path,
+        nodes: list[LocalNode] | list[str],
+        log_path: Path,
+        extra_args: list[str] | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        cmd = [sys.executable, "-m", "coordinator.main", "up", "--model", str(model), "--port", "0"]
+        for n in nodes:
+            cmd += ["--node", n if isinstance(n, str) else n.address]
+        cmd += extra_args or []
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        box: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:  # drained to the end: the pipe never fills
+                if line.startswith(COORDINATOR_READY) and not box:
+                    box.append(line.split()[1])
+                    ready.set()
+
+        threading.Thread(target=read, name="coordinator-stdout", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"coordinator up did not become ready (exit {self.proc.poll()}); log: "
+                    + log_path.read_text()[-2000:]
+                )
+        self.url = box[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

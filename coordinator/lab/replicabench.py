@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,49 +31,12 @@ import httpx
 
 from coordinator import console
 from coordinator.lab import bench
-from coordinator.lab.localcluster import LocalCluster, LocalNode
+from coordinator.lab.localcluster import CoordinatorProcess, LocalCluster
 
 log = logging.getLogger(__name__)
 
-COORDINATOR_READY = "LAYERLINK_COORDINATOR_READY"
 PROMPT = "Request number {i}: tell me about the letter {c}"
 DEFAULT_OUT = Path("bench/results/replicas.json")
-
-
-class Coordinator:
-    """`coordinator up` over the given nodes, until stop()."""
-
-    def __init__(self, model: Path, nodes: Sequence[LocalNode], args: list[str], log_path: Path):
-        cmd = [sys.executable, "-m", "coordinator.main", "up", "--model", str(model),
-               "--port", "0", *(a for n in nodes for a in ("--node", n.address)), *args]  # fmt: skip
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        found: list[str] = []
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:  # (drained to the end: the pipe never fills)
-                if line.startswith(COORDINATOR_READY) and not found:
-                    found.append(line.split()[1])
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        ready.wait(600)
-        if not found:
-            self.stop()
-            raise bench.BenchError(f"coordinator up did not become ready; see {log_path}")
-        self.url = found[0]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
 
 
 async def _stream(client: httpx.AsyncClient, model: str, content: str, tokens: int) -> tuple[int, float, float]:  # fmt: skip
@@ -134,7 +95,11 @@ def run(
                 for r in replica_counts:
                     args = ["--objective", "throughput", "--concurrency", str(streams),
                             "--replicas", str(r), "--check-tokens", "8"]  # fmt: skip
-                    up = Coordinator(model, cluster.nodes, args, logs / f"up-{r}-{k}.log")
+                    try:
+                        up = CoordinatorProcess(model, cluster.nodes, logs / f"up-{r}-{k}.log",
+                                                args, timeout=600)  # fmt: skip
+                    except RuntimeError as e:
+                        raise bench.BenchError(str(e)) from None
                     try:
                         state = httpx.get(up.url + "/api/state", timeout=60).json()
                         serving = state.get("serving") or {}
