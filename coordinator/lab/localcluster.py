@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from coordinator.commands.up import READY_PREFIX as COORDINATOR_READY
 from node.cpus import local_cpus
 from node.workers import READY_PREFIX, parse_ready
 
@@ -227,6 +226,8 @@ class CoordinatorProcess:
         extra_args: list[str] | None = None,
         timeout: float = 120.0,
     ) -> None:
+        from coordinator.commands.up import READY_PREFIX as COORDINATOR_READY  # (heavy import)
+
         cmd = [sys.executable, "-m", "coordinator.main", "up", "--model", str(model), "--port", "0"]
         for n in nodes:
             cmd += ["--node", n if isinstance(n, str) else n.address]
