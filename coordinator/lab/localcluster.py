@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -221,7 +222,7 @@ class CoordinatorProcess:
     def __init__(
         self,
         model: Path,
-        nodes: list[LocalNode] | list[str],
+        nodes: Sequence[LocalNode],
         log_path: Path,
         extra_args: list[str] | None = None,
         timeout: float = 120.0,
@@ -230,7 +231,7 @@ class CoordinatorProcess:
 
         cmd = [sys.executable, "-m", "coordinator.main", "up", "--model", str(model), "--port", "0"]
         for n in nodes:
-            cmd += ["--node", n if isinstance(n, str) else n.address]
+            cmd += ["--node", n.address]
         cmd += extra_args or []
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
