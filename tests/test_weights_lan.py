@@ -47,7 +47,7 @@ def test_shipping_reaches_half_the_measured_link_bandwidth(
         for r in range(REPEATS)
     ]  # fmt: skip
     lan.wait_ready(nodes)
-    for node, cache in zip(nodes, caches):
+    for node, cache in zip(nodes, caches, strict=True):
         done = subprocess.run(
             lan.hub_cmd(
                 [
