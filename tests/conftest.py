@@ -4,6 +4,7 @@ session-wide cluster of real `cluster-node` processes on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,25 @@ os.environ.setdefault("LAYERLINK_LOCAL_CPUS", "none")
 # Nodes run open on loopback unless a test gives them a token (a developer's own cluster
 # token in the environment must not leak into the test nodes).
 os.environ.pop("LAYERLINK_TOKEN", None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Leave no models behind: the session's folder holds ~1.6 GB of models, caches and
+    shipped weights, and a CI machine that keeps its /tmp across runs filled up with them.
+    A passing session's folder goes whole; a failing one's keeps its logs (*.log) only."""
+    if not _SESSION_DIR.is_dir():
+        return
+    if exitstatus == 0:
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+        return
+    for path in sorted(_SESSION_DIR.rglob("*"), reverse=True):  # children before parents
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()  # only once empty: folders that hold logs stay
+            elif path.suffix != ".log":
+                path.unlink()
+        except OSError:
+            continue
 
 
 @pytest.fixture(scope="session")
