@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,21 @@ os.environ.setdefault("LAYERLINK_LOCAL_CPUS", "none")
 # Nodes run open on loopback unless a test gives them a token (a developer's own cluster
 # token in the environment must not leak into the test nodes).
 os.environ.pop("LAYERLINK_TOKEN", None)
+
+
+STALE_AFTER_S = 12 * 3600  # a session lasts minutes: an older folder is a killed session's
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove what killed sessions left (their folders are not touched for hours); a
+    session running beside this one keeps its folder, which it writes to all the time."""
+    for old in _SESSION_DIR.parent.glob("layerlink-tests-*"):
+        try:
+            stale = time.time() - old.stat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if stale and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
