@@ -501,8 +501,10 @@ class ModelStage:
         # Row b sees its own positions only: the last lengths[b] of the padded keys.
         mask = mx.arange(longest)[None, :] >= mx.array([longest - n for n in lengths])[:, None]
         mask = mask[:, None, None, :]
-        caches = [_RowsCache([r[2].cache[li] for r in rows]) for li in range(len(self.layers))]
-        h = self.run_layers(h, caches, mask)
+        for li, layer in enumerate(self.layers):
+            h = layer(h, mask, _RowsCache([r[2].cache[li] for r in rows]))
+            if self._eval_each_layer:
+                mx.async_eval(h)  # as run_layers: layer li computes while li + 1 is built
         now = time.monotonic()
         for _, _, state in rows:
             state.offset += 1
@@ -552,16 +554,14 @@ class ModelStage:
             compute_seconds=time.perf_counter() - t0,
         )
 
-    def run_layers(self, h: mx.array, cache: list[Any], mask: mx.array | None = None) -> mx.array:
-        """This stage's layers on `h` (`mask`: the causal mask of `cache[0]` unless given, as
-        a batch of rows gives its own). On the CPU each layer's output goes to MLX to
+    def run_layers(self, h: mx.array, cache: list[Any]) -> mx.array:
+        """This stage's layers on `h`. On the CPU each layer's output goes to MLX to
         evaluate as soon as its graph is built (`mx.async_eval`), so layer i computes while
         Python builds layer i + 1 instead of after it (docs/performance.md, "Evaluating
         layer by layer"); the graph and its results are the same."""
         from mlx_lm.models.base import create_attention_mask
 
-        if mask is None:
-            mask = create_attention_mask(h, cache[0] if cache else None)
+        mask = create_attention_mask(h, cache[0] if cache else None)
         for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c)
             if self._eval_each_layer:
